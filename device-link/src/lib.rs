@@ -1,0 +1,2 @@
+#![no_std]
+//! Wire protocol of the Tether serial device channel (work in progress).

@@ -1,0 +1,30 @@
+//! Routes each event to the capability module that holds its callbacks.
+
+use crate::bindings::tether::agent::events::Event;
+use crate::{http, imp, mqtt, server};
+
+/// Runs the agent's start function; a panic's message goes to the agent's error log
+/// before the instance traps, so the host's crash line has a cause to point to.
+pub fn start(f: fn()) {
+    std::panic::set_hook(Box::new(|info| server::error(format!("panic: {info}"))));
+    f()
+}
+
+/// Delivers one event.
+pub fn on_event(event: Event) {
+    match event {
+        Event::Timer(id) => imp::fire(id),
+        Event::HttpResponse((id, result)) => http::response_arrived(id, result),
+        Event::HttpRequest(request) => http::request_arrived(request),
+        Event::MqttConnected((c, code)) => mqtt::connected(c, code),
+        Event::MqttMessage((c, m)) => mqtt::message(c, m),
+        Event::MqttPublished((c, op, code)) => mqtt::published(c, op, code),
+        Event::MqttSubscribed((c, op, code, granted)) => mqtt::subscribed(c, op, code, granted),
+        Event::MqttUnsubscribed((c, op, code)) => mqtt::unsubscribed(c, op, code),
+        Event::MqttConnectionLost((c, code)) => mqtt::connection_lost(c, code),
+        Event::MqttDisconnected(c) => mqtt::disconnected(c),
+        // The device channel arrives with its own SDK module; until then no device is
+        // bound and the host sends no device events.
+        Event::DeviceMessage(_) | Event::DeviceConnected | Event::DeviceDisconnected | Event::DeviceAck(_) | Event::DeviceNack(_) => {}
+    }
+}

@@ -1,0 +1,75 @@
+//! The SDK for Tether agents: the Electric Imp agent API in idiomatic Rust.
+//!
+//! An agent is a `cdylib` built for `wasm32-wasip2`. Its start function registers
+//! handlers and timers; afterwards the host delivers events one at a time, and the SDK
+//! calls the closures registered for them.
+//!
+//! ```no_run
+//! use tether_guest::{imp, server};
+//!
+//! fn start() {
+//!     server::log("hello");
+//!     imp::wakeup(1.0, || server::log("a second later"));
+//! }
+//! tether_guest::agent!(start);
+//! ```
+//!
+//! | imp | Rust |
+//! |---|---|
+//! | `server.log(s)` / `server.error(s)` | [`server::log`] / [`server::error`] |
+//! | `server.save(t)` / `server.load()` | [`server::save`] / [`server::load`] |
+//! | `imp.wakeup(t, cb)` / `imp.cancelwakeup(t)` | [`imp::wakeup`] / [`imp::cancel_wakeup`] |
+//! | `http.get/post/put/httpdelete/request` | [`http::get`], [`http::post`], [`http::put`], [`http::delete`], [`http::request`] |
+//! | `req.sendasync(cb)` | [`http::Request::send_async`] |
+//! | `http.onrequest(cb)` | [`http::on_request`] |
+//! | `response.header(n, v)` / `response.send(code, body)` | [`http::HttpResponse::header`] / [`http::HttpResponse::send`] |
+//! | `http.agenturl()` | [`http::agent_url`] |
+//! | `mqtt.createclient()` | [`mqtt::create_client`] |
+//! | `client.connect/onconnect/onconnectionlost/onmessage` | [`mqtt::Client::connect`], [`mqtt::Client::on_connect`], [`mqtt::Client::on_connection_lost`], [`mqtt::Client::on_message`] |
+//! | `client.createmessage(..).sendasync(cb)` | [`mqtt::Client::create_message`], [`mqtt::Message::send_async`] |
+//! | `client.subscribe/unsubscribe/disconnect/isconnected` | [`mqtt::Client::subscribe`], [`mqtt::Client::unsubscribe`], [`mqtt::Client::disconnect`], [`mqtt::Client::is_connected`] |
+
+mod bindings {
+    wit_bindgen::generate!({
+        path: "../wit",
+        world: "agent",
+        pub_export_macro: true,
+        export_macro_name: "export",
+        default_bindings_module: "tether_guest::__private::bindings",
+    });
+}
+
+mod dispatch;
+pub mod http;
+pub mod imp;
+pub mod mqtt;
+pub mod server;
+
+pub use server::config;
+
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::bindings::Guest;
+    pub use crate::bindings::tether::agent::events::Event;
+    pub use crate::dispatch::{on_event, start};
+    pub mod bindings {
+        pub use crate::bindings::*;
+    }
+}
+
+/// Declares the agent's start function: `tether_guest::agent!(start);` once per agent.
+#[macro_export]
+macro_rules! agent {
+    ($start:path) => {
+        struct __TetherAgent;
+        impl $crate::__private::Guest for __TetherAgent {
+            fn start() {
+                $crate::__private::start($start)
+            }
+            fn on_event(event: $crate::__private::Event) {
+                $crate::__private::on_event(event)
+            }
+        }
+        $crate::__export_agent_impl!(__TetherAgent with_types_in $crate::__private::bindings);
+    };
+}

@@ -1,0 +1,257 @@
+//! One agent: its long-lived store, its event queue, and the task that delivers events one
+//! at a time and restarts the agent with backoff when it traps.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use wasmtime::component::ResourceTable;
+use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::{Agent, events::Event};
+use crate::engine::{AgentModule, TICK};
+use crate::events::{EventSender, HostEvent, Envelope};
+use crate::log::{Level, LogStream, Logger};
+use crate::{HostShared, http, mqtt, store::AgentStore, timers::Timers};
+
+/// Where an agent is in its life.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentStatus {
+    /// Instantiating and running `start`.
+    Starting,
+    /// Taking events.
+    Running,
+    /// Trapped; restarting after a backoff.
+    Restarting { cause: String },
+    /// Trapped too often in a row; stays down until restarted by hand.
+    Failed { cause: String },
+    /// Shut down with the host.
+    Stopped,
+}
+
+/// What the host keeps of an agent across its instances.
+pub(crate) struct AgentShared {
+    pub id: String,
+    pub url: String,
+    pub config: BTreeMap<String, String>,
+    pub host: Arc<HostShared>,
+    pub log: Logger,
+    pub tx: mpsc::UnboundedSender<Envelope>,
+    pub status: Mutex<AgentStatus>,
+    pub restarts: Mutex<u32>,
+}
+
+impl AgentShared {
+    fn set_status(&self, status: AgentStatus) {
+        if let Ok(mut s) = self.status.lock() {
+            *s = status;
+        }
+    }
+}
+
+/// The state of one instance: everything its host calls touch.
+pub struct AgentCtx {
+    pub(crate) agent: Arc<AgentShared>,
+    pub(crate) events: EventSender,
+    pub(crate) timers: Timers,
+    pub(crate) http_out: http::outbound::Outbound,
+    pub(crate) http_in: http::inbound::Inbound,
+    pub(crate) mqtt: mqtt::Clients,
+    pub(crate) store: AgentStore,
+}
+
+impl AgentCtx {
+    /// Turns a queued event into the WIT event to deliver, or `None` when it no longer
+    /// applies (a cancelled timer).
+    fn prepare(&mut self, event: HostEvent) -> Option<Event> {
+        match event {
+            HostEvent::Timer(id) => self.timers.fired(id).then_some(Event::Timer(id)),
+            HostEvent::HttpResponse(id, result) => {
+                self.http_out.finished(id);
+                Some(Event::HttpResponse((id, result)))
+            }
+            HostEvent::HttpRequest(pending) => Some(Event::HttpRequest(self.http_in.accept(pending))),
+            HostEvent::Mqtt(client, event) => self.mqtt.prepare(client, event),
+        }
+    }
+}
+
+/// The store data: the capability state plus WASI and limits.
+pub struct AgentState {
+    pub(crate) ctx: AgentCtx,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    ticks_used: u32,
+    tick_budget: u32,
+}
+
+impl WasiView for AgentState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// Why an event ended the instance.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU limit exceeded ({0} ms in one event)")]
+struct CpuLimitExceeded(u32);
+
+fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Result<Store<AgentState>> {
+    let limits = &agent.host.config.limits;
+    let ctx = AgentCtx {
+        agent: agent.clone(),
+        events: EventSender::new(agent.tx.clone(), generation),
+        timers: Timers::default(),
+        http_out: http::outbound::Outbound::default(),
+        http_in: http::inbound::Inbound::default(),
+        mqtt: mqtt::Clients::default(),
+        store: AgentStore::new(&agent.host.config.store_dir, &agent.id, limits.store_bytes),
+    };
+    // Nothing is granted: no preopens, no environment, sockets denied (the default
+    // address check refuses every address), stdio into the agent's log.
+    let wasi = WasiCtx::builder()
+        .stdout(LogStream::new(agent.log.clone(), Level::Info))
+        .stderr(LogStream::new(agent.log.clone(), Level::Error))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .build();
+    let state = AgentState {
+        ctx,
+        wasi,
+        table: ResourceTable::new(),
+        limits: StoreLimitsBuilder::new()
+            .memory_size((limits.memory_mib as usize) << 20)
+            .trap_on_grow_failure(true)
+            .build(),
+        ticks_used: 0,
+        tick_budget: (limits.cpu_ms_per_event / TICK.as_millis() as u32).max(1),
+    };
+    let mut store = Store::new(&agent.host.runtime.engine, state);
+    store.limiter(|s| &mut s.limits);
+    // Each tick, the running agent yields its thread (fairness between agents) and is
+    // charged one tick; over budget, the event ends with a trap.
+    store.epoch_deadline_callback(|mut ctx| {
+        let state = ctx.data_mut();
+        state.ticks_used += 1;
+        if state.ticks_used > state.tick_budget {
+            let ms = state.tick_budget * TICK.as_millis() as u32;
+            Err(CpuLimitExceeded(ms).into())
+        } else {
+            Ok(UpdateDeadline::Yield(1))
+        }
+    });
+    Ok(store)
+}
+
+/// Runs an agent until the host shuts down: instantiate, `start`, deliver events; on a
+/// trap, log the cause, wait with exponential backoff and start a fresh instance (the
+/// persistent store is on disk and survives).
+pub(crate) async fn run(
+    agent: Arc<AgentShared>,
+    module: AgentModule,
+    mut rx: mpsc::UnboundedReceiver<Envelope>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = agent.host.config.limits.clone();
+    let mut generation = 0u64;
+    let mut crashes_in_a_row = 0u32;
+    loop {
+        generation += 1;
+        agent.set_status(AgentStatus::Starting);
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            outcome = run_instance(&agent, &module, generation, &mut rx) => outcome,
+            _ = shutdown.changed() => Ok(()),
+        };
+        let cause = match outcome {
+            Ok(()) => break,
+            Err(e) => crash_cause(&e, &limits),
+        };
+        agent.log.write(Level::Error, &format!("agent crashed: {cause}"));
+        if started.elapsed() >= Duration::from_secs(limits.healthy_after_secs.into()) {
+            crashes_in_a_row = 0;
+        }
+        crashes_in_a_row += 1;
+        if let Ok(mut n) = agent.restarts.lock() {
+            *n += 1;
+        }
+        if crashes_in_a_row > limits.max_restarts {
+            agent.log.write(Level::Error, &format!("agent failed: {crashes_in_a_row} crashes in a row; not restarting"));
+            agent.set_status(AgentStatus::Failed { cause });
+            fail_requests_until_shutdown(&mut rx, &mut shutdown).await;
+            break;
+        }
+        let backoff = Duration::from_millis(100u64 << (crashes_in_a_row - 1).min(8)).min(Duration::from_secs(30));
+        agent.set_status(AgentStatus::Restarting { cause });
+        agent.log.write(Level::Info, &format!("restarting in {} ms", backoff.as_millis()));
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    if !matches!(*agent.status.lock().unwrap_or_else(|p| p.into_inner()), AgentStatus::Failed { .. }) {
+        agent.set_status(AgentStatus::Stopped);
+    }
+}
+
+/// One instance: returns `Ok` only when the queue closes, `Err` when it traps.
+async fn run_instance(
+    agent: &Arc<AgentShared>,
+    module: &AgentModule,
+    generation: u64,
+    rx: &mut mpsc::UnboundedReceiver<Envelope>,
+) -> anyhow::Result<()> {
+    let mut store = new_store(agent, generation)?;
+    let instance: Agent = module.pre.instantiate_async(&mut store).await?;
+    arm(&mut store);
+    instance.call_start(&mut store).await?;
+    agent.set_status(AgentStatus::Running);
+    while let Some(envelope) = rx.recv().await {
+        if envelope.generation.is_some_and(|g| g != generation) {
+            continue;
+        }
+        let Some(event) = store.data_mut().ctx.prepare(envelope.event) else { continue };
+        arm(&mut store);
+        instance.call_on_event(&mut store, &event).await?;
+    }
+    Ok(())
+}
+
+/// Gives the next call a fresh CPU budget.
+fn arm(store: &mut Store<AgentState>) {
+    store.data_mut().ticks_used = 0;
+    store.set_epoch_deadline(1);
+}
+
+/// While failed, incoming requests are answered at once rather than left hanging.
+async fn fail_requests_until_shutdown(rx: &mut mpsc::UnboundedReceiver<Envelope>, shutdown: &mut watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            envelope = rx.recv() => match envelope {
+                Some(Envelope { event: HostEvent::HttpRequest(pending), .. }) => {
+                    pending.reject(503, "agent failed: it crashed repeatedly");
+                }
+                Some(_) => {}
+                None => return,
+            },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn crash_cause(e: &anyhow::Error, limits: &crate::config::Limits) -> String {
+    if let Some(cpu) = e.downcast_ref::<CpuLimitExceeded>() {
+        return cpu.to_string();
+    }
+    let text = crate::engine::one_line(e);
+    if text.contains("forcing trap when growing memory") {
+        return format!("memory limit exceeded ({} MiB)", limits.memory_mib);
+    }
+    match e.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => format!("trap: {trap} ({text})"),
+        None => text,
+    }
+}

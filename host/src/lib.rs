@@ -1,0 +1,183 @@
+//! The Tether agent host: runs Electric Imp-style agents as sandboxed WebAssembly
+//! components, one long-lived store per agent, with the capabilities of `wit/`.
+//!
+//! Each capability has one module here (`log`, `timers`, `store`, `agent_info`, `http`,
+//! `mqtt`, `device`) implementing the host side of its WIT interface; `agent` runs an
+//! agent's event loop and `engine` holds the shared wasmtime engine.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use tether_host::{Host, config::{HostConfig, AgentSettings}};
+//! let host = Host::start(HostConfig::default()).await?;
+//! let module = host.runtime().load_file("hello.wasm".as_ref())?;
+//! host.spawn("hello", AgentSettings::default(), module)?;
+//! # Ok(()) }
+//! ```
+
+mod agent;
+mod agent_info;
+mod bindings;
+pub mod config;
+mod device;
+pub mod engine;
+mod events;
+mod http;
+pub mod log;
+mod mqtt;
+mod store;
+mod timers;
+mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use anyhow::Context;
+use tokio::sync::{broadcast, mpsc, watch};
+
+pub use agent::AgentStatus;
+pub use engine::{AgentModule, LoadError, Runtime};
+pub use log::{Level, LogLine};
+pub use mqtt::code as mqtt_code;
+
+use agent::AgentShared;
+use config::{AgentSettings, ConfigError, HostConfig};
+
+/// Host-wide state every agent shares.
+pub(crate) struct HostShared {
+    config: HostConfig,
+    runtime: Arc<Runtime>,
+    http_client: reqwest::Client,
+    tls: tls::TlsTrust,
+    public_url: String,
+    agents: RwLock<HashMap<String, Arc<AgentShared>>>,
+    logs: broadcast::Sender<LogLine>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl HostShared {
+    fn agent(&self, id: &str) -> Option<Arc<AgentShared>> {
+        self.agents.read().ok()?.get(id).cloned()
+    }
+}
+
+/// Errors starting an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The id is not usable.
+    #[error(transparent)]
+    Id(#[from] ConfigError),
+    /// An agent with this id runs already.
+    #[error("an agent with id {0:?} is already running")]
+    Duplicate(String),
+}
+
+/// A running host: its agents and the HTTP server of their URLs.
+pub struct Host {
+    shared: Arc<HostShared>,
+    http_addr: SocketAddr,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Host {
+    /// Builds the engine, binds the agents' HTTP listener and starts serving it.
+    pub async fn start(config: HostConfig) -> anyhow::Result<Host> {
+        config.limits.check()?;
+        let runtime = Runtime::new(&config).context("cannot build the WebAssembly engine")?;
+        let tls = tls::TlsTrust::new(&config.trusted_ca_files)?;
+        let http_client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.base())
+            .user_agent(concat!("tether/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .context("cannot build the HTTP client")?;
+        let listener = tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+        let http_addr = listener.local_addr()?;
+        let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
+        let shared = Arc::new(HostShared {
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            config,
+            runtime,
+            http_client,
+            tls,
+            agents: RwLock::default(),
+            logs: broadcast::channel(4096).0,
+            shutdown: watch::channel(false).0,
+        });
+        let router = http::inbound::router(shared.clone());
+        let mut stop = shared.shutdown.subscribe();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("agent HTTP server stopped: {e}");
+            }
+        });
+        Ok(Host { shared, http_addr, tasks: std::sync::Mutex::new(vec![server]) })
+    }
+
+    /// The engine, to load modules.
+    pub fn runtime(&self) -> &Runtime {
+        &self.shared.runtime
+    }
+
+    /// Where agent URLs are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The public URL of agent `id`.
+    pub fn agent_url(&self, id: &str) -> String {
+        format!("{}/{id}", self.shared.public_url)
+    }
+
+    /// Every agent's log lines from now on.
+    pub fn logs(&self) -> broadcast::Receiver<LogLine> {
+        self.shared.logs.subscribe()
+    }
+
+    /// The status of agent `id`, with how often it was restarted.
+    pub fn status(&self, id: &str) -> Option<(AgentStatus, u32)> {
+        let agent = self.shared.agent(id)?;
+        let status = agent.status.lock().ok()?.clone();
+        let restarts = *agent.restarts.lock().ok()?;
+        Some((status, restarts))
+    }
+
+    /// Starts agent `id` running `module`.
+    pub fn spawn(&self, id: &str, settings: AgentSettings, module: AgentModule) -> Result<(), SpawnError> {
+        config::check_agent_id(id)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let agent = Arc::new(AgentShared {
+            id: id.to_owned(),
+            url: self.agent_url(id),
+            config: settings.config,
+            host: self.shared.clone(),
+            log: log::Logger::new(id, self.shared.logs.clone()),
+            tx,
+            status: std::sync::Mutex::new(AgentStatus::Starting),
+            restarts: std::sync::Mutex::new(0),
+        });
+        {
+            let mut agents = self.shared.agents.write().unwrap_or_else(|p| p.into_inner());
+            if agents.contains_key(id) {
+                return Err(SpawnError::Duplicate(id.to_owned()));
+            }
+            agents.insert(id.to_owned(), agent.clone());
+        }
+        let task = tokio::spawn(agent::run(agent, module, rx, self.shared.shutdown.subscribe()));
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        Ok(())
+    }
+
+    /// Stops every agent and the HTTP server, and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.shared.shutdown.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The `log` capability and the agent's stdout/stderr: every line goes to tracing with the
+//! agent id, and to subscribers (tests, later the management API's log stream).
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use tokio::io::AsyncWrite;
+use tokio::sync::broadcast;
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+use crate::agent::AgentCtx;
+
+/// Longest line kept whole; longer output is split, so a guest cannot grow host memory.
+const MAX_LINE: usize = 8 * 1024;
+
+/// Severity of an agent's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// `server.log`, stdout, host notes.
+    Info,
+    /// `server.error`, stderr, crashes.
+    Error,
+}
+
+/// One line of an agent's log.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// The agent it came from.
+    pub agent: Arc<str>,
+    pub level: Level,
+    pub text: String,
+}
+
+/// Writes one agent's log lines.
+#[derive(Clone)]
+pub(crate) struct Logger {
+    agent: Arc<str>,
+    subscribers: broadcast::Sender<LogLine>,
+}
+
+impl Logger {
+    pub fn new(agent: &str, subscribers: broadcast::Sender<LogLine>) -> Logger {
+        Logger { agent: agent.into(), subscribers }
+    }
+
+    pub fn write(&self, level: Level, text: &str) {
+        match level {
+            Level::Info => tracing::info!(agent = %self.agent, "{text}"),
+            Level::Error => tracing::error!(agent = %self.agent, "{text}"),
+        }
+        // No subscriber is the normal case outside tests and the management API.
+        let _ = self.subscribers.send(LogLine { agent: self.agent.clone(), level, text: text.to_owned() });
+    }
+}
+
+impl crate::bindings::log::Host for AgentCtx {
+    fn log(&mut self, line: String) {
+        self.agent.log.write(Level::Info, &line);
+    }
+
+    fn error(&mut self, line: String) {
+        self.agent.log.write(Level::Error, &line);
+    }
+}
+
+/// stdout or stderr of an agent, cut into lines.
+#[derive(Clone)]
+pub(crate) struct LogStream {
+    logger: Logger,
+    level: Level,
+    partial: Arc<Mutex<Vec<u8>>>,
+}
+
+impl LogStream {
+    pub fn new(logger: Logger, level: Level) -> LogStream {
+        LogStream { logger, level, partial: Arc::default() }
+    }
+
+    fn push(&self, bytes: &[u8]) {
+        let Ok(mut partial) = self.partial.lock() else { return };
+        for &b in bytes {
+            if b == b'\n' {
+                self.emit(&mut partial);
+            } else {
+                partial.push(b);
+                if partial.len() >= MAX_LINE {
+                    self.emit(&mut partial);
+                }
+            }
+        }
+    }
+
+    fn emit(&self, partial: &mut Vec<u8>) {
+        let text = String::from_utf8_lossy(partial);
+        self.logger.write(self.level, text.trim_end_matches('\r'));
+        partial.clear();
+    }
+
+    fn flush_partial(&self) {
+        if let Ok(mut partial) = self.partial.lock() {
+            if !partial.is_empty() {
+                self.emit(&mut partial);
+            }
+        }
+    }
+}
+
+impl IsTerminal for LogStream {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for LogStream {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+impl OutputStream for LogStream {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+    fn flush(&mut self) -> StreamResult<()> {
+        self.flush_partial();
+        Ok(())
+    }
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(MAX_LINE)
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for LogStream {
+    async fn ready(&mut self) {}
+}
+
+impl AsyncWrite for LogStream {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.flush_partial();
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.flush_partial();
+        Poll::Ready(Ok(()))
+    }
+}

@@ -1,0 +1,1 @@
+//! Local Azure IoT Hub + DPS emulator (work in progress).

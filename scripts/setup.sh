@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what building, the demo and the tests need, idempotently: the wasm32-wasip2
+# target, mosquitto (a real broker for the MQTT tests) and a Python venv under target/
+# with Microsoft's Azure IoT SDKs (the conformance peers of the hub emulator).
+# Usage: scripts/setup.sh [--with-test-deps]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[setup] %s\n' "$*"; }
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+  log "adding rust target wasm32-wasip2"
+  rustup target add wasm32-wasip2
+fi
+
+[ "${1:-}" = "--with-test-deps" ] || exit 0
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "installing Debian packages: ${missing[*]}"
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+apt_install mosquitto python3-venv
+
+# Debian enables a system-wide mosquitto service on install; the tests start their own
+# brokers on free ports and need no background one.
+if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
+  systemctl stop mosquitto || true
+fi
+
+venv=target/pyenv
+stamp="$venv/.installed-v1"
+if [ ! -f "$stamp" ]; then
+  log "creating Python venv $venv with azure-iot-device 2.14.0 and azure-iot-hub 2.7.0"
+  mkdir -p target
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check azure-iot-device==2.14.0 azure-iot-hub==2.7.0
+  touch "$stamp"
+fi

@@ -1,0 +1,205 @@
+//! Helpers for the end-to-end tests: building agents for wasm32-wasip2, a host on free
+//! ports in a temporary directory, a real mosquitto broker, and waiting for log lines.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tether_host::config::{AgentSettings, HostConfig};
+use tether_host::{Host, LogLine};
+use tokio::sync::broadcast;
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Builds agent package `package` for wasm32-wasip2 (once per test process) and returns
+/// the component's path. Cargo has released its build lock by the time tests run, so a
+/// nested build into the same target directory works.
+pub fn build_agent(package: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let root = workspace_root();
+    let path = root.join("target/wasm32-wasip2/guest").join(format!("{}.wasm", package.replace('-', "_")));
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let built = built.get_or_insert_with(HashSet::new);
+    if !built.contains(package) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--quiet", "--profile", "guest", "--target", "wasm32-wasip2", "-p", package])
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .context("cannot run cargo to build the agent")?;
+        if !status.success() {
+            bail!("building agent {package} failed (is the wasm32-wasip2 target installed? run scripts/setup.sh)");
+        }
+        built.insert(package.to_owned());
+    }
+    Ok(path)
+}
+
+/// A host in a temporary directory, listening on a free port.
+pub struct TestHost {
+    pub host: Host,
+    pub dir: tempfile::TempDir,
+    pub logs: LogWatch,
+}
+
+impl TestHost {
+    /// Starts a host; `tune` adjusts the configuration first.
+    pub async fn start(tune: impl FnOnce(&mut HostConfig)) -> anyhow::Result<TestHost> {
+        let dir = tempfile::tempdir()?;
+        Self::start_in(dir, tune).await
+    }
+
+    /// Starts a host whose store and cache live in `dir` (to restart over the same state).
+    pub async fn start_in(dir: tempfile::TempDir, tune: impl FnOnce(&mut HostConfig)) -> anyhow::Result<TestHost> {
+        let mut config = HostConfig {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            store_dir: dir.path().join("store"),
+            cache_dir: dir.path().join("cache"),
+            max_agents: 16,
+            ..HostConfig::default()
+        };
+        tune(&mut config);
+        let host = Host::start(config).await?;
+        let logs = LogWatch(host.logs(), Vec::new());
+        Ok(TestHost { host, dir, logs })
+    }
+
+    /// Builds `package` and runs it as agent `id` with `config` values.
+    pub fn spawn(&self, id: &str, package: &str, config: &[(&str, &str)]) -> anyhow::Result<()> {
+        let module = self.host.runtime().load_file(&build_agent(package)?)?;
+        let settings = AgentSettings {
+            id: Some(id.to_owned()),
+            config: config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+        };
+        self.host.spawn(id, settings, module)?;
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:port/<id><path>`.
+    pub fn url(&self, id: &str, path: &str) -> String {
+        format!("{}{path}", self.host.agent_url(id))
+    }
+
+    /// Stops the host and hands back its directory.
+    pub async fn stop(self) -> tempfile::TempDir {
+        self.host.shutdown().await;
+        self.dir
+    }
+}
+
+/// Log lines of all agents, kept so that a test can look back as well as wait.
+pub struct LogWatch(broadcast::Receiver<LogLine>, Vec<LogLine>);
+
+impl LogWatch {
+    /// Waits until agent `agent` has logged a line containing `text`; returns the first.
+    pub async fn wait_for(&mut self, agent: &str, text: &str, timeout: Duration) -> anyhow::Result<LogLine> {
+        self.wait_for_count(agent, text, 1, timeout).await
+    }
+
+    /// Waits until agent `agent` has logged `n` lines containing `text`; returns the n-th.
+    pub async fn wait_for_count(&mut self, agent: &str, text: &str, n: usize, timeout: Duration) -> anyhow::Result<LogLine> {
+        let matches = |l: &LogLine| &*l.agent == agent && l.text.contains(text);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.1.iter().filter(|l| matches(l)).nth(n - 1) {
+                return Ok(line.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, self.0.recv()).await {
+                Ok(Ok(line)) => self.1.push(line),
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => bail!("log watcher lagged by {n} lines"),
+                Ok(Err(broadcast::error::RecvError::Closed)) => bail!("host closed its log"),
+                Err(_) => bail!("no log line {text:?} from {agent} within {timeout:?}; seen: {:#?}", self.texts(agent)),
+            }
+        }
+    }
+
+    /// Takes in what arrived so far without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(line) = self.0.try_recv() {
+            self.1.push(line);
+        }
+    }
+
+    /// The texts `agent` logged so far, in order.
+    pub fn texts(&self, agent: &str) -> Vec<String> {
+        self.1.iter().filter(|l| &*l.agent == agent).map(|l| l.text.clone()).collect()
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// Waits until something accepts TCP connections on `port`.
+pub async fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// TLS files for a mosquitto listener.
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A real mosquitto broker on a free port, killed on drop.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    /// Starts mosquitto (Debian package, installed by scripts/setup.sh) with anonymous
+    /// access, plain or with `tls`.
+    pub async fn start(tls: Option<&TlsFiles>) -> anyhow::Result<Mosquitto> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port();
+        let mut conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n");
+        if let Some(t) = tls {
+            conf += &format!("cafile {}\ncertfile {}\nkeyfile {}\n", t.ca.display(), t.cert.display(), t.key.display());
+        }
+        let conf_path = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf_path, conf)?;
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("mosquitto");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start mosquitto; run scripts/setup.sh --with-test-deps")?;
+        let broker = Mosquitto { child, port, _dir: dir };
+        wait_for_port(port, Duration::from_secs(10)).await?;
+        Ok(broker)
+    }
+
+    /// Stops the broker now.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

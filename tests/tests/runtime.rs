@@ -1,0 +1,227 @@
+//! The agent runtime end to end: real components in a real host, driven over real HTTP.
+
+use std::time::Duration;
+
+use tether_host::{AgentStatus, LoadError, Level};
+use tether_tests::{TestHost, free_port};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn get(url: &str) -> (u16, String) {
+    match reqwest::get(url).await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap_or_default())
+        }
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn timers_fire_in_order_and_cancelled_ones_never() -> anyhow::Result<()> {
+    let mut t = TestHost::start(|_| {}).await?;
+    t.spawn("hello", "hello", &[])?;
+    t.logs.wait_for("hello", "tick 1", WAIT).await?;
+    let lines = t.logs.texts("hello");
+    let pos = |s: &str| lines.iter().position(|l| l.contains(s));
+    assert_eq!(pos("hello from hello"), Some(0), "{lines:?}");
+    assert!(pos("timer 1 fired") < pos("timer 2 fired"), "{lines:?}");
+    assert!(pos("timer 2 fired") < pos("tick 1"), "{lines:?}");
+    // The cancelled timer was due at 0.3 s, well before tick 1 at 0.6 s.
+    assert_eq!(pos("cancelled timer fired"), None, "{lines:?}");
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_answers_its_url_now_and_after_a_timer() -> anyhow::Result<()> {
+    let t = TestHost::start(|_| {}).await?;
+    t.spawn("echo", "http-echo", &[])?;
+    let (status, body) = get(&t.url("echo", "/some/path?a=1&b=two")).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, r#"GET /some/path {"a": "1", "b": "two"} "#);
+    let (status, body) = get(&t.url("echo", "/later?secs=0.2")).await;
+    assert_eq!((status, body.as_str()), (200, "answered after 0.2 s\n"));
+    // Unknown agents are the host's 404, not an agent's.
+    let (status, _) = get(&t.url("nobody", "/x")).await;
+    assert_eq!(status, 404);
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn outgoing_http_reaches_a_real_server_and_reports_refusal_as_curl_7() -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let server_addr = listener.local_addr()?;
+    let app = axum::Router::new().route("/data", axum::routing::get(|| async { "served by the test" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let t = TestHost::start(|_| {}).await?;
+    t.spawn("echo", "http-echo", &[])?;
+    let (status, body) = get(&t.url("echo", &format!("/fetch?url=http://{server_addr}/data"))).await;
+    assert_eq!((status, body.as_str()), (200, "200 served by the test"));
+
+    let closed = free_port();
+    let (_, body) = get(&t.url("echo", &format!("/fetch?url=http://127.0.0.1:{closed}/"))).await;
+    assert!(body.starts_with("error 7 "), "{body}");
+    let (_, body) = get(&t.url("echo", "/fetch?url=notaurl")).await;
+    assert!(body.starts_with("error 3 "), "{body}");
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn store_survives_host_restart_and_is_capped() -> anyhow::Result<()> {
+    let t = TestHost::start(|_| {}).await?;
+    t.spawn("probe", "probe", &[])?;
+    assert_eq!(get(&t.url("probe", "/count")).await, (200, "1".into()));
+    assert_eq!(get(&t.url("probe", "/count")).await, (200, "2".into()));
+    let (_, body) = get(&t.url("probe", "/save?bytes=70000")).await;
+    assert_eq!(body, "save failed: value too large for the persistent store");
+    let dir = t.stop().await;
+
+    let t = TestHost::start_in(dir, |_| {}).await?;
+    t.spawn("probe", "probe", &[])?;
+    assert_eq!(get(&t.url("probe", "/count")).await, (200, "3".into()));
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn stdout_and_stderr_go_to_the_agent_log() -> anyhow::Result<()> {
+    let mut t = TestHost::start(|_| {}).await?;
+    t.spawn("probe", "probe", &[])?;
+    assert_eq!(get(&t.url("probe", "/print")).await, (200, "printed".into()));
+    let out = t.logs.wait_for("probe", "to stdout", WAIT).await?;
+    let err = t.logs.wait_for("probe", "to stderr", WAIT).await?;
+    assert_eq!((out.level, err.level), (Level::Info, Level::Error));
+    t.stop().await;
+    Ok(())
+}
+
+/// Sends `path` to agent "bad", checks that it crashes with `cause`, that the other agent
+/// answers meanwhile, and that "bad" comes back with its store intact.
+async fn crash_and_recover(path: &str, cause: &str) -> anyhow::Result<()> {
+    let mut t = TestHost::start(|c| {
+        c.limits.cpu_ms_per_event = 200;
+        c.limits.memory_mib = 32;
+    })
+    .await?;
+    t.spawn("bad", "probe", &[])?;
+    t.spawn("good", "probe", &[])?;
+    assert_eq!(get(&t.url("bad", "/count")).await, (200, "1".into()));
+
+    let bad_url = t.url("bad", path);
+    let crashing = tokio::spawn(async move { get(&bad_url).await });
+    // The neighbour keeps answering while "bad" spins or allocates.
+    for _ in 0..5 {
+        assert_eq!(get(&t.url("good", "/ping")).await, (200, "pong".into()));
+    }
+    let (status, body) = crashing.await?;
+    assert_eq!(status, 503, "{body}");
+    let line = t.logs.wait_for("bad", "agent crashed", WAIT).await?;
+    assert!(line.text.contains(cause), "{}", line.text);
+    assert_eq!(line.level, Level::Error);
+
+    t.logs.wait_for_count("bad", "probe started", 2, WAIT).await?;
+    assert_eq!(get(&t.url("bad", "/count")).await, (200, "2".into()));
+    let (status, restarts) = t.host.status("bad").ok_or_else(|| anyhow::anyhow!("no status"))?;
+    assert_eq!((status, restarts), (AgentStatus::Running, 1));
+    assert_eq!(t.host.status("good").map(|s| s.1), Some(0));
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn infinite_loop_is_stopped_by_the_cpu_limit() -> anyhow::Result<()> {
+    crash_and_recover("/spin", "CPU limit exceeded").await
+}
+
+#[tokio::test]
+async fn memory_hog_is_stopped_by_the_memory_cap() -> anyhow::Result<()> {
+    crash_and_recover("/hog", "memory limit exceeded (32 MiB)").await
+}
+
+#[tokio::test]
+async fn panic_is_logged_and_the_agent_restarts() -> anyhow::Result<()> {
+    let mut t = TestHost::start(|_| {}).await?;
+    t.spawn("p", "probe", &[])?;
+    assert_eq!(get(&t.url("p", "/panic")).await.0, 503);
+    t.logs.wait_for("p", "panic: ", WAIT).await.map(|l| assert!(l.text.contains("asked to panic"), "{}", l.text))?;
+    t.logs.wait_for("p", "agent crashed: trap", WAIT).await?;
+    t.logs.wait_for("p", "restarting in 100 ms", WAIT).await?;
+    // Back after the backoff.
+    let deadline = std::time::Instant::now() + WAIT;
+    while get(&t.url("p", "/ping")).await != (200, "pong".into()) {
+        assert!(std::time::Instant::now() < deadline, "agent did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn crash_loop_marks_the_agent_failed_and_the_host_stays_up() -> anyhow::Result<()> {
+    let mut t = TestHost::start(|c| c.limits.max_restarts = 2).await?;
+    t.spawn("p", "probe", &[])?;
+    t.spawn("other", "probe", &[])?;
+    for round in 1..=3 {
+        t.logs.wait_for_count("p", "probe started", round, WAIT).await?;
+        assert_eq!(get(&t.url("p", "/panic")).await.0, 503);
+        t.logs.drain();
+        // Wait for the restart (or the failure) before the next panic.
+        let deadline = std::time::Instant::now() + WAIT;
+        while !matches!(t.host.status("p"), Some((AgentStatus::Running | AgentStatus::Failed { .. }, _))) {
+            assert!(std::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    t.logs.wait_for("p", "agent failed: 3 crashes in a row", WAIT).await?;
+    assert!(matches!(t.host.status("p"), Some((AgentStatus::Failed { .. }, 3))), "{:?}", t.host.status("p"));
+    let (status, body) = get(&t.url("p", "/ping")).await;
+    assert_eq!((status, body.as_str()), (503, "agent failed: it crashed repeatedly"));
+    assert_eq!(get(&t.url("other", "/ping")).await, (200, "pong".into()));
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_modules_are_refused_with_a_reason() -> anyhow::Result<()> {
+    let t = TestHost::start(|_| {}).await?;
+    let rt = t.host.runtime();
+    let err = |r: Result<_, LoadError>| r.err().map(|e| e.to_string()).unwrap_or_default();
+
+    let text = err(rt.load(b"hello, not wasm"));
+    assert!(text.contains("not a WebAssembly component") && text.contains("magic"), "{text}");
+    let core = wat::parse_str("(module)")?;
+    let text = err(rt.load(&core));
+    assert!(text.contains("core WebAssembly module"), "{text}");
+    let no_exports = wat::parse_str("(component)")?;
+    let text = err(rt.load(&no_exports));
+    assert!(text.starts_with("not a tether:agent@0.1.0 agent: no export `"), "{text}");
+    let unknown_import = wat::parse_str(r#"(component (import "acme:nope/thing@1.0.0" (instance (export "f" (func)))))"#)?;
+    let text = err(rt.load(&unknown_import));
+    assert!(text.contains("acme:nope/thing@1.0.0"), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+    let truncated = &std::fs::read(tether_tests::build_agent("hello")?)?[..1000];
+    let text = err(rt.load(truncated));
+    assert!(text.starts_with("not a WebAssembly component"), "{text}");
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn compiled_components_are_cached_by_content_hash() -> anyhow::Result<()> {
+    let t = TestHost::start(|_| {}).await?;
+    let path = tether_tests::build_agent("hello")?;
+    let first = t.host.runtime().load_file(&path)?;
+    let cached: Vec<_> = std::fs::read_dir(t.dir.path().join("cache"))?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    assert_eq!(cached.len(), 1);
+    assert!(cached[0].to_string_lossy().starts_with(&first.digest), "{cached:?}");
+    // A second load takes the cached artefact: same digest, no second file.
+    let second = t.host.runtime().load_file(&path)?;
+    assert_eq!(first.digest, second.digest);
+    assert_eq!(std::fs::read_dir(t.dir.path().join("cache"))?.count(), 1);
+    t.stop().await;
+    Ok(())
+}
