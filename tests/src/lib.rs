@@ -170,8 +170,12 @@ impl Mosquitto {
     /// Starts mosquitto (Debian package, installed by scripts/setup.sh) with anonymous
     /// access, plain or with `tls`.
     pub async fn start(tls: Option<&TlsFiles>) -> anyhow::Result<Mosquitto> {
+        Self::start_on(free_port(), tls).await
+    }
+
+    /// Like [`Mosquitto::start`] on a given port (to restart a broker where it was).
+    pub async fn start_on(port: u16, tls: Option<&TlsFiles>) -> anyhow::Result<Mosquitto> {
         let dir = tempfile::tempdir()?;
-        let port = free_port();
         let mut conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n");
         if let Some(t) = tls {
             conf += &format!("cafile {}\ncertfile {}\nkeyfile {}\n", t.ca.display(), t.cert.display(), t.key.display());

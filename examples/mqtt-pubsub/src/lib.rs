@@ -47,10 +47,9 @@ fn start() {
     client.on_message(move |m| {
         server::log(format!("received on {}: {}", m.topic, String::from_utf8_lossy(&m.message)));
         let out = c.create_message(&s.out_topic, m.message, MessageOptions { qos: mqtt::AT_LEAST_ONCE, retain: false });
-        let sent = out.send_async(|code| {
-            if code != mqtt::codes::SUCCESS {
-                server::error(format!("republish failed: {code}"));
-            }
+        let sent = out.send_async(|code| match code {
+            mqtt::codes::SUCCESS => server::log("republished"),
+            _ => server::error(format!("republish failed: {code}")),
         });
         if let Err(e) = sent {
             server::error(format!("republish: {e}"));

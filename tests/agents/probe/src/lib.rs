@@ -1,10 +1,14 @@
 //! Test agent. `/ping` answers, `/count` bumps a counter in the persistent store,
 //! `/save?bytes=N` saves N bytes, `/spin` loops forever, `/hog` allocates without end,
-//! `/panic` panics, `/print` writes to stdout and stderr.
+//! `/panic` panics, `/print` writes to stdout and stderr. `/mqtt/...` drives one MQTT
+//! client and answers with the result codes of its callbacks.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
-use tether_guest::{http, server};
+use tether_guest::http::{HttpResponse, IncomingRequest};
+use tether_guest::mqtt::{self, ConnectOptions, MessageOptions};
+use tether_guest::{config, http, server};
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]
 struct State {
@@ -13,11 +17,63 @@ struct State {
 
 thread_local! {
     static HOARD: RefCell<Vec<Vec<u8>>> = RefCell::default();
+    static CLIENT: mqtt::Client = {
+        let client = mqtt::create_client();
+        client.on_message(|m| server::log(format!("mqtt message {} {} qos={}", m.topic, String::from_utf8_lossy(&m.message), m.qos)));
+        client.on_connection_lost(|code| server::log(format!("mqtt lost {code}")));
+        client
+    };
+}
+
+/// Runs one MQTT operation; the HTTP answer is the code its callback got, or the
+/// error that refused it at once.
+fn mqtt_request(req: IncomingRequest, res: HttpResponse) {
+    let q = |k: &str| req.query.get(k).cloned().unwrap_or_default();
+    let client = CLIENT.with(Clone::clone);
+    let qos = q("qos").parse().unwrap_or(0);
+    let slot = Rc::new(RefCell::new(Some(res)));
+    let answer = {
+        let slot = slot.clone();
+        move |text: String| {
+            if let Some(res) = slot.borrow_mut().take() {
+                let _ = res.send(200, text);
+            }
+        }
+    };
+    let started = match req.path.as_str() {
+        "/mqtt/connect" => {
+            let options = ConnectOptions { ca_pem: config("ca_pem").filter(|_| q("ca") == "1"), ..ConnectOptions::default() };
+            client.on_connect(move |code| answer(format!("connect {code}")));
+            client.connect(&q("url"), "probe", &options)
+        }
+        "/mqtt/sub" => client.subscribe(&[&q("topic")], qos, move |code, granted| answer(format!("sub {code} {granted:?}"))),
+        "/mqtt/unsub" => client.unsubscribe(&[&q("topic")], move |code| answer(format!("unsub {code}"))),
+        "/mqtt/pub" => client
+            .create_message(&q("topic"), q("msg"), MessageOptions { qos, retain: false })
+            .send_async(move |code| answer(format!("pub {code}"))),
+        "/mqtt/disconnect" => client.disconnect(move || answer("disconnected".into())),
+        "/mqtt/connected" => {
+            answer(format!("{}", client.is_connected()));
+            Ok(())
+        }
+        other => {
+            answer(format!("unknown {other}"));
+            Ok(())
+        }
+    };
+    if let Err(e) = started {
+        if let Some(res) = slot.borrow_mut().take() {
+            let _ = res.send(200, format!("refused {e:?} {}", e.code()));
+        }
+    }
 }
 
 fn start() {
     server::log("probe started");
     http::on_request(|req, res| {
+        if req.path.starts_with("/mqtt/") {
+            return mqtt_request(req, res);
+        }
         let answer = match req.path.as_str() {
             "/ping" => "pong".to_owned(),
             "/count" => {
