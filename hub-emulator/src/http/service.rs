@@ -1,0 +1,529 @@
+//! IoT Hub service REST API: registry CRUD, twins, direct methods, C2D purge,
+//! statistics (protocol notes §2).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{ApiError, authorization, parse_json, require_api_version, timespan};
+use crate::events::EventKind;
+use crate::state::{Device, MethodError, Permission, Shared};
+use crate::twin::ServiceTwinError;
+use crate::util::{b64_decode, iso8601};
+
+type Q = Query<HashMap<String, String>>;
+type S = State<Arc<Shared>>;
+
+pub(super) fn routes() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/devices", get(list_devices))
+        .route(
+            "/devices/{id}",
+            get(get_device).put(put_device).delete(delete_device),
+        )
+        .route("/devices/{id}/commands", delete(purge_c2d))
+        .route("/twins/{id}", get(get_twin).put(put_twin).patch(patch_twin))
+        .route("/twins/{id}/methods", post(invoke_method))
+        .route("/statistics/devices", get(statistics))
+        .route("/statistics/service", get(service_statistics))
+}
+
+/// Checks api-version and the SAS `Authorization` header for any of `permissions`.
+fn authorize(
+    shared: &Shared,
+    q: &HashMap<String, String>,
+    headers: &HeaderMap,
+    path: &[&str],
+    permissions: &[Permission],
+) -> Result<(), ApiError> {
+    require_api_version(q)?;
+    shared
+        .authenticate_service(authorization(headers), path, permissions)
+        .map_err(|e| {
+            tracing::debug!("service request refused: {e}");
+            ApiError::unauthorized()
+        })
+}
+
+/// `If-Match` value without quotes; `None` when absent.
+fn if_match(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().trim_matches('"').to_string())
+}
+
+/// Whether `If-Match` allows a change of an entity whose etag is `current`.
+fn etag_matches(wanted: &Option<String>, current: &str) -> bool {
+    wanted.as_deref().is_none_or(|w| w == "*" || w == current)
+}
+
+fn json_with_etag(body: Value, etag: &str) -> Response {
+    let mut resp = (StatusCode::OK, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{etag}\"")) {
+        resp.headers_mut().insert(header::ETAG, v);
+    }
+    resp
+}
+
+const READ: &[Permission] = &[Permission::RegistryRead];
+const WRITE: &[Permission] = &[Permission::RegistryWrite];
+const TWIN_READ: &[Permission] = &[Permission::RegistryRead, Permission::ServiceConnect];
+const TWIN_WRITE: &[Permission] = &[Permission::RegistryWrite, Permission::ServiceConnect];
+const SERVICE: &[Permission] = &[Permission::ServiceConnect];
+
+async fn list_devices(
+    State(shared): S,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["devices"], READ)?;
+    // azure-iot-hub documents values outside 1..=1000 as meaning 1000.
+    let top = q
+        .get("top")
+        .and_then(|t| t.parse::<usize>().ok())
+        .filter(|t| (1..=1000).contains(t))
+        .unwrap_or(1000);
+    let st = shared.lock();
+    let list: Vec<Value> =
+        st.p.devices
+            .values()
+            .take(top)
+            .map(|d| d.identity_json(st.is_connected(&d.id)))
+            .collect();
+    Ok(axum::Json(list).into_response())
+}
+
+async fn get_device(
+    State(shared): S,
+    Path(id): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["devices", &id], READ)?;
+    let st = shared.lock();
+    let d =
+        st.p.devices
+            .get(&id)
+            .ok_or_else(|| ApiError::device_not_found(&id))?;
+    Ok(json_with_etag(
+        d.identity_json(st.is_connected(&id)),
+        &d.etag(),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeviceBody {
+    device_id: Option<String>,
+    status: Option<String>,
+    status_reason: Option<String>,
+    authentication: Option<AuthBody>,
+    capabilities: Option<Capabilities>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AuthBody {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    symmetric_key: Option<SymmetricKey>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SymmetricKey {
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Capabilities {
+    iot_edge: Option<bool>,
+}
+
+/// Device ids: ≤128 ASCII alphanumerics and `- . + % _ # * ? ! ( ) , = @ $ ' : ;`.
+pub(crate) fn valid_device_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.+%_#*?!(),=@$':;".contains(c))
+}
+
+/// Symmetric keys must be base64 of 16 to 64 bytes.
+fn check_key(key: &Option<String>) -> Result<Option<String>, ApiError> {
+    match key.as_deref() {
+        None | Some("") => Ok(None),
+        Some(k) if b64_decode(k).is_some_and(|b| (16..=64).contains(&b.len())) => {
+            Ok(Some(k.to_string()))
+        }
+        Some(_) => Err(ApiError::invalid(
+            "The symmetric key must be a base64 string of 16 to 64 bytes",
+        )),
+    }
+}
+
+async fn put_device(
+    State(shared): S,
+    Path(id): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["devices", &id], WRITE)?;
+    let body: DeviceBody = parse_json(&body)?;
+    if !valid_device_id(&id) {
+        return Err(ApiError::invalid(format!("Device Id {id} is invalid")));
+    }
+    if body.device_id.as_deref().is_some_and(|b| b != id) {
+        return Err(ApiError::invalid(
+            "The deviceId in the body does not match the deviceId in the URL",
+        ));
+    }
+    let enabled = match body.status.as_deref() {
+        None | Some("enabled") => true,
+        Some("disabled") => false,
+        Some(s) => return Err(ApiError::invalid(format!("Invalid device status {s}"))),
+    };
+    let keys = body
+        .authentication
+        .as_ref()
+        .and_then(|a| a.symmetric_key.as_ref());
+    let primary = check_key(&keys.and_then(|k| k.primary_key.clone()))?;
+    let secondary = check_key(&keys.and_then(|k| k.secondary_key.clone()))?;
+    let auth_type = body
+        .authentication
+        .as_ref()
+        .and_then(|a| a.kind.clone())
+        .unwrap_or_else(|| "sas".into());
+    if !["sas", "selfSigned", "certificateAuthority", "none"].contains(&auth_type.as_str()) {
+        return Err(ApiError::invalid(format!(
+            "Invalid authentication type {auth_type}"
+        )));
+    }
+    let wanted = if_match(&headers);
+
+    let mut st = shared.lock();
+    let etag = st.next_etag();
+    let exists = st.p.devices.contains_key(&id);
+    let created = match (exists, &wanted) {
+        // Without If-Match, PUT only creates.
+        (true, None) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                409001,
+                "DeviceAlreadyExists",
+                format!("A device with ID '{id}' is already registered."),
+            ));
+        }
+        (false, Some(_)) => return Err(ApiError::device_not_found(&id)),
+        (false, None) => {
+            st.p.devices.insert(
+                id.clone(),
+                Device::new(&id, etag, primary.clone(), secondary.clone()),
+            );
+            true
+        }
+        (true, Some(_)) => false,
+    };
+    let connected = st.is_connected(&id);
+    let Some(d) = st.p.devices.get_mut(&id) else {
+        return Err(ApiError::device_not_found(&id));
+    };
+    if !created && !etag_matches(&wanted, &d.etag()) {
+        return Err(ApiError::precondition_failed());
+    }
+    if !created {
+        if let Some(k) = primary {
+            d.primary_key = Some(k);
+        }
+        if let Some(k) = secondary {
+            d.secondary_key = Some(k);
+        }
+        d.etag = etag;
+    }
+    if d.enabled != enabled {
+        d.status_updated = iso8601(SystemTime::now());
+    }
+    d.enabled = enabled;
+    d.status_reason = body.status_reason;
+    d.auth_type = auth_type;
+    d.iot_edge = body.capabilities.and_then(|c| c.iot_edge).unwrap_or(false);
+    let resp = json_with_etag(d.identity_json(connected), &d.etag());
+    drop(st);
+    shared.changed();
+    if created {
+        shared.events.record(&id, EventKind::DeviceCreated);
+    }
+    if !enabled {
+        shared.disconnect(&id, "device disabled");
+    }
+    Ok(resp)
+}
+
+async fn delete_device(
+    State(shared): S,
+    Path(id): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["devices", &id], WRITE)?;
+    let wanted = if_match(&headers);
+    let mut st = shared.lock();
+    let d =
+        st.p.devices
+            .get(&id)
+            .ok_or_else(|| ApiError::device_not_found(&id))?;
+    if !etag_matches(&wanted, &d.etag()) {
+        return Err(ApiError::precondition_failed());
+    }
+    st.p.devices.remove(&id);
+    drop(st);
+    shared.changed();
+    shared.disconnect(&id, "device deleted");
+    shared.events.record(&id, EventKind::DeviceDeleted);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn purge_c2d(
+    State(shared): S,
+    Path(id): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["devices", &id], SERVICE)?;
+    let mut st = shared.lock();
+    let d =
+        st.p.devices
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::device_not_found(&id))?;
+    let purged: Vec<String> = d.c2d.drain(..).map(|m| m.message_id).collect();
+    drop(st);
+    shared.changed();
+    for message_id in &purged {
+        shared.events.record(
+            &id,
+            EventKind::C2dFeedback {
+                message_id: message_id.clone(),
+                status: "Purged",
+            },
+        );
+    }
+    Ok(
+        axum::Json(
+            json!({ "totalMessagesPurged": purged.len(), "deviceId": id, "moduleId": null }),
+        )
+        .into_response(),
+    )
+}
+
+async fn statistics(
+    State(shared): S,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["statistics"], READ)?;
+    let st = shared.lock();
+    let total = st.p.devices.len();
+    let enabled = st.p.devices.values().filter(|d| d.enabled).count();
+    Ok(axum::Json(json!({ "totalDeviceCount": total, "enabledDeviceCount": enabled, "disabledDeviceCount": total - enabled })).into_response())
+}
+
+async fn service_statistics(
+    State(shared): S,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["statistics"], SERVICE)?;
+    let connected = shared.lock().sessions.len();
+    Ok(axum::Json(json!({ "connectedDeviceCount": connected })).into_response())
+}
+
+async fn get_twin(
+    State(shared): S,
+    Path(id): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["twins", &id], TWIN_READ)?;
+    let st = shared.lock();
+    let d =
+        st.p.devices
+            .get(&id)
+            .ok_or_else(|| ApiError::device_not_found(&id))?;
+    Ok(json_with_etag(
+        d.twin_json(st.is_connected(&id)),
+        &d.twin.etag(),
+    ))
+}
+
+async fn put_twin(
+    state: S,
+    path: Path<String>,
+    q: Q,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    update_twin(state, path, q, headers, body, true).await
+}
+
+async fn patch_twin(
+    state: S,
+    path: Path<String>,
+    q: Q,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    update_twin(state, path, q, headers, body, false).await
+}
+
+/// Twin PUT (replace tags and desired) and PATCH (merge).
+async fn update_twin(
+    State(shared): S,
+    Path(id): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+    body: Bytes,
+    replace: bool,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["twins", &id], TWIN_WRITE)?;
+    let body: Value = parse_json(&body)?;
+    let wanted = if_match(&headers);
+    let now = iso8601(SystemTime::now());
+    let mut st = shared.lock();
+    let connected = st.is_connected(&id);
+    let d =
+        st.p.devices
+            .get_mut(&id)
+            .ok_or_else(|| ApiError::device_not_found(&id))?;
+    if !etag_matches(&wanted, &d.twin.etag()) {
+        return Err(ApiError::precondition_failed());
+    }
+    let tags_before = d.twin.tags.clone();
+    let notification = d
+        .twin
+        .service_update(&body, replace, &now)
+        .map_err(|e| match e {
+            ServiceTwinError::ReportedIsReadOnly => ApiError::invalid(e.to_string()),
+            ServiceTwinError::Twin(e) => ApiError::invalid(e.to_string()),
+        })?;
+    let tags_after =
+        (d.twin.tags != tags_before).then(|| (d.twin.version, Value::Object(d.twin.tags.clone())));
+    let resp = json_with_etag(d.twin_json(connected), &d.twin.etag());
+    if let Some(n) = &notification {
+        st.notify_desired(&id, n);
+    }
+    drop(st);
+    shared.changed();
+    if let Some((version, tags)) = tags_after {
+        shared.events.record(
+            &id,
+            EventKind::TwinChange {
+                section: "tags",
+                version,
+                patch: tags,
+            },
+        );
+    }
+    if let Some(n) = notification {
+        let version = n.get("$version").and_then(Value::as_u64).unwrap_or(0);
+        shared.events.record(
+            &id,
+            EventKind::TwinChange {
+                section: "desired",
+                version,
+                patch: n,
+            },
+        );
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MethodBody {
+    method_name: String,
+    #[serde(default)]
+    payload: Value,
+    response_timeout_in_seconds: Option<u64>,
+    connect_timeout_in_seconds: Option<u64>,
+}
+
+/// Method names: printable ASCII except ``$ ( ) < > @ , ; : \ " / [ ] ? = { }`` and space;
+/// at most 1 KB (emulator choice: the name travels in an MQTT topic, at most 64 KB).
+fn valid_method_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 1024
+        && name
+            .chars()
+            .all(|c| c.is_ascii_graphic() && !"$()<>@,;:\\\"/[]?={}".contains(c))
+}
+
+async fn invoke_method(
+    State(shared): S,
+    Path(id): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["twins", &id], SERVICE)?;
+    let body: MethodBody = parse_json(&body)?;
+    if !valid_method_name(&body.method_name) {
+        return Err(ApiError::invalid(format!(
+            "Invalid method name {}",
+            body.method_name
+        )));
+    }
+    let response_timeout = body.response_timeout_in_seconds.unwrap_or(30);
+    if !(5..=300).contains(&response_timeout) {
+        return Err(ApiError::invalid(
+            "responseTimeoutInSeconds must be within [5; 300].",
+        ));
+    }
+    let connect_timeout = body.connect_timeout_in_seconds.unwrap_or(0);
+    if connect_timeout > 300 {
+        return Err(ApiError::invalid(
+            "connectTimeoutInSeconds must be within [0; 300].",
+        ));
+    }
+    let result = shared
+        .invoke_method(
+            &id,
+            &body.method_name,
+            &body.payload,
+            Duration::from_secs(response_timeout),
+            Duration::from_secs(connect_timeout),
+        )
+        .await;
+    match result {
+        Ok((status, payload)) => {
+            Ok(axum::Json(json!({ "status": status, "payload": payload })).into_response())
+        }
+        Err(MethodError::DeviceNotFound) => Err(ApiError::device_not_found(&id)),
+        Err(MethodError::NotOnline(t)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            404103,
+            "DeviceNotOnline",
+            "Timed out waiting for device to connect.",
+        )
+        .with_info(json!({ "timeout": timespan(t) }))),
+        Err(MethodError::Timeout(t)) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            504101,
+            "GatewayTimeout",
+            "Timed out waiting for the response from device.",
+        )
+        .with_info(json!({ "timeout": timespan(t) }))),
+    }
+}

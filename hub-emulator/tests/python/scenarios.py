@@ -1,0 +1,380 @@
+"""Conformance scenarios: Microsoft's azure-iot-device 2.14.0 and azure-iot-hub 2.7.0
+against the Tether hub emulator.
+
+Usage: python scenarios.py <scenario>
+Configuration comes from the HUB_TEST_CONFIG environment variable (JSON written by the
+Rust test harness, tests/python_sdk.rs): CA path, HTTPS port, connection strings, ...
+Prints "PASS <scenario>" and exits 0 on success; any failure raises (non-zero exit).
+"""
+
+import base64
+import hashlib
+import hmac
+import json
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+import uuid
+
+from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse, ProvisioningDeviceClient
+
+CFG = json.loads(__import__("os").environ["HUB_TEST_CONFIG"])
+with open(CFG["ca_path"]) as f:
+    CA_PEM = f.read()
+SSL_CTX = ssl.create_default_context(cafile=CFG["ca_path"])
+TIMEOUT = 20
+
+
+def control(method, path, body=None, headers=None):
+    """Calls the emulator's control API over HTTPS, returns parsed JSON (or None)."""
+    url = "https://localhost:%d%s" % (CFG["https_port"], path)
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    with urllib.request.urlopen(req, context=SSL_CTX, timeout=TIMEOUT) as resp:
+        raw = resp.read()
+        return json.loads(raw) if raw else None
+
+
+def wait_event(device_id, kind, since=0, predicate=lambda e: True):
+    """Long-polls the control API until an event of `kind` for `device_id` matches."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        q = urllib.parse.urlencode({"since": since, "deviceId": device_id, "type": kind, "wait": 5})
+        page = control("GET", "/emulator/events?" + q)
+        for e in page["events"]:
+            if predicate(e):
+                return e
+        since = page["next"]
+    raise AssertionError("no %s event for %s" % (kind, device_id))
+
+
+def last_seq():
+    return control("GET", "/emulator/events?since=0")["next"]
+
+
+def device_client(cs, **kwargs):
+    return IoTHubDeviceClient.create_from_connection_string(cs, server_verification_cert=CA_PEM, **kwargs)
+
+
+def registry():
+    # Imported lazily: azure-iot-hub pulls in uamqp, only the service scenarios need it.
+    from azure.iot.hub import IoTHubRegistryManager
+
+    return IoTHubRegistryManager.from_connection_string(CFG["service_cs"])
+
+
+def connected(device_id):
+    return control("GET", "/emulator/devices/%s/connection" % device_id)["connected"]
+
+
+def wait_until(check, what):
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out waiting for " + what)
+
+
+# --- scenarios ---------------------------------------------------------------------------
+
+
+def scenario_connect():
+    dev = CFG["device_id"]
+    client = device_client(CFG["device_cs"])
+    client.connect()
+    assert client.connected
+    wait_until(lambda: connected(dev), "device connected")
+    client.disconnect()
+    wait_until(lambda: not connected(dev), "device disconnected")
+    client.shutdown()
+
+
+def scenario_telemetry():
+    dev = CFG["device_id"]
+    since = last_seq()
+    client = device_client(CFG["device_cs"])
+    client.connect()
+    msg = Message(json.dumps({"temperature": 21.5}))
+    msg.message_id = str(uuid.uuid4())
+    msg.correlation_id = "corr-1"
+    msg.content_type = "application/json"
+    msg.content_encoding = "utf-8"
+    msg.custom_properties["color"] = "red"
+    msg.custom_properties["with space"] = "a/b&c=d"
+    client.send_message(msg)
+    e = wait_event(dev, "telemetry", since)
+    assert json.loads(e["body"]) == {"temperature": 21.5}, e
+    props, sysprops = e["properties"], e["systemProperties"]
+    assert props == {"color": "red", "with space": "a/b&c=d"}, props
+    assert sysprops["messageId"] == msg.message_id, sysprops
+    assert sysprops["correlationId"] == "corr-1", sysprops
+    assert sysprops["contentType"] == "application/json", sysprops
+    assert sysprops["contentEncoding"] == "utf-8", sysprops
+    assert sysprops["iothub-connection-device-id"] == dev, sysprops
+    assert json.loads(sysprops["iothub-connection-auth-method"])["type"] == "sas", sysprops
+    client.shutdown()
+
+
+def scenario_twin():
+    from azure.iot.hub.models import Twin, TwinProperties
+
+    dev = CFG["device_id"]
+    client = device_client(CFG["device_cs"])
+    received = []
+    got_patch = threading.Event()
+
+    def on_patch(patch):
+        received.append(patch)
+        got_patch.set()
+
+    client.on_twin_desired_properties_patch_received = on_patch
+    client.connect()
+    twin = client.get_twin()
+    assert "$version" in twin["desired"] and "$version" in twin["reported"], twin
+    assert "$metadata" not in twin["desired"], twin
+
+    client.patch_twin_reported_properties({"firmware": "1.2.3", "nested": {"a": 1}})
+    twin2 = client.get_twin()
+    assert twin2["reported"]["firmware"] == "1.2.3", twin2
+    assert twin2["reported"]["$version"] > twin["reported"]["$version"], twin2
+    client.patch_twin_reported_properties({"nested": None})
+    twin3 = client.get_twin()
+    assert "nested" not in twin3["reported"], twin3
+
+    rm = registry()
+    service_twin = rm.get_twin(dev)
+    assert service_twin.properties.reported["firmware"] == "1.2.3"
+    assert "$metadata" in service_twin.properties.reported
+    updated = rm.update_twin(dev, Twin(properties=TwinProperties(desired={"interval": 5})), service_twin.etag)
+    assert updated.properties.desired["interval"] == 5
+    assert got_patch.wait(TIMEOUT), "no desired-properties notification"
+    assert received[0]["interval"] == 5, received
+    assert received[0]["$version"] == updated.properties.desired["$version"], received
+    wait_event(dev, "twinChange", 0, lambda e: e["section"] == "desired")
+    wait_event(dev, "twinChange", 0, lambda e: e["section"] == "reported" and e["patch"].get("firmware") == "1.2.3")
+
+    # A stale etag is refused with 412.
+    from msrest.exceptions import HttpOperationError
+
+    try:
+        rm.update_twin(dev, Twin(properties=TwinProperties(desired={"interval": 6})), service_twin.etag)
+        raise AssertionError("stale etag accepted")
+    except HttpOperationError as e:
+        assert e.response.status_code == 412, e.response.status_code
+    client.shutdown()
+
+
+def scenario_method():
+    from azure.iot.hub.models import CloudToDeviceMethod
+    from msrest.exceptions import HttpOperationError
+
+    dev = CFG["device_id"]
+    rm = registry()
+    # Not connected yet: 404 with IoT Hub's 404103 body.
+    try:
+        rm.invoke_device_method(dev, CloudToDeviceMethod(method_name="reboot", payload={}, response_timeout_in_seconds=5))
+        raise AssertionError("method on offline device succeeded")
+    except HttpOperationError as e:
+        assert e.response.status_code == 404, e.response.status_code
+        inner = json.loads(e.response.json()["Message"])
+        assert inner["errorCode"] == 404103, inner
+        assert e.response.headers["iothub-errorcode"] == "DeviceNotOnline"
+
+    client = device_client(CFG["device_cs"])
+
+    def on_method(request):
+        payload = {"echo": request.payload, "name": request.name}
+        client.send_method_response(MethodResponse.create_from_method_request(request, 201, payload))
+
+    client.on_method_request_received = on_method
+    client.connect()
+    result = rm.invoke_device_method(dev, CloudToDeviceMethod(method_name="reboot", payload={"delay": 3}, response_timeout_in_seconds=10))
+    assert result.status == 201, result.status
+    assert result.payload == {"echo": {"delay": 3}, "name": "reboot"}, result.payload
+    client.shutdown()
+
+
+def scenario_c2d():
+    dev = CFG["device_id"]
+    client = device_client(CFG["device_cs"])
+    got = []
+    done = threading.Event()
+
+    def on_message(msg):
+        got.append(msg)
+        done.set()
+
+    client.on_message_received = on_message
+    client.connect()
+    since = last_seq()
+    sent = control(
+        "POST",
+        "/emulator/devices/%s/c2d" % dev,
+        b"switch on",
+        {
+            "iothub-messageid": "msg-1",
+            "iothub-correlationid": "corr-9",
+            "iothub-contenttype": "text/plain",
+            "iothub-app-room": "kitchen",
+            "iothub-app-mode": "a b/c",
+        },
+    )
+    assert sent["messageId"] == "msg-1", sent
+    assert done.wait(TIMEOUT), "C2D message not received"
+    msg = got[0]
+    assert msg.data == b"switch on", msg.data
+    assert msg.message_id == "msg-1", msg.message_id
+    assert msg.correlation_id == "corr-9", msg.correlation_id
+    assert msg.content_type == "text/plain", msg.content_type
+    assert msg.custom_properties == {"room": "kitchen", "mode": "a b/c"}, msg.custom_properties
+    wait_event(dev, "c2dFeedback", since, lambda e: e["messageId"] == "msg-1" and e["status"] == "Success")
+    client.shutdown()
+
+
+def scenario_sas_renewal():
+    dev = CFG["device_id"]
+    since = last_seq()
+    # The SDK renews 120 s before expiry, so a 125 s token is renewed after ~5 s: it
+    # disconnects and reconnects with a fresh token.
+    client = device_client(CFG["device_cs"], sastoken_ttl=125)
+    client.connect()
+    first = wait_event(dev, "connected", since)
+    wait_event(dev, "disconnected", first["seq"])
+    again = wait_event(dev, "connected", first["seq"])
+    wait_until(lambda: client.connected, "client reconnected")
+    client.send_message(Message("after renewal"))
+    wait_event(dev, "telemetry", again["seq"], lambda e: e["body"] == "after renewal")
+    client.shutdown()
+
+
+def scenario_websocket():
+    import paho.mqtt.client as paho
+
+    # azure-iot-device hard-codes port 443 for WebSockets; redirect paho to the emulator's
+    # HTTPS port (the SDK calls connect(host=, port=, keepalive=) with keywords).
+    original = paho.Client.connect
+
+    def connect(self, *args, **kwargs):
+        kwargs["port"] = CFG["https_port"]
+        return original(self, *args, **kwargs)
+
+    paho.Client.connect = connect
+    dev = CFG["device_id"]
+    since = last_seq()
+    client = device_client(CFG["device_cs"], websockets=True)
+    client.connect()
+    wait_until(lambda: connected(dev), "device connected over WebSocket")
+    client.send_message(Message("over websocket"))
+    wait_event(dev, "telemetry", since, lambda e: e["body"] == "over websocket")
+    twin = client.get_twin()
+    assert twin["reported"]["$version"] >= 1, twin
+    client.disconnect()
+    wait_until(lambda: not connected(dev), "device disconnected")
+    client.shutdown()
+
+
+def provision(registration_id, key):
+    client = ProvisioningDeviceClient.create_from_symmetric_key(
+        provisioning_host="localhost",
+        registration_id=registration_id,
+        id_scope=CFG["scope_id"],
+        symmetric_key=key,
+        server_verification_cert=CA_PEM,
+    )
+    client.provisioning_payload = {"model": "tether"}
+    result = client.register()
+    assert result.status == "assigned", result
+    state = result.registration_state
+    assert state.assigned_hub == "localhost", state.assigned_hub
+    return state
+
+
+def connect_provisioned(state, key):
+    client = IoTHubDeviceClient.create_from_symmetric_key(
+        symmetric_key=key, hostname=state.assigned_hub, device_id=state.device_id, server_verification_cert=CA_PEM
+    )
+    client.connect()
+    client.send_message(Message("provisioned"))
+    wait_event(state.device_id, "telemetry", 0, lambda e: e["body"] == "provisioned")
+    client.shutdown()
+
+
+def scenario_dps_individual():
+    state = provision(CFG["registration_id"], CFG["enrollment_key"])
+    assert state.device_id == CFG["expected_device_id"], state.device_id
+    connect_provisioned(state, CFG["enrollment_key"])
+    device = registry().get_device(state.device_id)
+    assert device.authentication.type == "sas", device.authentication.type
+    assert device.authentication.symmetric_key.primary_key == CFG["enrollment_key"]
+
+
+def scenario_dps_group():
+    reg_id = CFG["registration_id"]
+    group_key = base64.b64decode(CFG["group_key"])
+    key = base64.b64encode(hmac.new(group_key, reg_id.encode(), hashlib.sha256).digest()).decode()
+    state = provision(reg_id, key)
+    assert state.device_id == reg_id, state.device_id
+    connect_provisioned(state, key)
+    device = registry().get_device(reg_id)
+    assert device.authentication.type == "sas"
+    # A key derived for another registration id is refused.
+    wrong = base64.b64encode(hmac.new(group_key, b"someone-else", hashlib.sha256).digest()).decode()
+    try:
+        provision(reg_id, wrong)
+        raise AssertionError("registration with a wrong derived key succeeded")
+    except AssertionError:
+        raise
+    except Exception:
+        pass
+
+
+def scenario_registry():
+    from msrest.exceptions import HttpOperationError
+
+    rm = registry()
+    dev = "py-registry-" + uuid.uuid4().hex[:8]
+    pk = base64.b64encode(b"p" * 32).decode()
+    sk = base64.b64encode(b"s" * 32).decode()
+    created = rm.create_device_with_sas(dev, pk, sk, "enabled")
+    assert created.device_id == dev and created.etag, created
+    assert created.authentication.symmetric_key.primary_key == pk
+
+    def status_of(call):
+        try:
+            call()
+        except HttpOperationError as e:
+            return e.response.status_code, e.response.headers.get("iothub-errorcode"), json.loads(e.response.json()["Message"])
+        raise AssertionError("call succeeded")
+
+    status, code, body = status_of(lambda: rm.create_device_with_sas(dev, pk, sk, "enabled"))
+    assert (status, code, body["errorCode"]) == (409, "DeviceAlreadyExists", 409001), (status, code, body)
+
+    got = rm.get_device(dev)
+    assert got.etag == created.etag and got.status == "enabled"
+    updated = rm.update_device_with_sas(dev, got.etag, pk, sk, "disabled")
+    assert updated.status == "disabled" and updated.etag != got.etag, updated
+    status, code, body = status_of(lambda: rm.update_device_with_sas(dev, got.etag, pk, sk, "enabled"))
+    assert (status, code, body["errorCode"]) == (412, "PreconditionFailed", 412001), (status, code, body)
+
+    ids = [d.device_id for d in rm.get_devices()]
+    assert dev in ids, ids
+    stats = rm.get_device_registry_statistics()
+    assert stats.total_device_count >= 1 and stats.disabled_device_count >= 1, stats
+
+    rm.delete_device(dev)
+    status, code, body = status_of(lambda: rm.get_device(dev))
+    assert (status, code, body["errorCode"]) == (404, "DeviceNotFound", 404001), (status, code, body)
+    status, code, _ = status_of(lambda: rm.delete_device(dev))
+    assert (status, code) == (404, "DeviceNotFound"), (status, code)
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items() if name.startswith("scenario_")}
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    SCENARIOS[name]()
+    print("PASS", name, flush=True)
