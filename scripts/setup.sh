@@ -36,11 +36,11 @@ if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto
 fi
 
 venv=target/pyenv
-stamp="$venv/.installed-v1"
+stamp="$venv/.installed-v2"
 if [ ! -f "$stamp" ]; then
   log "creating Python venv $venv with azure-iot-device 2.14.0 and azure-iot-hub 2.7.0"
   mkdir -p target
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check azure-iot-device==2.14.0 azure-iot-hub==2.7.0
+  "$venv/bin/pip" install -q --disable-pip-version-check azure-iot-device==2.14.0 azure-iot-hub==2.7.0 six
   touch "$stamp"
 fi

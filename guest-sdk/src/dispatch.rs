@@ -1,7 +1,7 @@
 //! Routes each event to the capability module that holds its callbacks.
 
 use crate::bindings::tether::agent::events::Event;
-use crate::{http, imp, mqtt, server};
+use crate::{device, http, imp, mqtt, server};
 
 /// Runs the agent's start function; a panic's message goes to the agent's error log
 /// before the instance traps, so the host's crash line has a cause to point to.
@@ -23,8 +23,11 @@ pub fn on_event(event: Event) {
         Event::MqttUnsubscribed((c, op, code)) => mqtt::unsubscribed(c, op, code),
         Event::MqttConnectionLost((c, code)) => mqtt::connection_lost(c, code),
         Event::MqttDisconnected(c) => mqtt::disconnected(c),
-        // The device channel arrives with its own SDK module; until then no device is
-        // bound and the host sends no device events.
-        Event::DeviceMessage(_) | Event::DeviceConnected | Event::DeviceDisconnected | Event::DeviceAck(_) | Event::DeviceNack(_) => {}
+        Event::DeviceMessage((name, payload, id)) => device::message(name, payload, id),
+        Event::DeviceConnected(info) => device::connected(info),
+        Event::DeviceDisconnected(reason) => device::disconnected(reason),
+        Event::DeviceAck(id) => device::acked(id),
+        Event::DeviceReply((id, payload)) => device::replied(id, payload),
+        Event::DeviceFailed((id, failure)) => device::failed(id, failure),
     }
 }

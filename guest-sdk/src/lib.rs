@@ -28,6 +28,10 @@
 //! | `client.connect/onconnect/onconnectionlost/onmessage` | [`mqtt::Client::connect`], [`mqtt::Client::on_connect`], [`mqtt::Client::on_connection_lost`], [`mqtt::Client::on_message`] |
 //! | `client.createmessage(..).sendasync(cb)` | [`mqtt::Client::create_message`], [`mqtt::Message::send_async`] |
 //! | `client.subscribe/unsubscribe/disconnect/isconnected` | [`mqtt::Client::subscribe`], [`mqtt::Client::unsubscribe`], [`mqtt::Client::disconnect`], [`mqtt::Client::is_connected`] |
+//! | `device.send(name, data)` | [`device::send`] ([`device::send_queued`] to hold it while offline) |
+//! | `device.on(name, cb)` | [`device::on`] ([`device::on_request`] to reply) |
+//! | `device.onconnect(cb)` / `device.ondisconnect(cb)` / `device.isconnected()` | [`device::on_connect`] / [`device::on_disconnect`] / [`device::is_connected`] |
+//! | MessageManager `mm.send(name, data, {onAck, onReply, onFail, onTimeout}, timeout)` | [`device::request`]`(name, data).on_ack(..).on_reply(..).on_fail(..).on_timeout(..).timeout(s).send()` |
 
 mod bindings {
     wit_bindgen::generate!({
@@ -39,7 +43,9 @@ mod bindings {
     });
 }
 
+pub mod device;
 mod dispatch;
+pub mod azure_iot_hub;
 pub mod http;
 pub mod imp;
 pub mod mqtt;

@@ -39,6 +39,8 @@ pub(crate) struct AgentShared {
     pub host: Arc<HostShared>,
     pub log: Logger,
     pub tx: mpsc::UnboundedSender<Envelope>,
+    /// The device channel, when the agent is bound to a serial port.
+    pub device: Option<crate::device::DeviceChannel>,
     pub status: Mutex<AgentStatus>,
     pub restarts: Mutex<u32>,
 }
@@ -74,6 +76,7 @@ impl AgentCtx {
             }
             HostEvent::HttpRequest(pending) => Some(Event::HttpRequest(self.http_in.accept(pending))),
             HostEvent::Mqtt(client, event) => self.mqtt.prepare(client, event),
+            HostEvent::Device(event) => crate::device::prepare(&self.agent, event),
         }
     }
 }
@@ -99,7 +102,7 @@ impl WasiView for AgentState {
 #[error("CPU limit exceeded ({0} ms in one event)")]
 struct CpuLimitExceeded(u32);
 
-fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Result<Store<AgentState>> {
+pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Result<Store<AgentState>> {
     let limits = &agent.host.config.limits;
     let ctx = AgentCtx {
         agent: agent.clone(),
@@ -221,7 +224,7 @@ async fn run_instance(
 }
 
 /// Gives the next call a fresh CPU budget.
-fn arm(store: &mut Store<AgentState>) {
+pub(crate) fn arm(store: &mut Store<AgentState>) {
     store.data_mut().ticks_used = 0;
     store.set_epoch_deadline(1);
 }

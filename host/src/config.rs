@@ -103,6 +103,23 @@ pub struct AgentSettings {
     pub id: Option<String>,
     /// Values the agent reads with `agent-info.config`.
     pub config: BTreeMap<String, String>,
+    /// The agent's device, if it has one: the serial port it is attached to.
+    pub device: Option<DeviceBinding>,
+}
+
+/// Where an agent's device is attached: a serial port, 8N1.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceBinding {
+    /// The port's path (`/dev/ttyUSB0`, a stable `/dev/serial/by-id/...` link, or a pty).
+    pub path: PathBuf,
+    /// Line speed; default 115200.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+fn default_baud() -> u32 {
+    115_200
 }
 
 /// The file given to `tether run --config`.

@@ -12,6 +12,8 @@ pub(crate) enum HostEvent {
     HttpResponse(u64, Result<Response, TransportError>),
     HttpRequest(crate::http::inbound::Pending),
     Mqtt(u32, MqttEvent),
+    /// A `device-*` event, delivered as is (see `device`).
+    Device(crate::bindings::events::Event),
 }
 
 /// What an MQTT connection reports.
@@ -37,17 +39,23 @@ pub(crate) struct Envelope {
 #[derive(Clone)]
 pub(crate) struct EventSender {
     tx: mpsc::UnboundedSender<Envelope>,
-    generation: u64,
+    generation: Option<u64>,
 }
 
 impl EventSender {
     pub fn new(tx: mpsc::UnboundedSender<Envelope>, generation: u64) -> Self {
-        EventSender { tx, generation }
+        EventSender { tx, generation: Some(generation) }
+    }
+
+    /// Posts to whichever instance runs at delivery: for backends that outlive an
+    /// instance, like the device channel.
+    pub fn any_instance(tx: mpsc::UnboundedSender<Envelope>) -> Self {
+        EventSender { tx, generation: None }
     }
 
     /// Queues an event; after the agent is gone there is no one left to tell.
     pub fn post(&self, event: HostEvent) {
-        let _ = self.tx.send(Envelope { generation: Some(self.generation), event });
+        let _ = self.tx.send(Envelope { generation: self.generation, event });
     }
 }
 

@@ -16,6 +16,8 @@
 
 mod agent;
 mod agent_info;
+#[doc(hidden)]
+pub mod bench;
 mod bindings;
 pub mod config;
 mod device;
@@ -146,20 +148,42 @@ impl Host {
         Some((status, restarts))
     }
 
-    /// Starts agent `id` running `module`.
-    pub fn spawn(&self, id: &str, settings: AgentSettings, module: AgentModule) -> Result<(), SpawnError> {
-        config::check_agent_id(id)?;
+    fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<events::Envelope>) {
+        // Benchmark instances run without a device driver.
+        let (agent, rx, _driver) = self.new_agent_with_device(id, settings);
+        (agent, rx)
+    }
+
+    /// The agent and, if it has a device, the driver of its port, to spawn once the agent
+    /// is registered.
+    fn new_agent_with_device(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<events::Envelope>, Option<device::Driver>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let log = log::Logger::new(id, self.shared.logs.clone());
+        let (device, driver) = match settings.device {
+            Some(binding) => {
+                let (channel, driver) = device::DeviceChannel::new(binding, id, tx.clone(), log.clone());
+                (Some(channel), Some(driver))
+            }
+            None => (None, None),
+        };
         let agent = Arc::new(AgentShared {
             id: id.to_owned(),
             url: self.agent_url(id),
             config: settings.config,
             host: self.shared.clone(),
-            log: log::Logger::new(id, self.shared.logs.clone()),
+            log,
             tx,
+            device,
             status: std::sync::Mutex::new(AgentStatus::Starting),
             restarts: std::sync::Mutex::new(0),
         });
+        (agent, rx, driver)
+    }
+
+    /// Starts agent `id` running `module`.
+    pub fn spawn(&self, id: &str, settings: AgentSettings, module: AgentModule) -> Result<(), SpawnError> {
+        config::check_agent_id(id)?;
+        let (agent, rx, driver) = self.new_agent_with_device(id, settings);
         {
             let mut agents = self.shared.agents.write().unwrap_or_else(|p| p.into_inner());
             if agents.contains_key(id) {
@@ -168,7 +192,11 @@ impl Host {
             agents.insert(id.to_owned(), agent.clone());
         }
         let task = tokio::spawn(agent::run(agent, module, rx, self.shared.shutdown.subscribe()));
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).push(task);
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.push(task);
+        if let Some(driver) = driver {
+            tasks.push(tokio::spawn(driver.run(self.shared.shutdown.subscribe())));
+        }
         Ok(())
     }
 

@@ -4,12 +4,15 @@
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
+use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+pub mod azure;
+
 use anyhow::{Context, bail};
-use tether_host::config::{AgentSettings, HostConfig};
+use tether_host::config::{AgentSettings, DeviceBinding, HostConfig};
 use tether_host::{Host, LogLine};
 use tokio::sync::broadcast;
 
@@ -74,10 +77,16 @@ impl TestHost {
 
     /// Builds `package` and runs it as agent `id` with `config` values.
     pub fn spawn(&self, id: &str, package: &str, config: &[(&str, &str)]) -> anyhow::Result<()> {
+        self.spawn_with_device(id, package, config, None)
+    }
+
+    /// Like [`TestHost::spawn`], with the agent bound to the serial port `device` (8N1, 115200).
+    pub fn spawn_with_device(&self, id: &str, package: &str, config: &[(&str, &str)], device: Option<&Path>) -> anyhow::Result<()> {
         let module = self.host.runtime().load_file(&build_agent(package)?)?;
         let settings = AgentSettings {
             id: Some(id.to_owned()),
             config: config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            device: device.map(|path| DeviceBinding { path: path.to_owned(), baud: 115_200 }),
         };
         self.host.spawn(id, settings, module)?;
         Ok(())
@@ -203,6 +212,66 @@ impl Mosquitto {
 }
 
 impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Builds the host-side binary `bin` of `package` (once per test process); returns its path.
+pub fn build_bin(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
+    static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
+    let root = workspace_root();
+    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
+    let built = built.get_or_insert_with(HashSet::new);
+    if !built.contains(package) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args(["build", "--quiet", "-p", package])
+            .env_remove("CARGO_TARGET_DIR")
+            .status()
+            .context("cannot run cargo")?;
+        if !status.success() {
+            bail!("building {package} failed");
+        }
+        built.insert(package.to_owned());
+    }
+    Ok(root.join("target/debug").join(bin))
+}
+
+/// The device simulator (`examples/device-sim`) on a pty, killed on drop.
+pub struct DeviceSim {
+    child: Child,
+    /// The pty the simulator opened (`/dev/pts/N`).
+    pub pty: PathBuf,
+}
+
+impl DeviceSim {
+    /// Starts `device-sim` with `args` (e.g. `--link PATH`, `--interval 0.2`, `--noise 20`)
+    /// and reads the pty path from its first line of output.
+    pub fn start(args: &[&str]) -> anyhow::Result<DeviceSim> {
+        let binary = build_bin("device-sim", "device-sim")?;
+        let mut child = Command::new(binary).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot start device-sim")?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufReader::new(out).read_line(&mut line)?;
+        }
+        let pty = PathBuf::from(line.trim());
+        if !pty.exists() {
+            let _ = child.kill();
+            bail!("device-sim printed no pty path (got {line:?})");
+        }
+        Ok(DeviceSim { child, pty })
+    }
+
+    /// Kills the simulator now: the device is "unplugged".
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for DeviceSim {
     fn drop(&mut self) {
         self.stop();
     }

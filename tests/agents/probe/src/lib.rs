@@ -1,6 +1,6 @@
 //! Test agent. `/ping` answers, `/count` bumps a counter in the persistent store,
 //! `/save?bytes=N` saves N bytes, `/spin` loops forever, `/hog` allocates without end,
-//! `/panic` panics, `/print` writes to stdout and stderr. `/mqtt/...` drives one MQTT
+//! `/panic` panics, `/print` writes to stdout and stderr, `/host-calls?n=N` makes N host calls. `/mqtt/...` drives one MQTT
 //! client and answers with the result codes of its callbacks.
 
 use std::cell::RefCell;
@@ -76,6 +76,15 @@ fn start() {
         }
         let answer = match req.path.as_str() {
             "/ping" => "pong".to_owned(),
+            // N cheap host calls in one event, for the guest->host call benchmark.
+            "/host-calls" => {
+                let n: u64 = req.query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
+                let timer = tether_guest::imp::wakeup(1e6, || {});
+                for _ in 0..n {
+                    tether_guest::imp::cancel_wakeup(timer);
+                }
+                format!("{n} calls")
+            }
             "/count" => {
                 let mut state: State = server::load().ok().flatten().unwrap_or_default();
                 state.count += 1;

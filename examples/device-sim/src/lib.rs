@@ -1,0 +1,431 @@
+//! A simulated sensor board on a pty, speaking the Tether device link with the firmware
+//! [`device_link::Agent`]: what the tests, the benchmark and `tether demo` talk to.
+//!
+//! Messages it handles (name → payload → answer):
+//! - `led` bool → ack; `get-led` → reply bool; `blink` int → ack
+//! - `set-interval` seconds → ack (period of `temperature` readings it sends)
+//! - `ping` → reply "pong"; `echo` any → reply the same
+//! - `sink` any → ack, counted; `get-sink` → reply the count
+//! - `seq` {n} → ack, counting gaps and repeats; `get-seq` → reply {received, errors, next}
+//! - `burst` {count, size, ack} → ack, then sends `count` messages `seq` {n, pad: size bytes}
+//!   as fast as flow control allows, then `burst-done` {sent, acked, failed}
+
+use std::cell::RefCell;
+use std::fs::File;
+use std::io::{self, ErrorKind, Read as _, Write as _};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+use device_link::link::OwnedEvent;
+use device_link::{Agent, Config, Link, NackReason, Value};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
+
+/// Largest frame the simulated board accepts: a small microcontroller's buffer.
+pub const MAX_FRAME: usize = 4096;
+
+/// A pty pair: the simulator owns the master, the host opens the slave by path.
+pub struct Pty {
+    /// The master side, non-blocking.
+    pub master: File,
+    /// Kept open so reading the master does not fail while no host has the slave open.
+    _slave: OwnedFd,
+    /// Path of the slave (`/dev/pts/N`).
+    pub slave_path: PathBuf,
+}
+
+impl Pty {
+    /// Opens a pty in raw mode (no echo, no line editing: a plain byte pipe).
+    pub fn open() -> nix::Result<Pty> {
+        let pair = nix::pty::openpty(None, None)?;
+        let mut termios = tcgetattr(pair.slave.as_fd())?;
+        cfmakeraw(&mut termios);
+        tcsetattr(pair.slave.as_fd(), SetArg::TCSANOW, &termios)?;
+        let flags = OFlag::from_bits_truncate(fcntl(pair.master.as_fd(), FcntlArg::F_GETFL)?);
+        fcntl(pair.master.as_fd(), FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        let slave_path = nix::unistd::ttyname(pair.slave.as_fd())?;
+        Ok(Pty { master: File::from(pair.master), _slave: pair.slave, slave_path })
+    }
+
+    /// Points `link` at the slave, replacing what was there: a stable path across restarts,
+    /// as `/dev/serial/by-id/...` is for a real board.
+    pub fn symlink(&self, link: &Path) -> io::Result<()> {
+        match std::fs::remove_file(link) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        std::os::unix::fs::symlink(&self.slave_path, link)
+    }
+}
+
+/// Byte-stream adapter for the firmware agent over a non-blocking fd, optionally injecting
+/// line noise between frames in both directions.
+pub struct PtyIo {
+    file: File,
+    noise: Option<Noise>,
+}
+
+impl PtyIo {
+    /// `noise_every_ms`: inject a burst of noise this often (0 = never).
+    pub fn new(file: File, noise_every_ms: u64) -> PtyIo {
+        let noise = (noise_every_ms > 0).then(|| Noise::new(noise_every_ms));
+        PtyIo { file, noise }
+    }
+
+    /// Waits until the fd is readable (or writable, with `want_write`) or `timeout_ms` passes.
+    pub fn wait(&self, timeout_ms: u64, want_write: bool) -> nix::Result<()> {
+        let mut flags = PollFlags::POLLIN;
+        if want_write {
+            flags |= PollFlags::POLLOUT;
+        }
+        let timeout = PollTimeout::try_from(timeout_ms.min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        poll(&mut [PollFd::new(self.file.as_fd(), flags)], timeout).map(drop)
+    }
+}
+
+fn would_block(r: io::Result<usize>) -> io::Result<usize> {
+    match r {
+        Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => Ok(0),
+        other => other,
+    }
+}
+
+impl embedded_io::ErrorType for PtyIo {
+    type Error = io::Error;
+}
+
+impl embedded_io::Read for PtyIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        // Noise goes in only right after a frame delimiter, so no real frame is damaged.
+        let room = buf.len().saturating_sub(Noise::MAX_LEN).max(1);
+        let n = would_block(self.file.read(&mut buf[..room]))?;
+        let at_boundary = n > 0 && buf[n - 1] == 0 && buf.len() - n >= Noise::MAX_LEN;
+        if let Some(noise) = &mut self.noise
+            && at_boundary
+            && noise.due()
+        {
+            return Ok(n + noise.fill(&mut buf[n..]));
+        }
+        Ok(n)
+    }
+}
+
+impl embedded_io::ReadReady for PtyIo {
+    fn read_ready(&mut self) -> io::Result<bool> {
+        let mut fds = [PollFd::new(self.file.as_fd(), PollFlags::POLLIN)];
+        let n = poll(&mut fds, PollTimeout::ZERO).map_err(io::Error::from)?;
+        Ok(n > 0)
+    }
+}
+
+impl embedded_io::Write for PtyIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // The agent writes whole pending output; a frame boundary precedes it when the
+        // previous write completed, which is when noise may go out.
+        if let Some(noise) = &mut self.noise
+            && noise.due()
+        {
+            let mut junk = [0u8; Noise::MAX_LEN];
+            let len = noise.fill(&mut junk);
+            self.file.write_all(&junk[..len]).or_else(|e| if e.kind() == ErrorKind::WouldBlock { Ok(()) } else { Err(e) })?;
+        }
+        would_block(self.file.write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Line noise: random bytes, corrupted and truncated frames, always ending in a delimiter.
+struct Noise {
+    every_ms: u64,
+    last: Instant,
+    rng: u64,
+    /// Bursts injected.
+    count: u64,
+}
+
+impl Noise {
+    const MAX_LEN: usize = 96;
+
+    fn new(every_ms: u64) -> Noise {
+        Noise { every_ms, last: Instant::now(), rng: 0x9E37_79B9_7F4A_7C15, count: 0 }
+    }
+
+    fn due(&mut self) -> bool {
+        if self.last.elapsed().as_millis() as u64 >= self.every_ms {
+            self.last = Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        // xorshift64: repeatable noise, no dependency.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    /// Writes one burst into `out` (at least MAX_LEN bytes); returns its length.
+    fn fill(&mut self, out: &mut [u8]) -> usize {
+        self.count += 1;
+        let len = match self.count % 3 {
+            // Random bytes, zeros included: empty frames, CRC and COBS errors.
+            0 => {
+                let len = 8 + (self.next() % 40) as usize;
+                for b in &mut out[..len] {
+                    *b = self.next() as u8;
+                }
+                len
+            }
+            // A valid MSG with one bit flipped: a CRC error that must never be delivered
+            // (an `led` that would switch the LED on, or a `temperature` of 999).
+            1 => {
+                let (name, value) = if self.count.is_multiple_of(2) { ("led", Value::Bool(true)) } else { ("temperature", Value::Float(999.0)) };
+                let payload = value.encode();
+                let frame = device_link::Frame::Msg { id: device_link::MsgId(0), ack_requested: false, name, payload: &payload };
+                let n = frame.encode(out).unwrap_or(0);
+                if n > 3 {
+                    let at = 1 + (self.next() as usize) % (n - 3);
+                    out[at] ^= 1 << (self.next() % 8);
+                    // A flipped bit may turn into 0x00 and split the frame: still garbage.
+                }
+                n
+            }
+            // A frame cut short: its tail is lost.
+            _ => {
+                let frame = device_link::Frame::Ack(device_link::MsgId(7));
+                let n = frame.encode(out).unwrap_or(0);
+                let cut = n / 2;
+                out[cut] = 0;
+                cut + 1
+            }
+        };
+        out[len.min(Self::MAX_LEN - 1)] = 0;
+        len.min(Self::MAX_LEN - 1) + 1
+    }
+}
+
+/// The board's state, shared by its message handlers.
+#[derive(Debug)]
+struct Board {
+    interval_ms: u64,
+    led: bool,
+    blinks: i64,
+    seq_next: i64,
+    seq_received: i64,
+    seq_errors: i64,
+    /// `sink` messages taken (the benchmark's target).
+    sunk: i64,
+    burst: Option<Burst>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Burst {
+    count: u64,
+    size: usize,
+    ack: bool,
+    sent: u64,
+    acked: u64,
+    failed: u64,
+}
+
+/// Simulator options.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Id announced in HELLO.
+    pub device_id: String,
+    /// Seconds between temperature readings (0: none).
+    pub interval_s: f64,
+    /// Inject noise every this many ms (0: never).
+    pub noise_ms: u64,
+    /// Log what happens on stderr.
+    pub verbose: bool,
+}
+
+fn get_i64(v: &Value, key: &str) -> Option<i64> {
+    v.get(key).and_then(Value::as_i64)
+}
+
+/// Runs the board on `pty` until the pty fails (or forever).
+pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
+    let config = Config::new(&options.device_id, "sim-1.0");
+    let tx = device_link::framing::max_encoded_len(MAX_FRAME) * 2 + device_link::link::CONTROL_RESERVE;
+    let link = Link::new(&config, vec![0u8; MAX_FRAME], vec![0u8; tx]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // A second handle on the master, to sleep until it has something for us.
+    let waiter = PtyIo::new(pty.master.try_clone()?, 0);
+    let mut agent = Agent::new(PtyIo::new(pty.master, options.noise_ms), link);
+    let board = Rc::new(RefCell::new(Board {
+        interval_ms: (options.interval_s * 1000.0) as u64,
+        led: false,
+        blinks: 0,
+        seq_next: 0,
+        seq_received: 0,
+        seq_errors: 0,
+        sunk: 0,
+        burst: None,
+    }));
+    let verbose = options.verbose;
+    let say = move |s: String| {
+        if verbose {
+            eprintln!("device-sim: {s}")
+        }
+    };
+    install_handlers(&mut agent, &board, say);
+
+    let start = Instant::now();
+    let mut next_reading = 0u64;
+    loop {
+        let now = start.elapsed().as_millis() as u64;
+        while let Some(event) = agent.poll(now)?.map(|e| e.to_owned()) {
+            match event {
+                OwnedEvent::Connected(peer) => say(format!("connected to {}", peer.device_id())),
+                OwnedEvent::Disconnected(r) => say(format!("disconnected: {r:?}")),
+                OwnedEvent::Message { id, wants_ack: true, name, .. } => {
+                    say(format!("no handler for {name:?}"));
+                    let _ = agent.link_mut().nack(id, NackReason::NoHandler);
+                }
+                OwnedEvent::Acked(_) | OwnedEvent::Reply(..) => count_burst(&board, true),
+                OwnedEvent::Nacked(..) | OwnedEvent::TimedOut(_) => count_burst(&board, false),
+                _ => {}
+            }
+        }
+        if !agent.is_connected() {
+            // Whatever was going on ended with the session.
+            board.borrow_mut().burst = None;
+        }
+        let interval = board.borrow().interval_ms;
+        if agent.is_connected() && interval > 0 && now >= next_reading {
+            let t = now as f64 / 1000.0;
+            let celsius = (2000.0 + 150.0 * (t / 30.0).sin()).round() / 100.0;
+            let _ = agent.send("temperature", &Value::Float(celsius));
+            next_reading = now + interval;
+        }
+        let bursting = send_burst(&mut agent, &board);
+        let wake = agent.link().next_deadline().min(if interval > 0 { next_reading } else { u64::MAX });
+        let now = start.elapsed().as_millis() as u64;
+        let timeout = if bursting { 1 } else { wake.saturating_sub(now).max(1) };
+        let want_write = !agent.link_mut().poll_transmit().is_empty();
+        waiter.wait(timeout, want_write)?;
+    }
+}
+
+fn count_burst(board: &Rc<RefCell<Board>>, ok: bool) {
+    if let Some(b) = &mut board.borrow_mut().burst {
+        if ok { b.acked += 1 } else { b.failed += 1 }
+    }
+}
+
+/// Sends as much of a running burst as flow control allows; `true` while it runs.
+fn send_burst<B: AsRef<[u8]> + AsMut<[u8]>>(agent: &mut Agent<PtyIo, B>, board: &Rc<RefCell<Board>>) -> bool {
+    let Some(mut burst) = board.borrow().burst else { return false };
+    let pad = vec![0xA5u8; burst.size];
+    while burst.sent < burst.count && agent.link().can_send() {
+        let mut map = std::collections::BTreeMap::new();
+        map.insert("n".to_owned(), Value::Int(burst.sent as i64));
+        map.insert("pad".to_owned(), Value::Bytes(pad.clone()));
+        if agent.send_cbor("seq", &Value::Map(map).encode(), burst.ack).is_err() {
+            break;
+        }
+        burst.sent += 1;
+    }
+    let answered = if burst.ack { burst.acked + burst.failed } else { burst.sent };
+    let done = burst.sent == burst.count && answered == burst.count;
+    if done {
+        let report = Value::Map(
+            [("sent", burst.sent), ("acked", burst.acked), ("failed", burst.failed)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), Value::Int(v as i64)))
+                .collect(),
+        );
+        if agent.send("burst-done", &report).is_err() {
+            // No room yet: try again next round.
+            board.borrow_mut().burst = Some(burst);
+            return true;
+        }
+        board.borrow_mut().burst = None;
+        return false;
+    }
+    if let Some(b) = &mut board.borrow_mut().burst {
+        b.sent = burst.sent;
+    }
+    true
+}
+
+fn install_handlers<B: AsRef<[u8]> + AsMut<[u8]>>(
+    agent: &mut Agent<PtyIo, B>,
+    board: &Rc<RefCell<Board>>,
+    say: impl Fn(String) + Clone + 'static,
+) {
+    let b = board.clone();
+    let s = say.clone();
+    agent.on("led", move |v| {
+        let on = v.as_bool().unwrap_or(false);
+        b.borrow_mut().led = on;
+        s(format!("LED {}", if on { "on" } else { "off" }));
+        None
+    });
+    let b = board.clone();
+    agent.on("get-led", move |_| Some(Value::Bool(b.borrow().led)));
+    let b = board.clone();
+    let s = say.clone();
+    agent.on("blink", move |v| {
+        let n = v.as_i64().unwrap_or(1);
+        b.borrow_mut().blinks += n;
+        s(format!("blink x{n}"));
+        None
+    });
+    let b = board.clone();
+    agent.on("set-interval", move |v| {
+        if let Some(secs) = v.as_f64().filter(|s| *s >= 0.0) {
+            b.borrow_mut().interval_ms = (secs * 1000.0) as u64;
+            say(format!("interval {secs} s"));
+        }
+        None
+    });
+    let b = board.clone();
+    agent.on("sink", move |_| {
+        b.borrow_mut().sunk += 1;
+        None
+    });
+    let b = board.clone();
+    agent.on("get-sink", move |_| Some(Value::Int(b.borrow().sunk)));
+    agent.on("ping", |_| Some(Value::String("pong".into())));
+    agent.on("echo", |v| Some(v.clone()));
+    let b = board.clone();
+    agent.on("seq", move |v| {
+        let mut b = b.borrow_mut();
+        let n = get_i64(v, "n").unwrap_or(-1);
+        // 0 starts a new sequence (a new test run); anything else must be the next one.
+        if n == 0 {
+            (b.seq_next, b.seq_received, b.seq_errors) = (0, 0, 0);
+        }
+        if n != b.seq_next {
+            b.seq_errors += 1;
+        }
+        b.seq_next = n + 1;
+        b.seq_received += 1;
+        None
+    });
+    let b = board.clone();
+    agent.on("get-seq", move |_| {
+        let b = b.borrow();
+        let entries = [("received", b.seq_received), ("errors", b.seq_errors), ("next", b.seq_next)];
+        Some(Value::Map(entries.into_iter().map(|(k, v)| (k.to_owned(), Value::Int(v))).collect()))
+    });
+    let b = board.clone();
+    agent.on("burst", move |v| {
+        let count = get_i64(v, "count").unwrap_or(0).max(0) as u64;
+        let size = get_i64(v, "size").unwrap_or(0).clamp(0, MAX_FRAME as i64) as usize;
+        let ack = v.get("ack").and_then(Value::as_bool).unwrap_or(true);
+        b.borrow_mut().burst = Some(Burst { count, size, ack, sent: 0, acked: 0, failed: 0 });
+        None
+    });
+}
