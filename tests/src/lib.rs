@@ -144,6 +144,16 @@ impl LogWatch {
     }
 }
 
+/// The Python of the venv with Microsoft's SDKs: `$TETHER_PYTHON`, else
+/// `target/pyenv/bin/python` (both made by `scripts/setup.sh --with-test-deps`).
+pub fn python() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os("TETHER_PYTHON").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target/pyenv/bin/python"));
+    if !path.exists() {
+        bail!("no Python venv at {}; run scripts/setup.sh --with-test-deps", path.display());
+    }
+    Ok(path)
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)

@@ -26,6 +26,8 @@ type S = State<Arc<Shared>>;
 pub(super) fn routes() -> Router<Arc<Shared>> {
     Router::new()
         .route("/devices", get(list_devices))
+        // The imp library lists with a trailing slash, which IoT Hub accepts.
+        .route("/devices/", get(list_devices))
         .route(
             "/devices/{id}",
             get(get_device).put(put_device).delete(delete_device),
@@ -191,10 +193,13 @@ async fn put_device(
             "The deviceId in the body does not match the deviceId in the URL",
         ));
     }
-    let enabled = match body.status.as_deref() {
+    // IoT Hub parses the enum case-insensitively: "Disabled" (as the imp library's docs
+    // write it) is as good as "disabled".
+    let status = body.status.as_deref().map(str::to_ascii_lowercase);
+    let enabled = match status.as_deref() {
         None | Some("enabled") => true,
         Some("disabled") => false,
-        Some(s) => return Err(ApiError::invalid(format!("Invalid device status {s}"))),
+        Some(_) => return Err(ApiError::invalid(format!("Invalid device status {}", body.status.as_deref().unwrap_or_default()))),
     };
     let keys = body
         .authentication

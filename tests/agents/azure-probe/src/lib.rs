@@ -74,12 +74,23 @@ fn handle(req: IncomingRequest, res: HttpResponse) {
                 WAITING.with_borrow_mut(|w| w.push(res));
             }
             c.connect();
+            // A second connect while the first is under way (same event, so deterministic).
+            if q("twice").is_some() {
+                c.connect();
+            }
         }
         ("/disconnect", Some(c)) => {
             if let Some(res) = slot.0.borrow_mut().take() {
                 WAITING.with_borrow_mut(|w| w.push(res));
             }
             c.disconnect();
+            // Calls while the disconnect is under way.
+            if q("probe").is_some() {
+                c.send_message(Message::new("late"), |code, _| server::log(format!("send while disconnecting {code}")));
+                c.enable_twin(|_| (), |code| server::log(format!("enable while disconnecting {code}")));
+                c.retrieve_twin_properties(|code, _, _| server::log(format!("retrieve while disconnecting {code}")));
+                c.disconnect();
+            }
         }
         ("/connected", Some(c)) => slot.answer(c.is_connected().to_string()),
         ("/send", Some(c)) => {
