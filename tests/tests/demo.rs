@@ -1,0 +1,81 @@
+//! `tether demo`, the main job, run as a user runs it: the binary, the device simulator
+//! and the demo agent; a direct method through the printed endpoint; a clean SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether_tests::{build_agent, build_bin};
+
+#[test]
+fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<()> {
+    let agent = build_agent("azure-demo")?;
+    let tether = build_bin("tether-host", "tether")?;
+    build_bin("device-sim", "device-sim")?;
+    let state = tempfile::tempdir()?;
+    let mut child = Command::new(&tether)
+        .args(["demo", "--mqtt-port", "0", "--https-port", "0", "--interval", "0.5"])
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--agent")
+        .arg(&agent)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &dyn Fn(&str) -> bool| -> anyhow::Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            seen.push(line.clone());
+            if what(&line) {
+                return Ok(line);
+            }
+        }
+        anyhow::bail!("not seen; output so far:\n{}", seen.join("\n"))
+    };
+    let token_line = wait_for(&|l| l.contains("export TOKEN="))?;
+    let token = token_line.split("export TOKEN='").nth(1).and_then(|t| t.strip_suffix('\'')).unwrap_or_default().to_owned();
+    let url_line = wait_for(&|l| l.contains("/methods?api-version="))?;
+    let url = url_line.trim().trim_matches('\'').to_owned();
+    wait_for(&|l| l.contains("registered through DPS"))?;
+    wait_for(&|l| l.contains("[hub]") && l.contains(r#""type":"telemetry""#) && l.contains("temperature"))?;
+
+    let ca = std::fs::read(state.path().join("ca.pem"))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (status, body) = runtime.block_on(async {
+        let client = reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(&ca)?]).build()?;
+        let response = client
+            .post(&url)
+            .header("authorization", &token)
+            .header("content-type", "application/json")
+            .body(r#"{"methodName":"blink","payload":{"times":2},"responseTimeoutInSeconds":10}"#)
+            .send()
+            .await?;
+        anyhow::Ok((response.status().as_u16(), response.text().await?))
+    })?;
+    assert_eq!((status, body.as_str()), (200, r#"{"payload":{"blinked":2},"status":200}"#));
+
+    // SIGTERM ends it cleanly.
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "demo did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
