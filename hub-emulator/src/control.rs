@@ -269,6 +269,26 @@ impl Control {
         self.shared.apply_fault(device_id, fault, duration);
     }
 
+    /// Withholds (or, with `false`, resumes) the responses to a device's twin GET and
+    /// PATCH requests, as a hub that lost them would: the device's requests time out.
+    pub fn withhold_twin_responses(&self, device_id: &str, withhold: bool) {
+        if let Ok(mut f) = self.shared.test_faults.lock() {
+            if withhold {
+                f.withhold_twin.insert(device_id.to_owned());
+            } else {
+                f.withhold_twin.remove(device_id);
+            }
+        }
+    }
+
+    /// Answers the next `polls` DPS operation-status requests with 429 and `Retry-After`,
+    /// as a throttled DPS does.
+    pub fn throttle_dps_polls(&self, polls: u32) {
+        if let Ok(mut f) = self.shared.test_faults.lock() {
+            f.dps_throttled_polls = polls;
+        }
+    }
+
     /// Expires the device's current tokens now: its connection is dropped as at token
     /// expiry and tokens expiring no later than the current one are refused afterwards.
     pub fn expire_token(&self, device_id: &str) -> Result<(), ControlError> {

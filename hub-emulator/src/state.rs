@@ -376,6 +376,17 @@ pub(crate) struct Shared {
     /// Flips to true when the hub shuts down; connection tasks watch it.
     pub shutdown: watch::Receiver<bool>,
     next_conn_id: AtomicU64,
+    /// Misbehaviour switched on by tests through the control API.
+    pub test_faults: Mutex<TestFaults>,
+}
+
+/// Service misbehaviour that IoT Hub shows under load or failure, on demand.
+#[derive(Default)]
+pub(crate) struct TestFaults {
+    /// Devices whose twin GET/PATCH requests get no response.
+    pub withhold_twin: std::collections::HashSet<String>,
+    /// How many more DPS operation polls are answered 429 with `Retry-After`.
+    pub dps_throttled_polls: u32,
 }
 
 /// Fixed settings of a hub, for [`Shared::new`].
@@ -421,6 +432,7 @@ impl Shared {
             dirty: Notify::new(),
             shutdown,
             next_conn_id: AtomicU64::new(1),
+            test_faults: Mutex::default(),
         }
     }
 

@@ -265,3 +265,32 @@ async fn sas_tokens_match_microsofts_python_sdk() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn withheld_twin_responses_time_out_with_1005() -> anyhow::Result<()> {
+    let az = AzureEnv::start().await?;
+    az.new_client("dev6", &[("twins_timeout", "1")]).await?;
+    assert_eq!(az.call("/connect", &[]).await?, "connected 0");
+    assert_eq!(az.call("/enable", &[("f", "twin")]).await?, "done 0");
+    az.hub.control().withhold_twin_responses("dev6", true);
+    assert_eq!(az.call("/retrieve", &[]).await?, "1005 null null");
+    assert_eq!(az.call("/update", &[("n", "2"), ("json", r#"{"x":1}"#)]).await?, "updated [1005, 1005]");
+    az.hub.control().withhold_twin_responses("dev6", false);
+    assert!(az.call("/retrieve", &[]).await?.starts_with("0 {"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn dps_waits_out_429_as_retry_after_says() -> anyhow::Result<()> {
+    let az = AzureEnv::start().await?;
+    let enrollment = az.hub.add_enrollment(Enrollment::Individual { registration_id: "slow".into(), device_id: None, primary_key: None, secondary_key: None })?;
+    az.hub.control().throttle_dps_polls(2);
+    let (scope, endpoint) = (az.hub.dps_scope_id().to_owned(), az.dps_endpoint());
+    let started = std::time::Instant::now();
+    let query = [("scope", scope.as_str()), ("reg", "slow"), ("key", enrollment.primary_key.as_str()), ("endpoint", endpoint.as_str())];
+    let registered = az.call("/dps/register", &query).await?;
+    assert!(registered.starts_with("0 HostName=localhost;DeviceId=slow;"), "{registered}");
+    // Two 429s, each with Retry-After: 1, were waited out rather than hammered.
+    assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
+    Ok(())
+}

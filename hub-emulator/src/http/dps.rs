@@ -112,6 +112,18 @@ async fn operation(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&shared, &scope, &reg, &q, &headers)?;
+    let throttled = shared.test_faults.lock().is_ok_and(|mut f| {
+        let throttled = f.dps_throttled_polls > 0;
+        f.dps_throttled_polls = f.dps_throttled_polls.saturating_sub(1);
+        throttled
+    });
+    if throttled {
+        let body = serde_json::json!({"errorCode": 429001, "trackingId": "", "message": "Operations are being throttled for this tenant.", "timestampUtc": ""});
+        return Ok(with_headers(
+            (StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response(),
+            &[(header::RETRY_AFTER, RETRY_AFTER_SECS.to_string())],
+        ));
+    }
     let status = shared.dps_poll(&reg, &op)?;
     Ok(with_headers(axum::Json(status).into_response(), &[]))
 }

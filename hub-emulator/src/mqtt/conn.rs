@@ -515,7 +515,7 @@ impl<S: AsyncRead + AsyncWrite> DeviceSession<'_, S> {
 
     /// Twin responses reach the device only if it subscribed to `$iothub/twin/res/#`.
     async fn twin_response(&mut self, suffix: &str, body: String) -> Result<(), Close> {
-        if !self.subs.twin_res {
+        if !self.subs.twin_res || self.shared.test_faults.lock().is_ok_and(|f| f.withhold_twin.contains(&self.device_id)) {
             return Ok(());
         }
         let p = Publish::new(format!("$iothub/twin/res/{suffix}"), QoS::AtMostOnce, body);
