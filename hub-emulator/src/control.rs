@@ -281,6 +281,17 @@ impl Control {
         }
     }
 
+    /// Delays a device's CONNACK by `delay` (zero: no delay), as a slow hub would.
+    pub fn delay_connack(&self, device_id: &str, delay: Duration) {
+        if let Ok(mut f) = self.shared.test_faults.lock() {
+            if delay.is_zero() {
+                f.connack_delay.remove(device_id);
+            } else {
+                f.connack_delay.insert(device_id.to_owned(), delay);
+            }
+        }
+    }
+
     /// Answers the next `polls` DPS operation-status requests with 429 and `Retry-After`,
     /// as a throttled DPS does.
     pub fn throttle_dps_polls(&self, polls: u32) {

@@ -387,6 +387,8 @@ pub(crate) struct TestFaults {
     pub withhold_twin: std::collections::HashSet<String>,
     /// How many more DPS operation polls are answered 429 with `Retry-After`.
     pub dps_throttled_polls: u32,
+    /// Devices whose CONNACK comes this much later, as from a slow hub.
+    pub connack_delay: std::collections::HashMap<String, Duration>,
 }
 
 /// Fixed settings of a hub, for [`Shared::new`].

@@ -73,8 +73,11 @@ async fn every_method_gives_the_documented_code_in_each_state() -> anyhow::Resul
     assert_eq!(az.call("/retrieve", &[]).await?, "1000 null null");
     assert_eq!(az.call("/update", &[("json", "{}")]).await?, "updated [1000]");
 
-    // Connecting: a second connect gets 1004, then the first succeeds.
-    assert_eq!(az.call("/connect", &[("twice", "1")]).await?, "connected 1004");
+    // Connecting: a second connect and every other call get 1004, then the first succeeds.
+    assert_eq!(az.call("/connect", &[("twice", "1"), ("probe", "1")]).await?, "connected 1004");
+    for op in ["send", "enable", "retrieve", "update"] {
+        az.t.logs.wait_for("az", &format!("{op} while connecting 1004"), WAIT).await?;
+    }
     az.t.logs.wait_for("az", "connected 0", WAIT).await?;
     // Connected: connect again is 1001.
     assert_eq!(az.call("/connect", &[]).await?, "connected 1001");
@@ -100,7 +103,7 @@ async fn every_method_gives_the_documented_code_in_each_state() -> anyhow::Resul
     // Disconnecting: 1004; a second disconnect does nothing. Then disconnected: features
     // are off and codes are 1000 again.
     assert_eq!(az.call("/disconnect", &[("probe", "1")]).await?, "disconnected 0");
-    for op in ["send", "enable", "retrieve"] {
+    for op in ["send", "enable", "retrieve", "update"] {
         az.t.logs.wait_for("az", &format!("{op} while disconnecting 1004"), WAIT).await?;
     }
     az.t.logs.drain();
@@ -143,6 +146,10 @@ async fn token_refresh_keeps_twin_and_methods_working() -> anyhow::Result<()> {
     assert_eq!(az.call("/connect", &[]).await?, "connected 0");
     assert_eq!(az.call("/enable", &[("f", "twin")]).await?, "done 0");
     assert_eq!(az.call("/enable", &[("f", "methods")]).await?, "done 0");
+    // Calls made just after the refresh starts (9 s after connecting) are queued, then
+    // served; a slow CONNACK keeps the refresh under way long enough to see it.
+    az.hub.control().delay_connack("dev5", Duration::from_millis(500));
+    assert_eq!(az.call("/probe-later", &[("after", "9.1")]).await?, "scheduled");
     let filter = EventFilter { device_id: Some("dev5".into()), kind: Some("connected".into()) };
     let connects = az.hub.control().events(0, &filter).len();
     // Wait for a reconnect with a new token.
@@ -151,7 +158,10 @@ async fn token_refresh_keeps_twin_and_methods_working() -> anyhow::Result<()> {
         anyhow::ensure!(std::time::Instant::now() < deadline, "no token refresh within {WAIT:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Calls made now are queued during the refresh if it is still running, then served.
+    for op in ["send", "enable", "retrieve", "update"] {
+        az.t.logs.wait_for("az", &format!("{op} later 0"), WAIT).await?;
+    }
+    az.t.logs.wait_for("az", "queued until the token refresh completes", WAIT).await?;
     assert_eq!(az.call("/update", &[("json", r#"{"after":"refresh"}"#)]).await?, "updated [0]");
     assert!(az.call("/retrieve", &[]).await?.contains(r#""after":"refresh""#));
     let (status, body) = az.service("POST", "/twins/dev5/methods", Some(json!({"methodName": "ping", "responseTimeoutInSeconds": 10}))).await?;

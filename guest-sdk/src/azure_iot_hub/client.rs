@@ -141,7 +141,11 @@ impl State {
 
     /// The error for an operation while not (fully) connected, if any.
     fn not_ready(&self) -> Option<i32> {
-        if !self.connected {
+        if self.connecting && !self.connected {
+            // Documented as 1004 ("the connection is still being established"); 5.1.0's
+            // code answered 1000 here.
+            Some(ERROR_OP_NOT_ALLOWED_NOW)
+        } else if !self.connected {
             Some(ERROR_NOT_CONNECTED)
         } else if self.disconnecting {
             Some(ERROR_OP_NOT_ALLOWED_NOW)
@@ -465,7 +469,8 @@ impl Client {
             }
             if s.refreshing {
                 s.pending_calls.push_back(Box::new(move |c: &Client| c.send_boxed(message, on_sent)));
-                return;
+                drop(s);
+                return self.debug("sendMessage queued until the token refresh completes");
             }
             if s.sending.len() >= self.0.options.max_pending_send_requests {
                 drop(s);
@@ -545,7 +550,8 @@ impl Client {
             };
             if code.is_none() && s.refreshing {
                 s.pending_calls.push_back(Box::new(move |c: &Client| c.enable(feature, handler, on_done)));
-                return;
+                drop(s);
+                return self.debug(format!("enabling {feature:?} queued until the token refresh completes"));
             }
             match code {
                 Some(code) => Err((code, on_done)),
@@ -660,7 +666,8 @@ impl Client {
             }
             if s.refreshing {
                 s.pending_calls.push_back(Box::new(move |c: &Client| c.retrieve_boxed(done)));
-                return;
+                drop(s);
+                return self.debug("retrieveTwinProperties queued until the token refresh completes");
             }
             let rid = s.req_num.to_string();
             s.req_num += 1;
@@ -712,7 +719,8 @@ impl Client {
             }
             if s.refreshing {
                 s.pending_calls.push_back(Box::new(move |c: &Client| c.update_boxed(props, done)));
-                return;
+                drop(s);
+                return self.debug("updateTwinProperties queued until the token refresh completes");
             }
             let rid = s.req_num;
             s.req_num += 1;

@@ -45,6 +45,8 @@
 //!
 //! # Where this follows the documentation rather than 5.1.0's code
 //!
+//! - Calls made while the connection is being established get 1004, as documented
+//!   ("the connection is still being established"); 5.1.0's code answered 1000.
 //! - Connection strings split each pair at the first `=`, keeping base64 padding (5.1.0
 //!   split at every `=`, then appended one).
 //! - `disconnect()` while connecting, when the connection then fails: the client ends

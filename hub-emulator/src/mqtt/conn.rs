@@ -264,6 +264,10 @@ async fn run_device<S: AsyncRead + AsyncWrite>(
     auth: crate::state::DeviceAuth,
     shutdown: watch::Receiver<bool>,
 ) {
+    let delay = shared.test_faults.lock().ok().and_then(|f| f.connack_delay.get(&device_id).copied());
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     let conn_id = shared.new_conn_id();
     let (tx, rx) = mpsc::unbounded_channel();
     let (session_present, subs) =

@@ -16,6 +16,8 @@ thread_local! {
     static WAITING: RefCell<Vec<HttpResponse>> = const { RefCell::new(Vec::new()) };
     /// How direct methods are answered: delay (s) and status.
     static METHOD_REPLY: RefCell<(f64, i32)> = const { RefCell::new((0.0, 200)) };
+    /// When the client last connected: its token refresh timer starts then.
+    static CONNECTED_AT: RefCell<Option<std::time::Instant>> = const { RefCell::new(None) };
 }
 
 /// An answer slot shared by callbacks: the first answer wins.
@@ -35,6 +37,9 @@ fn client() -> Option<Client> {
 }
 
 fn wake_waiters(text: String) {
+    if text == "connected 0" {
+        CONNECTED_AT.with_borrow_mut(|t| *t = Some(std::time::Instant::now()));
+    }
     server::log(&text);
     for res in WAITING.with_borrow_mut(std::mem::take) {
         let _ = res.send(200, text.clone());
@@ -78,6 +83,9 @@ fn handle(req: IncomingRequest, res: HttpResponse) {
             if q("twice").is_some() {
                 c.connect();
             }
+            if q("probe").is_some() {
+                probe_calls(&c, "while connecting");
+            }
         }
         ("/disconnect", Some(c)) => {
             if let Some(res) = slot.0.borrow_mut().take() {
@@ -86,13 +94,19 @@ fn handle(req: IncomingRequest, res: HttpResponse) {
             c.disconnect();
             // Calls while the disconnect is under way.
             if q("probe").is_some() {
-                c.send_message(Message::new("late"), |code, _| server::log(format!("send while disconnecting {code}")));
-                c.enable_twin(|_| (), |code| server::log(format!("enable while disconnecting {code}")));
-                c.retrieve_twin_properties(|code, _, _| server::log(format!("retrieve while disconnecting {code}")));
+                probe_calls(&c, "while disconnecting");
                 c.disconnect();
             }
         }
         ("/connected", Some(c)) => slot.answer(c.is_connected().to_string()),
+        // Calls `after` seconds after the client connected, e.g. just after the token
+        // refresh (armed at that moment) started.
+        ("/probe-later", Some(c)) => {
+            let after: f64 = q("after").and_then(|a| a.parse().ok()).unwrap_or(0.0);
+            let elapsed = CONNECTED_AT.with_borrow(|t| t.map_or(0.0, |t| t.elapsed().as_secs_f64()));
+            imp::wakeup((after - elapsed).max(0.0), move || probe_calls(&c, "later"));
+            slot.answer("scheduled");
+        }
         ("/send", Some(c)) => {
             let n: usize = q("n").and_then(|n| n.parse().ok()).unwrap_or(1);
             let props: Vec<(String, String)> = q("props").unwrap_or_default().split(',').filter_map(|p| p.split_once(':')).map(|(k, v)| (k.into(), v.into())).collect();
@@ -165,6 +179,16 @@ fn handle(req: IncomingRequest, res: HttpResponse) {
         (_, None) => slot.answer("no client"),
         (other, _) => slot.answer(format!("unknown {other}")),
     }
+}
+
+/// One call of each kind, logging `<op> <when> <code>`.
+fn probe_calls(c: &Client, when: &'static str) {
+    c.send_message(Message::new("probe"), move |code, _| server::log(format!("send {when} {code}")));
+    c.enable_incoming_messages(|_| (), move |code| server::log(format!("enable {when} {code}")));
+    c.retrieve_twin_properties(move |code, _, _| server::log(format!("retrieve {when} {code}")));
+    let mut props = Map::new();
+    props.insert("probe".into(), json!(when));
+    c.update_twin_properties(props, move |code, _| server::log(format!("update {when} {code}")));
 }
 
 fn on_method(name: String, params: Option<Value>, reply: az::MethodReply) {
