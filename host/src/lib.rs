@@ -148,6 +148,11 @@ impl Host {
         Some((status, restarts))
     }
 
+    /// Frame and error counts of agent `id`'s serial line, if it has a device.
+    pub fn device_stats(&self, id: &str) -> Option<device_link::Stats> {
+        Some(self.shared.agent(id)?.device.as_ref()?.line_stats())
+    }
+
     fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<events::Envelope>) {
         // Benchmark instances run without a device driver.
         let (agent, rx, _driver) = self.new_agent_with_device(id, settings);

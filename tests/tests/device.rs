@@ -105,6 +105,10 @@ async fn line_noise_and_corrupted_frames_never_get_through() -> anyhow::Result<(
     let texts = t.logs.texts("probe");
     assert!(!texts.iter().any(|l| l.contains("999") || l.contains("\"led\"")), "corrupted message delivered: {texts:#?}");
     assert_eq!(texts.iter().filter(|l| l.contains("device connected")).count(), 1, "the link dropped: {texts:#?}");
+    // The host counted what it dropped, and said so in the agent's log.
+    let stats = t.host.device_stats("probe").ok_or_else(|| anyhow::anyhow!("no device stats"))?;
+    assert!(stats.crc_errors > 0 && stats.frames_rx > 150, "{stats:?}");
+    t.logs.wait_for("probe", "device line errors so far:", WAIT).await?;
     t.stop().await;
     Ok(())
 }

@@ -46,6 +46,8 @@ struct State {
     backlog: Mutex<Backlog>,
     /// Device messages in the agent's queue.
     inbound: AtomicUsize,
+    /// Frame and error counts of the line, summed over every session since the host started.
+    line: Mutex<device_link::Stats>,
 }
 
 #[derive(Default)]
@@ -91,6 +93,11 @@ pub(crate) struct DeviceChannel {
 }
 
 impl DeviceChannel {
+    /// Frames received and corrupted frames dropped on the line so far.
+    pub fn line_stats(&self) -> device_link::Stats {
+        *self.state.line.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The channel and the driver to spawn for it (only once the agent is registered, so a
     /// refused spawn leaves no task holding the port).
     pub fn new(binding: DeviceBinding, agent_id: &str, agent_tx: mpsc::UnboundedSender<Envelope>, log: Logger) -> (DeviceChannel, Driver) {

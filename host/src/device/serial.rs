@@ -23,6 +23,8 @@ use crate::log::{Level, Logger};
 const REOPEN_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a paused reader (agent busy, see `INBOUND_LIMIT`) looks again.
 const PAUSE_RECHECK: Duration = Duration::from_millis(10);
+/// At most one log line about line errors per this interval.
+const LINE_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(5);
 /// The largest frame the host accepts: a full-size message under the longest name.
 const MAX_FRAME: usize = MAX_MESSAGE + device_link::frame::MSG_OVERHEAD;
 
@@ -132,6 +134,9 @@ impl Driver {
         let start = Instant::now();
         let now = || u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let mut input = vec![0u8; 16 * 1024];
+        // The link's counters as last added to the channel's totals.
+        let mut counted = device_link::Stats::default();
+        let mut last_report: Option<Instant> = None;
         // Bytes taken from the link and not yet written; the link's own transmit buffer
         // refills meanwhile, and when both are full sends wait (back-pressure).
         let mut output = Vec::new();
@@ -151,7 +156,10 @@ impl Driver {
             tokio::select! {
                 read = rd.read(&mut input), if !paused => match read {
                     Ok(0) => break "end of file".to_owned(),
-                    Ok(n) => self.receive(&mut link, &input[..n], now()),
+                    Ok(n) => {
+                        self.receive(&mut link, &input[..n], now());
+                        self.count_line(link.stats(), &mut counted, &mut last_report);
+                    }
                     Err(e) => break e.to_string(),
                 },
                 written = wr.write(&output), if !output.is_empty() => match written {
@@ -170,6 +178,40 @@ impl Driver {
             self.ended(&format!("port closed: {cause}"));
         }
         Some(cause)
+    }
+
+    /// Adds what the link counted since `counted` to the channel's totals, and says in the
+    /// agent's log when corrupted frames were dropped (rate-limited), so a noisy line is
+    /// visible without hiding a single frame's loss.
+    fn count_line(&self, now: device_link::Stats, counted: &mut device_link::Stats, last_report: &mut Option<Instant>) {
+        let errors = |s: &device_link::Stats| u64::from(s.crc_errors) + u64::from(s.cobs_errors) + u64::from(s.oversize) + u64::from(s.malformed) + u64::from(s.unknown_type) + u64::from(s.version_errors);
+        let new_errors = errors(&now).saturating_sub(errors(counted));
+        let totals = {
+            let mut line = self.state.line.lock().unwrap_or_else(|p| p.into_inner());
+            let add = |total: &mut u32, now: u32, before: u32| *total = total.saturating_add(now.saturating_sub(before));
+            add(&mut line.frames_rx, now.frames_rx, counted.frames_rx);
+            add(&mut line.frames_tx, now.frames_tx, counted.frames_tx);
+            add(&mut line.crc_errors, now.crc_errors, counted.crc_errors);
+            add(&mut line.cobs_errors, now.cobs_errors, counted.cobs_errors);
+            add(&mut line.oversize, now.oversize, counted.oversize);
+            add(&mut line.malformed, now.malformed, counted.malformed);
+            add(&mut line.unknown_type, now.unknown_type, counted.unknown_type);
+            add(&mut line.version_errors, now.version_errors, counted.version_errors);
+            add(&mut line.not_connected, now.not_connected, counted.not_connected);
+            add(&mut line.unexpected, now.unexpected, counted.unexpected);
+            *line
+        };
+        *counted = now;
+        if new_errors > 0 && last_report.is_none_or(|t| t.elapsed() >= LINE_ERROR_LOG_INTERVAL) {
+            *last_report = Some(Instant::now());
+            self.log.write(
+                Level::Error,
+                &format!(
+                    "device line errors so far: {} bad CRC, {} truncated, {} oversize, {} malformed, {} unknown type (corrupted frames are dropped, never delivered)",
+                    totals.crc_errors, totals.cobs_errors, totals.oversize, totals.malformed, totals.unknown_type
+                ),
+            );
+        }
     }
 
     fn receive<B: AsRef<[u8]> + AsMut<[u8]>>(&mut self, link: &mut Link<B>, mut bytes: &[u8], now: u64) {
