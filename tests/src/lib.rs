@@ -25,25 +25,32 @@ pub fn workspace_root() -> PathBuf {
 /// the component's path. Cargo has released its build lock by the time tests run, so a
 /// nested build into the same target directory works.
 pub fn build_agent(package: &str) -> anyhow::Result<PathBuf> {
+    cargo_build_once(package, &["--profile", "guest", "--target", "wasm32-wasip2"])
+        .context("building the agent failed (is the wasm32-wasip2 target installed? run scripts/setup.sh)")?;
+    Ok(workspace_root().join("target/wasm32-wasip2/guest").join(format!("{}.wasm", package.replace('-', "_"))))
+}
+
+/// Runs `cargo build -p package <args>` once per test process for each package.
+fn cargo_build_once(package: &str, args: &[&str]) -> anyhow::Result<()> {
     static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let root = workspace_root();
-    let path = root.join("target/wasm32-wasip2/guest").join(format!("{}.wasm", package.replace('-', "_")));
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let built = built.get_or_insert_with(HashSet::new);
-    if !built.contains(package) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&root)
-            .args(["build", "--quiet", "--profile", "guest", "--target", "wasm32-wasip2", "-p", package])
-            .env_remove("CARGO_TARGET_DIR")
-            .status()
-            .context("cannot run cargo to build the agent")?;
-        if !status.success() {
-            bail!("building agent {package} failed (is the wasm32-wasip2 target installed? run scripts/setup.sh)");
-        }
-        built.insert(package.to_owned());
+    if built.contains(package) {
+        return Ok(());
     }
-    Ok(path)
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--quiet", "-p", package])
+        .args(args)
+        .env_remove("CARGO_TARGET_DIR")
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo build -p {package} failed");
+    }
+    built.insert(package.to_owned());
+    Ok(())
 }
 
 /// A host in a temporary directory, listening on a free port.
@@ -229,24 +236,8 @@ impl Drop for Mosquitto {
 
 /// Builds the host-side binary `bin` of `package` (once per test process); returns its path.
 pub fn build_bin(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
-    static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
-    let root = workspace_root();
-    let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
-    let built = built.get_or_insert_with(HashSet::new);
-    if !built.contains(package) {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(&root)
-            .args(["build", "--quiet", "-p", package])
-            .env_remove("CARGO_TARGET_DIR")
-            .status()
-            .context("cannot run cargo")?;
-        if !status.success() {
-            bail!("building {package} failed");
-        }
-        built.insert(package.to_owned());
-    }
-    Ok(root.join("target/debug").join(bin))
+    cargo_build_once(package, &[])?;
+    Ok(workspace_root().join("target/debug").join(bin))
 }
 
 /// The device simulator (`examples/device-sim`) on a pty, killed on drop.
