@@ -166,12 +166,7 @@ fn packets() -> Vec<Packet> {
             b"{\"fw\":\"1.0\"}",
             9,
         ),
-        publish(
-            "$iothub/methods/res/200/?$rid=3",
-            QoS::AtMostOnce,
-            b"{}",
-            0,
-        ),
+        publish("$iothub/methods/res/200/?$rid=3", QoS::AtMostOnce, b"{}", 0),
         publish(
             "$dps/registrations/PUT/iotdps-register/?$rid=4",
             QoS::AtLeastOnce,
