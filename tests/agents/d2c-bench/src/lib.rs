@@ -1,0 +1,162 @@
+//! Benchmark agent for `cargo bench -p tether-tests --bench d2c`. Over HTTP:
+//! - `/new?cs=&port=&qos=&max_send=` creates an `azure_iot_hub::Client`, connects it and
+//!   answers `connected <code>`;
+//! - `/run?n=&window=` sends `n` telemetry messages (the bench's 100-byte body and the
+//!   property `bench=d2c`), keeping `window` sends pending, and answers a JSON summary:
+//!   `{"n","errors","first_error","elapsed_us","p50_us","p99_us"}`. Latency is from
+//!   `send_message` to its `on_sent` callback (QoS 0: written by the host's MQTT event
+//!   loop; QoS 1: PUBACK);
+//! - `/mem` answers the size of the agent's linear memory in KiB.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Instant;
+
+use serde_json::json;
+use tether_guest::azure_iot_hub::{Client, ClientOptions, Message};
+use tether_guest::http::{HttpResponse, IncomingRequest};
+use tether_guest::http;
+
+thread_local! {
+    static CLIENT: RefCell<Option<Client>> = const { RefCell::new(None) };
+    /// The `/new` request waiting for `on_connected`.
+    static WAITING: RefCell<Option<HttpResponse>> = const { RefCell::new(None) };
+}
+
+/// The benchmark's message body: 100 bytes of JSON, numbered.
+fn body(i: usize) -> String {
+    let mut s = format!("{{\"seq\":{i:08},\"temperature\":21.5,\"pad\":\"");
+    while s.len() < 98 {
+        s.push('x');
+    }
+    s.push_str("\"}");
+    s
+}
+
+/// A run in progress.
+struct Run {
+    client: Client,
+    n: usize,
+    next: usize,
+    done: usize,
+    errors: usize,
+    first_error: i32,
+    started: Instant,
+    latencies_us: Vec<u64>,
+    res: Option<HttpResponse>,
+}
+
+type Shared = Rc<RefCell<Run>>;
+
+/// Sends message `next` if any are left; its callback sends the following one.
+fn send_next(run: &Shared) {
+    let (client, i) = {
+        let mut r = run.borrow_mut();
+        if r.next >= r.n {
+            return;
+        }
+        r.next += 1;
+        (r.client.clone(), r.next - 1)
+    };
+    let sent_at = Instant::now();
+    let run2 = run.clone();
+    client.send_message(Message::with_properties(body(i), [("bench", "d2c")]), move |code, _| {
+        let finished = {
+            let mut r = run2.borrow_mut();
+            r.latencies_us.push(sent_at.elapsed().as_micros() as u64);
+            r.done += 1;
+            if code != 0 {
+                r.errors += 1;
+                if r.first_error == 0 {
+                    r.first_error = code;
+                }
+            }
+            r.done == r.n
+        };
+        if finished {
+            report(&run2);
+        } else {
+            send_next(&run2);
+        }
+    });
+}
+
+fn report(run: &Shared) {
+    let mut r = run.borrow_mut();
+    let elapsed = r.started.elapsed().as_micros() as u64;
+    r.latencies_us.sort_unstable();
+    let pct = |p: f64| r.latencies_us.get(((r.latencies_us.len().saturating_sub(1)) as f64 * p).round() as usize).copied().unwrap_or(0);
+    let summary = json!({"n": r.n, "errors": r.errors, "first_error": r.first_error, "elapsed_us": elapsed, "p50_us": pct(0.5), "p99_us": pct(0.99)});
+    if let Some(res) = r.res.take() {
+        let _ = res.send(200, summary.to_string());
+    }
+}
+
+fn handle(req: IncomingRequest, res: HttpResponse) {
+    let q = |k: &str| req.query.get(k).cloned();
+    let num = |k: &str, d: u64| q(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+    match req.path.as_str() {
+        "/new" => {
+            let options = ClientOptions {
+                qos: num("qos", 0) as u8,
+                max_pending_send_requests: num("max_send", 3) as usize,
+                port: num("port", 8883) as u16,
+                ..ClientOptions::default()
+            };
+            let on_connected = |code: i32| {
+                if let Some(res) = WAITING.with_borrow_mut(Option::take) {
+                    let _ = res.send(200, format!("connected {code}"));
+                }
+            };
+            let client = Client::new(&q("cs").unwrap_or_default(), on_connected, |_| (), options);
+            WAITING.with_borrow_mut(|w| *w = Some(res));
+            client.connect();
+            CLIENT.with_borrow_mut(|c| *c = Some(client));
+        }
+        "/run" => {
+            let Some(client) = CLIENT.with_borrow(Clone::clone) else {
+                let _ = res.send(400, "no client");
+                return;
+            };
+            let n = num("n", 1000) as usize;
+            let window = num("window", 1).max(1) as usize;
+            let run = Rc::new(RefCell::new(Run {
+                client,
+                n,
+                next: 0,
+                done: 0,
+                errors: 0,
+                first_error: 0,
+                started: Instant::now(),
+                latencies_us: Vec::with_capacity(n),
+                res: Some(res),
+            }));
+            if n == 0 {
+                return report(&run);
+            }
+            for _ in 0..window.min(n) {
+                send_next(&run);
+            }
+        }
+        "/mem" => {
+            let _ = res.send(200, linear_memory_kib().to_string());
+        }
+        _ => {
+            let _ = res.send(404, "unknown");
+        }
+    }
+}
+
+/// This instance's linear memory, KiB.
+fn linear_memory_kib() -> usize {
+    #[cfg(target_arch = "wasm32")]
+    return core::arch::wasm32::memory_size(0) * 64;
+    #[cfg(not(target_arch = "wasm32"))]
+    0
+}
+
+fn start() {
+    http::on_request(handle);
+}
+
+tether_guest::agent!(start);
