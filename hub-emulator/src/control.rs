@@ -281,6 +281,14 @@ impl Control {
         }
     }
 
+    /// Sets how long a delivered C2D message waits for its PUBACK before it is delivered
+    /// again (IoT Hub: one minute), so tests need not wait a minute.
+    pub fn set_c2d_lock(&self, lock: Duration) {
+        if let Ok(mut f) = self.shared.test_faults.lock() {
+            f.c2d_lock = Some(lock);
+        }
+    }
+
     /// Delays a device's CONNACK by `delay` (zero: no delay), as a slow hub would.
     pub fn delay_connack(&self, device_id: &str, delay: Duration) {
         if let Ok(mut f) = self.shared.test_faults.lock() {

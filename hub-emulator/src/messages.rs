@@ -19,6 +19,8 @@ pub(crate) const C2D_DEFAULT_TTL: Duration = Duration::from_secs(3600);
 pub(crate) const C2D_MAX_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
 /// Deliveries (PUBLISH without PUBACK) before a message is dead-lettered.
 pub(crate) const C2D_MAX_DELIVERY_COUNT: u32 = 10;
+/// How long a delivered C2D message waits for its PUBACK before IoT Hub delivers it again.
+pub(crate) const C2D_LOCK: Duration = Duration::from_secs(60);
 
 /// Short system-property keys used in topics and their long names.
 const SYSTEM_PROPERTIES: [(&str, &str); 8] = [
@@ -97,6 +99,9 @@ pub(crate) struct C2dMessage {
     /// Packet id of the unacknowledged PUBLISH carrying it, while delivered.
     #[serde(skip)]
     pub in_flight: Option<u16>,
+    /// When the delivery's lock expires and the message is delivered again.
+    #[serde(skip)]
+    pub locked_until: Option<SystemTime>,
 }
 
 impl C2dMessage {
@@ -115,6 +120,7 @@ impl C2dMessage {
                 .map_or(0, |d| d.as_millis() as u64),
             delivery_count: 0,
             in_flight: None,
+            locked_until: None,
         }
     }
 

@@ -18,7 +18,7 @@ use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::events::{EventKind, EventLog};
 use crate::messages::{
-    C2D_MAX_DELIVERY_COUNT, C2dMessage, C2dRequest, MAX_C2D_BYTES, MAX_C2D_QUEUE,
+    C2D_LOCK, C2D_MAX_DELIVERY_COUNT, C2dMessage, C2dRequest, MAX_C2D_BYTES, MAX_C2D_QUEUE,
 };
 use crate::sas::{SasError, SasToken};
 use crate::twin::{Twin, TwinError};
@@ -389,6 +389,8 @@ pub(crate) struct TestFaults {
     pub dps_throttled_polls: u32,
     /// Devices whose CONNACK comes this much later, as from a slow hub.
     pub connack_delay: std::collections::HashMap<String, Duration>,
+    /// Replaces IoT Hub's one-minute C2D lock (to test redelivery without waiting).
+    pub c2d_lock: Option<Duration>,
 }
 
 /// Fixed settings of a hub, for [`Shared::new`].
@@ -690,11 +692,24 @@ impl Shared {
         let Some(device) = st.p.devices.get_mut(device_id) else {
             return Vec::new();
         };
-        expire_c2d(device, SystemTime::now(), &self.events);
+        let now = SystemTime::now();
+        expire_c2d(device, now, &self.events);
+        // A delivery whose lock expired without PUBACK is abandoned: the message goes out
+        // again (a late PUBACK of the old delivery completes nothing), or is dead-lettered
+        // after the maximum delivery count.
+        let lock_expired = |m: &C2dMessage| m.in_flight.is_some() && m.locked_until.is_some_and(|t| t <= now);
+        let (dead, kept): (VecDeque<_>, VecDeque<_>) =
+            device.c2d.drain(..).partition(|m| lock_expired(m) && m.delivery_count >= C2D_MAX_DELIVERY_COUNT);
+        device.c2d = kept;
+        for m in dead {
+            self.events.record(&device.id, EventKind::C2dFeedback { message_id: m.message_id, status: "DeliveryCountExceeded" });
+        }
+        let lock = self.test_faults.lock().ok().and_then(|f| f.c2d_lock).unwrap_or(C2D_LOCK);
         let mut out = Vec::new();
-        for m in device.c2d.iter_mut().filter(|m| m.in_flight.is_none()) {
+        for m in device.c2d.iter_mut().filter(|m| m.in_flight.is_none() || lock_expired(m)) {
             let pkid = alloc();
             m.in_flight = Some(pkid);
+            m.locked_until = Some(now + lock);
             m.delivery_count += 1;
             let mut p = Publish::new(m.topic(device_id), QoS::AtLeastOnce, m.body.clone());
             p.pkid = pkid;
@@ -702,6 +717,20 @@ impl Shared {
             out.push(p);
         }
         out
+    }
+
+    /// Time until the earliest lock of a delivered C2D message of `device_id` expires.
+    pub fn next_c2d_lock_expiry(&self, device_id: &str) -> Option<Duration> {
+        let st = self.lock();
+        let now = SystemTime::now();
+        st.p.devices
+            .get(device_id)?
+            .c2d
+            .iter()
+            .filter(|m| m.in_flight.is_some())
+            .filter_map(|m| m.locked_until)
+            .map(|t| t.duration_since(now).unwrap_or(Duration::ZERO))
+            .min()
     }
 
     /// PUBACK of a C2D delivery: completes the message.
@@ -841,6 +870,7 @@ fn release_in_flight(device: &mut Device, events: &EventLog) {
     device.c2d = kept;
     for m in device.c2d.iter_mut() {
         m.in_flight = None;
+        m.locked_until = None;
     }
     for m in dead {
         events.record(

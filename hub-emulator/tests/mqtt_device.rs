@@ -441,6 +441,35 @@ async fn connection_is_dropped_at_token_expiry_and_expire_token_control() {
 }
 
 #[tokio::test]
+async fn c2d_lock_expiry_redelivers_on_the_same_connection() {
+    let hub = start_hub().await;
+    let control = hub.control();
+    control.set_c2d_lock(Duration::from_millis(300));
+    let mut c = connected_device(&hub, "locked").await;
+    c.subscribe("devices/locked/messages/devicebound/#", QoS::AtLeastOnce).await;
+    control
+        .send_c2d("locked", C2dRequest { body: b"again".to_vec(), message_id: Some("m-lock".into()), ..Default::default() })
+        .unwrap();
+    let first = c.recv_publish().await;
+    assert!(!first.dup);
+    // No PUBACK: after the lock the same connection gets it again, marked DUP.
+    let second = tokio::time::timeout(Duration::from_secs(5), c.recv_publish()).await.expect("redelivered");
+    assert!(second.dup);
+    assert_eq!(&second.payload[..], b"again");
+    assert_ne!(first.pkid, second.pkid);
+    // The late PUBACK of the abandoned delivery completes nothing; the current one does.
+    let since = control.last_event_seq();
+    c.send(Packet::PubAck(PubAck::new(first.pkid))).await;
+    c.send(Packet::PubAck(PubAck::new(second.pkid))).await;
+    let filter = EventFilter { device_id: Some("locked".into()), kind: Some("c2dFeedback".into()) };
+    let events = control.wait_events(since, &filter, Duration::from_secs(5)).await;
+    let feedback = serde_json::to_value(&events).unwrap();
+    assert_eq!(feedback.as_array().map(Vec::len), Some(1), "{feedback}");
+    assert_eq!(feedback[0]["status"], "Success");
+    stop(hub).await;
+}
+
+#[tokio::test]
 async fn c2d_queue_offline_delivery_ack_and_limits() {
     let hub = start_hub().await;
     let info = hub.create_device("c2d").unwrap();

@@ -350,7 +350,13 @@ impl<S: AsyncRead + AsyncWrite> DeviceSession<'_, S> {
             let expiry = token_expiry.saturating_add(self.shared.token_grace.as_secs());
             let remaining =
                 Duration::from_secs(expiry.saturating_sub(self.shared.now_secs())).min(FAR_FUTURE);
+            let lock = self.shared.next_c2d_lock_expiry(&self.device_id).unwrap_or(FAR_FUTURE);
             tokio::select! {
+                _ = tokio::time::sleep(lock) => {
+                    if let Err(c) = self.deliver_c2d().await {
+                        return c;
+                    }
+                }
                 r = self.link.fill() => if r.is_err() {
                     return Close::because("connection closed");
                 },
