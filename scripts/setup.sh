@@ -27,7 +27,8 @@ apt_install() {
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
-apt_install mosquitto python3-venv
+# chromium (+ its WebDriver): the dashboard tests drive it headless.
+apt_install mosquitto python3-venv chromium chromium-driver
 
 # Debian enables a system-wide mosquitto service on install; the tests start their own
 # brokers on free ports and need no background one.

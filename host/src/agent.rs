@@ -7,10 +7,14 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use wasmtime::component::ResourceTable;
-use wasmtime::{Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+use crate::allowed_hosts::AllowedHosts;
 use crate::bindings::{Agent, events::Event};
+use crate::config::Limits;
+use crate::metrics::{AgentMetrics, Count};
+use crate::rate::TokenBucket;
 use crate::engine::{AgentModule, TICK};
 use crate::events::{EventSender, HostEvent, Envelope};
 use crate::log::{Level, LogStream, Logger};
@@ -27,8 +31,23 @@ pub enum AgentStatus {
     Restarting { cause: String },
     /// Trapped too often in a row; stays down until restarted by hand.
     Failed { cause: String },
-    /// Shut down with the host.
+    /// Stopped by hand, or shut down with the host.
     Stopped,
+}
+
+/// What the management API asks of an agent; a running agent acts on it between events.
+pub(crate) enum Control {
+    Stop,
+    Run(Resume),
+}
+
+/// Ways to (re)start an agent; each starts a fresh instance over the kept store.
+pub(crate) enum Resume {
+    /// Start it if it is stopped or failed; nothing if it runs.
+    Start,
+    Restart,
+    /// Swap in a new module version ("Agent restarted: reload").
+    Reload(AgentModule),
 }
 
 /// What the host keeps of an agent across its instances.
@@ -43,6 +62,14 @@ pub(crate) struct AgentShared {
     pub device: Option<crate::device::DeviceChannel>,
     pub status: Mutex<AgentStatus>,
     pub restarts: Mutex<u32>,
+    pub limits: Limits,
+    pub allowed_hosts: AllowedHosts,
+    /// Outgoing HTTP credits; per agent, so a restart does not refill them.
+    pub http_credits: Option<Mutex<TokenBucket>>,
+    pub metrics: Arc<AgentMetrics>,
+    pub control: mpsc::UnboundedSender<Control>,
+    /// The digest of the module version running (or about to run).
+    pub module_digest: Mutex<String>,
 }
 
 impl AgentShared {
@@ -78,6 +105,11 @@ impl AgentCtx {
             HostEvent::Mqtt(client, event) => self.mqtt.prepare(client, event),
             HostEvent::Device(event) => crate::device::prepare(&self.agent, event),
         }
+        .inspect(|event| match event {
+            Event::MqttMessage(_) => self.agent.metrics.add(Count::MqttMessage),
+            Event::DeviceMessage(_) => self.agent.metrics.add(Count::DeviceMessage),
+            _ => {}
+        })
     }
 }
 
@@ -86,7 +118,7 @@ pub struct AgentState {
     pub(crate) ctx: AgentCtx,
     wasi: WasiCtx,
     table: ResourceTable,
-    limits: StoreLimits,
+    limits: MeteredLimits,
     ticks_used: u32,
     tick_budget: u32,
 }
@@ -97,13 +129,33 @@ impl WasiView for AgentState {
     }
 }
 
+/// The memory cap, recording the size granted for the metrics.
+struct MeteredLimits {
+    limits: StoreLimits,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl ResourceLimiter for MeteredLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let granted = self.limits.memory_growing(current, desired, maximum)?;
+        if granted {
+            self.metrics.set_memory(desired);
+        }
+        Ok(granted)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+}
+
 /// Why an event ended the instance.
 #[derive(Debug, thiserror::Error)]
 #[error("CPU limit exceeded ({0} ms in one event)")]
 struct CpuLimitExceeded(u32);
 
 pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Result<Store<AgentState>> {
-    let limits = &agent.host.config.limits;
+    let limits = &agent.limits;
     let ctx = AgentCtx {
         agent: agent.clone(),
         events: EventSender::new(agent.tx.clone(), generation),
@@ -125,10 +177,13 @@ pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Re
         ctx,
         wasi,
         table: ResourceTable::new(),
-        limits: StoreLimitsBuilder::new()
-            .memory_size((limits.memory_mib as usize) << 20)
-            .trap_on_grow_failure(true)
-            .build(),
+        limits: MeteredLimits {
+            limits: StoreLimitsBuilder::new()
+                .memory_size((limits.memory_mib as usize) << 20)
+                .trap_on_grow_failure(true)
+                .build(),
+            metrics: agent.metrics.clone(),
+        },
         ticks_used: 0,
         tick_budget: (limits.cpu_ms_per_event / TICK.as_millis() as u32).max(1),
     };
@@ -151,14 +206,15 @@ pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Re
 
 /// Runs an agent until the host shuts down: instantiate, `start`, deliver events; on a
 /// trap, log the cause, wait with exponential backoff and start a fresh instance (the
-/// persistent store is on disk and survives).
+/// persistent store is on disk and survives). Between events it obeys `control`.
 pub(crate) async fn run(
     agent: Arc<AgentShared>,
-    module: AgentModule,
+    mut module: AgentModule,
     mut rx: mpsc::UnboundedReceiver<Envelope>,
+    mut control: mpsc::UnboundedReceiver<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let limits = agent.host.config.limits.clone();
+    let limits = agent.limits.clone();
     let mut generation = 0u64;
     let mut crashes_in_a_row = 0u32;
     loop {
@@ -166,61 +222,109 @@ pub(crate) async fn run(
         agent.set_status(AgentStatus::Starting);
         let started = Instant::now();
         let outcome = tokio::select! {
-            outcome = run_instance(&agent, &module, generation, &mut rx) => outcome,
-            _ = shutdown.changed() => Ok(()),
+            outcome = run_instance(&agent, &module, generation, &mut rx, &mut control) => outcome,
+            _ = shutdown.changed() => Ok(None),
         };
-        let cause = match outcome {
-            Ok(()) => break,
-            Err(e) => crash_cause(&e, &limits),
+        let next = match outcome {
+            Ok(None) => break,
+            Ok(Some(control)) => control,
+            Err(e) => {
+                let cause = crash_cause(&e, &limits);
+                agent.log.write(Level::Error, &format!("agent crashed: {cause}"));
+                if started.elapsed() >= Duration::from_secs(limits.healthy_after_secs.into()) {
+                    crashes_in_a_row = 0;
+                }
+                crashes_in_a_row += 1;
+                if let Ok(mut n) = agent.restarts.lock() {
+                    *n += 1;
+                }
+                if crashes_in_a_row > limits.max_restarts {
+                    agent.log.write(Level::Error, &format!("agent failed: {crashes_in_a_row} crashes in a row; not restarting"));
+                    agent.set_status(AgentStatus::Failed { cause });
+                    match idle(&mut rx, &mut control, &mut shutdown, "agent failed: it crashed repeatedly").await {
+                        Some(resume) => Control::Run(resume),
+                        None => break,
+                    }
+                } else {
+                    let backoff = Duration::from_millis(100u64 << (crashes_in_a_row - 1).min(8)).min(Duration::from_secs(30));
+                    agent.set_status(AgentStatus::Restarting { cause });
+                    agent.log.write(Level::Info, &format!("restarting in {} ms", backoff.as_millis()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => continue,
+                        Some(c) = control.recv() => c,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
         };
-        agent.log.write(Level::Error, &format!("agent crashed: {cause}"));
-        if started.elapsed() >= Duration::from_secs(limits.healthy_after_secs.into()) {
-            crashes_in_a_row = 0;
-        }
-        crashes_in_a_row += 1;
-        if let Ok(mut n) = agent.restarts.lock() {
-            *n += 1;
-        }
-        if crashes_in_a_row > limits.max_restarts {
-            agent.log.write(Level::Error, &format!("agent failed: {crashes_in_a_row} crashes in a row; not restarting"));
-            agent.set_status(AgentStatus::Failed { cause });
-            fail_requests_until_shutdown(&mut rx, &mut shutdown).await;
-            break;
-        }
-        let backoff = Duration::from_millis(100u64 << (crashes_in_a_row - 1).min(8)).min(Duration::from_secs(30));
-        agent.set_status(AgentStatus::Restarting { cause });
-        agent.log.write(Level::Info, &format!("restarting in {} ms", backoff.as_millis()));
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.changed() => break,
-        }
+        let resume = match next {
+            Control::Run(resume) => resume,
+            Control::Stop => {
+                agent.log.write(Level::Info, "Agent stopped");
+                agent.set_status(AgentStatus::Stopped);
+                match idle(&mut rx, &mut control, &mut shutdown, "agent stopped").await {
+                    Some(resume) => resume,
+                    None => break,
+                }
+            }
+        };
+        crashes_in_a_row = 0;
+        let note = match resume {
+            Resume::Start => "Agent started",
+            Resume::Restart => "Agent restarted: restart",
+            Resume::Reload(new) => {
+                module = new;
+                "Agent restarted: reload"
+            }
+        };
+        agent.log.write(Level::Info, note);
     }
     if !matches!(*agent.status.lock().unwrap_or_else(|p| p.into_inner()), AgentStatus::Failed { .. }) {
         agent.set_status(AgentStatus::Stopped);
     }
 }
 
-/// One instance: returns `Ok` only when the queue closes, `Err` when it traps.
+/// One instance: returns `Ok(None)` when the queue closes, `Ok(Some(_))` when told to
+/// stop or restart, `Err` when it traps.
 async fn run_instance(
     agent: &Arc<AgentShared>,
     module: &AgentModule,
     generation: u64,
     rx: &mut mpsc::UnboundedReceiver<Envelope>,
-) -> anyhow::Result<()> {
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> anyhow::Result<Option<Control>> {
+    if let Ok(mut digest) = agent.module_digest.lock() {
+        digest.clone_from(&module.digest);
+    }
     let mut store = new_store(agent, generation)?;
     let instance: Agent = module.pre.instantiate_async(&mut store).await?;
     arm(&mut store);
+    let t = Instant::now();
     instance.call_start(&mut store).await?;
+    agent.metrics.event(t.elapsed());
     agent.set_status(AgentStatus::Running);
-    while let Some(envelope) = rx.recv().await {
+    loop {
+        let envelope = tokio::select! {
+            // Control first: a deploy does not wait behind a long queue.
+            biased;
+            Some(c) = control.recv() => match c {
+                Control::Run(Resume::Start) => continue,
+                c => return Ok(Some(c)),
+            },
+            envelope = rx.recv() => match envelope {
+                Some(envelope) => envelope,
+                None => return Ok(None),
+            },
+        };
         if envelope.generation.is_some_and(|g| g != generation) {
             continue;
         }
         let Some(event) = store.data_mut().ctx.prepare(envelope.event) else { continue };
         arm(&mut store);
+        let t = Instant::now();
         instance.call_on_event(&mut store, &event).await?;
+        agent.metrics.event(t.elapsed());
     }
-    Ok(())
 }
 
 /// Gives the next call a fresh CPU budget.
@@ -229,23 +333,32 @@ pub(crate) fn arm(store: &mut Store<AgentState>) {
     store.set_epoch_deadline(1);
 }
 
-/// While failed, incoming requests are answered at once rather than left hanging.
-async fn fail_requests_until_shutdown(rx: &mut mpsc::UnboundedReceiver<Envelope>, shutdown: &mut watch::Receiver<bool>) {
+/// While stopped or failed, incoming requests are answered at once rather than left
+/// hanging, other events dropped, until a control message starts the agent again (`None`:
+/// the host shuts down).
+async fn idle(
+    rx: &mut mpsc::UnboundedReceiver<Envelope>,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+    shutdown: &mut watch::Receiver<bool>,
+    why: &str,
+) -> Option<Resume> {
     loop {
         tokio::select! {
             envelope = rx.recv() => match envelope {
-                Some(Envelope { event: HostEvent::HttpRequest(pending), .. }) => {
-                    pending.reject(503, "agent failed: it crashed repeatedly");
-                }
+                Some(Envelope { event: HostEvent::HttpRequest(pending), .. }) => pending.reject(503, why),
                 Some(_) => {}
-                None => return,
+                None => return None,
             },
-            _ = shutdown.changed() => return,
+            Some(c) = control.recv() => match c {
+                Control::Run(resume) => return Some(resume),
+                Control::Stop => {}
+            },
+            _ = shutdown.changed() => return None,
         }
     }
 }
 
-fn crash_cause(e: &anyhow::Error, limits: &crate::config::Limits) -> String {
+fn crash_cause(e: &anyhow::Error, limits: &Limits) -> String {
     if let Some(cpu) = e.downcast_ref::<CpuLimitExceeded>() {
         return cpu.to_string();
     }

@@ -4,7 +4,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+
+use crate::allowed_hosts::AllowedHosts;
+pub use crate::rate::Rate;
 
 /// Errors reading a configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +59,7 @@ impl Default for HostConfig {
 }
 
 /// Per-agent resource limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Linear memory cap per agent, MiB.
@@ -77,6 +80,10 @@ pub struct Limits {
     pub max_restarts: u32,
     /// An instance that ran this long resets the restart count, s.
     pub healthy_after_secs: u32,
+    /// Outgoing HTTP requests (imp: 40 at 2/s); over it, `rate-limited`. Unlimited when unset.
+    pub http_rate: Option<Rate>,
+    /// Log lines; over it, lines are dropped and counted. Unlimited when unset.
+    pub log_rate: Option<Rate>,
 }
 
 impl Default for Limits {
@@ -91,8 +98,17 @@ impl Default for Limits {
             mqtt_message_bytes: 256 * 1024,
             max_restarts: 8,
             healthy_after_secs: 60,
+            http_rate: None,
+            log_rate: None,
         }
     }
+}
+
+/// What one agent may use and reach, beyond its [`AgentSettings`].
+#[derive(Debug, Clone)]
+pub struct AgentPolicy {
+    pub limits: Limits,
+    pub allowed_hosts: AllowedHosts,
 }
 
 /// One agent's identity and configuration values.
@@ -152,6 +168,11 @@ impl Limits {
                 "limits.memory_mib must be 1..=4096, not {}",
                 self.memory_mib
             )));
+        }
+        for (name, rate) in [("http_rate", self.http_rate), ("log_rate", self.log_rate)] {
+            if rate.is_some_and(|r| r.burst == 0 || !r.per_sec.is_finite() || r.per_sec <= 0.0) {
+                return Err(ConfigError::Invalid(format!("limits.{name} needs burst >= 1 and per_sec > 0")));
+            }
         }
         if self.cpu_ms_per_event < crate::engine::TICK.as_millis() as u32 {
             return Err(ConfigError::Invalid(format!(

@@ -29,6 +29,9 @@ pub enum LoadError {
     /// A component, but not of the `tether:agent/agent` world.
     #[error("not a tether:agent@0.1.0 agent: {0}")]
     WrongWorld(String),
+    /// A module named by digest that this host never compiled.
+    #[error("no compiled module sha256:{0} in the cache")]
+    NotCached(String),
 }
 
 /// A compiled, linked agent module, ready to instantiate many times.
@@ -66,7 +69,8 @@ impl Runtime {
             .total_core_instances(agents * 8)
             .total_memories(agents * 2)
             .total_tables(agents * 4)
-            .total_stacks(agents.min(1000))
+            // Each store keeps its fiber stack between calls, so every agent holds one.
+            .total_stacks(agents)
             .max_memory_size(memory as usize)
             .max_memories_per_component(2)
             .max_tables_per_component(8)
@@ -109,24 +113,44 @@ impl Runtime {
     pub fn load(&self, bytes: &[u8]) -> Result<AgentModule, LoadError> {
         let digest = hex::encode(Sha256::digest(bytes));
         let component = self.compile_cached(bytes, &digest)?;
+        self.link(&component, digest)
+    }
+
+    /// Loads a module compiled earlier, by the SHA-256 (hex) of its bytes.
+    pub fn load_cached(&self, digest: &str) -> Result<AgentModule, LoadError> {
+        let path = self.cache_path(digest);
+        let not_cached = || LoadError::NotCached(digest.to_owned());
+        if !digest.bytes().all(|b| b.is_ascii_hexdigit()) || !path.exists() {
+            return Err(not_cached());
+        }
+        // SAFETY: as in `compile_cached`.
+        let component = unsafe { Component::deserialize_file(&self.engine, &path) }.map_err(|_| not_cached())?;
+        self.link(&component, digest.to_owned())
+    }
+
+    fn link(&self, component: &Component, digest: String) -> Result<AgentModule, LoadError> {
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(|e| LoadError::WrongWorld(one_line(&e)))?;
         let pre = AgentPre::new(pre).map_err(|e| LoadError::WrongWorld(one_line(&e)))?;
         Ok(AgentModule { pre, digest })
+    }
+
+    fn cache_path(&self, digest: &str) -> PathBuf {
+        // The engine's compatibility hash is part of the name: a host upgrade or other
+        // settings never load an incompatible artefact.
+        let mut hasher = std::hash::DefaultHasher::new();
+        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut hasher);
+        let engine_tag = std::hash::Hasher::finish(&hasher);
+        self.cache_dir.join(format!("{digest}-{engine_tag:016x}.cwasm"))
     }
 
     fn compile_cached(&self, bytes: &[u8], digest: &str) -> Result<Component, LoadError> {
         if !wasmparser_is_component(bytes) {
             return Err(LoadError::NotComponent(describe_non_component(bytes)));
         }
-        // The engine's compatibility hash is part of the name: a host upgrade or other
-        // settings never load an incompatible artefact.
-        let mut hasher = std::hash::DefaultHasher::new();
-        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut hasher);
-        let engine_tag = std::hash::Hasher::finish(&hasher);
-        let path = self.cache_dir.join(format!("{digest}-{engine_tag:016x}.cwasm"));
+        let path = self.cache_path(digest);
         if path.exists() {
             // SAFETY: the cache directory holds only artefacts this host serialized itself
             // for this engine configuration (checked again by wasmtime's header).

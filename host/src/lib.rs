@@ -16,6 +16,7 @@
 
 mod agent;
 mod agent_info;
+pub mod allowed_hosts;
 #[doc(hidden)]
 pub mod bench;
 mod bindings;
@@ -25,7 +26,11 @@ pub mod engine;
 mod events;
 mod http;
 pub mod log;
+pub mod manage;
+pub mod manifest;
+pub mod metrics;
 mod mqtt;
+mod rate;
 mod store;
 mod timers;
 mod tls;
@@ -42,14 +47,18 @@ pub use engine::{AgentModule, LoadError, Runtime};
 pub use log::{Level, LogLine};
 pub use mqtt::code as mqtt_code;
 
-use agent::AgentShared;
-use config::{AgentSettings, ConfigError, HostConfig};
+use agent::{AgentShared, Control, Resume};
+use allowed_hosts::AllowedHosts;
+use config::{AgentPolicy, AgentSettings, ConfigError, HostConfig};
+use metrics::{AgentMetrics, MetricsSnapshot};
 
 /// Host-wide state every agent shares.
 pub(crate) struct HostShared {
     config: HostConfig,
     runtime: Arc<Runtime>,
     http_client: reqwest::Client,
+    /// For agents limited to allowed hosts: reaches public addresses only.
+    http_client_public: reqwest::Client,
     tls: tls::TlsTrust,
     public_url: String,
     agents: RwLock<HashMap<String, Arc<AgentShared>>>,
@@ -74,6 +83,31 @@ pub enum SpawnError {
     Duplicate(String),
 }
 
+/// Errors asking an agent to stop, start or take a new version.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No agent has this id.
+    #[error("no agent {0:?}")]
+    Unknown(String),
+    /// The agent's task has ended (the host is shutting down).
+    #[error("agent {0:?} has shut down")]
+    Gone(String),
+}
+
+/// What the host reports of one agent.
+#[derive(Debug, Clone)]
+pub struct AgentReport {
+    pub id: String,
+    pub status: AgentStatus,
+    /// Crashes since it was spawned.
+    pub restarts: u32,
+    /// `None` when the agent has no device binding.
+    pub device_connected: Option<bool>,
+    /// SHA-256 of the module version it runs, hex.
+    pub module_digest: String,
+    pub metrics: MetricsSnapshot,
+}
+
 /// A running host: its agents and the HTTP server of their URLs.
 pub struct Host {
     shared: Arc<HostShared>,
@@ -87,9 +121,12 @@ impl Host {
         config.limits.check()?;
         let runtime = Runtime::new(&config).context("cannot build the WebAssembly engine")?;
         let tls = tls::TlsTrust::new(&config.trusted_ca_files)?;
-        let http_client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls.base())
-            .user_agent(concat!("tether/", env!("CARGO_PKG_VERSION")))
+        let client = || reqwest::Client::builder().use_preconfigured_tls(tls.base()).user_agent(concat!("tether/", env!("CARGO_PKG_VERSION")));
+        let http_client = client().build().context("cannot build the HTTP client")?;
+        let http_client_public = client()
+            .dns_resolver(Arc::new(allowed_hosts::PublicResolver))
+            // A proxy would resolve the name itself, out of the resolver's reach.
+            .no_proxy()
             .build()
             .context("cannot build the HTTP client")?;
         let listener = tokio::net::TcpListener::bind(config.http_listen)
@@ -102,6 +139,7 @@ impl Host {
             config,
             runtime,
             http_client,
+            http_client_public,
             tls,
             agents: RwLock::default(),
             logs: broadcast::channel(4096).0,
@@ -155,15 +193,28 @@ impl Host {
 
     fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<events::Envelope>) {
         // Benchmark instances run without a device driver.
-        let (agent, rx, _driver) = self.new_agent_with_device(id, settings);
+        let (agent, rx, _control, _driver) = self.new_agent_with_device(id, settings, self.default_policy());
         (agent, rx)
     }
 
-    /// The agent and, if it has a device, the driver of its port, to spawn once the agent
-    /// is registered.
-    fn new_agent_with_device(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<events::Envelope>, Option<device::Driver>) {
+    /// The host's limits, and every destination allowed: what `spawn` gives an agent.
+    pub fn default_policy(&self) -> AgentPolicy {
+        AgentPolicy { limits: self.shared.config.limits.clone(), allowed_hosts: AllowedHosts::All }
+    }
+
+    /// The agent, its control channel and, if it has a device, the driver of its port, to
+    /// spawn once the agent is registered.
+    #[allow(clippy::type_complexity)]
+    fn new_agent_with_device(
+        &self,
+        id: &str,
+        settings: AgentSettings,
+        policy: AgentPolicy,
+    ) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<events::Envelope>, mpsc::UnboundedReceiver<Control>, Option<device::Driver>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let log = log::Logger::new(id, self.shared.logs.clone());
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let metrics = Arc::new(AgentMetrics::default());
+        let log = log::Logger::new(id, self.shared.logs.clone(), policy.limits.log_rate, metrics.clone());
         let (device, driver) = match settings.device {
             Some(binding) => {
                 let (channel, driver) = device::DeviceChannel::new(binding, id, tx.clone(), log.clone());
@@ -181,14 +232,27 @@ impl Host {
             device,
             status: std::sync::Mutex::new(AgentStatus::Starting),
             restarts: std::sync::Mutex::new(0),
+            http_credits: policy.limits.http_rate.map(|r| std::sync::Mutex::new(rate::TokenBucket::new(r))),
+            limits: policy.limits,
+            allowed_hosts: policy.allowed_hosts,
+            metrics,
+            control,
+            module_digest: std::sync::Mutex::default(),
         });
-        (agent, rx, driver)
+        (agent, rx, control_rx, driver)
     }
 
-    /// Starts agent `id` running `module`.
+    /// Starts agent `id` running `module`, with the host's limits and every destination
+    /// allowed.
     pub fn spawn(&self, id: &str, settings: AgentSettings, module: AgentModule) -> Result<(), SpawnError> {
+        self.spawn_with_policy(id, settings, self.default_policy(), module)
+    }
+
+    /// Starts agent `id` running `module` with its own limits and allowed destinations.
+    pub fn spawn_with_policy(&self, id: &str, settings: AgentSettings, policy: AgentPolicy, module: AgentModule) -> Result<(), SpawnError> {
         config::check_agent_id(id)?;
-        let (agent, rx, driver) = self.new_agent_with_device(id, settings);
+        policy.limits.check()?;
+        let (agent, rx, control, driver) = self.new_agent_with_device(id, settings, policy);
         {
             let mut agents = self.shared.agents.write().unwrap_or_else(|p| p.into_inner());
             if agents.contains_key(id) {
@@ -196,13 +260,64 @@ impl Host {
             }
             agents.insert(id.to_owned(), agent.clone());
         }
-        let task = tokio::spawn(agent::run(agent, module, rx, self.shared.shutdown.subscribe()));
+        let task = tokio::spawn(agent::run(agent, module, rx, control, self.shared.shutdown.subscribe()));
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.push(task);
         if let Some(driver) = driver {
             tasks.push(tokio::spawn(driver.run(self.shared.shutdown.subscribe())));
         }
         Ok(())
+    }
+
+    /// Compiles (or takes from the cache) and links a module on a blocking thread, so
+    /// that a deploy does not stall the agents sharing this thread.
+    pub async fn compile(&self, bytes: Vec<u8>) -> Result<AgentModule, LoadError> {
+        let runtime = self.shared.runtime.clone();
+        tokio::task::spawn_blocking(move || runtime.load(&bytes))
+            .await
+            .unwrap_or_else(|e| Err(LoadError::NotComponent(format!("compilation failed: {e}"))))
+    }
+
+    /// Every agent's report, sorted by id.
+    pub fn agents(&self) -> Vec<AgentReport> {
+        let agents: Vec<Arc<AgentShared>> = match self.shared.agents.read() {
+            Ok(agents) => agents.values().cloned().collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut reports: Vec<AgentReport> = agents.iter().map(|a| report(a)).collect();
+        reports.sort_by(|a, b| a.id.cmp(&b.id));
+        reports
+    }
+
+    /// Agent `id`'s report.
+    pub fn agent(&self, id: &str) -> Option<AgentReport> {
+        self.shared.agent(id).map(|a| report(&a))
+    }
+
+    /// Swaps agent `id` to `module` between two of its events and restarts it over its
+    /// kept store, logging "Agent restarted: reload". Other agents are not touched.
+    pub fn deploy(&self, id: &str, module: AgentModule) -> Result<(), ControlError> {
+        self.control(id, Control::Run(Resume::Reload(module)))
+    }
+
+    /// Stops agent `id` (its requests get 503) until it is started again.
+    pub fn stop_agent(&self, id: &str) -> Result<(), ControlError> {
+        self.control(id, Control::Stop)
+    }
+
+    /// Starts agent `id` if it is stopped or failed.
+    pub fn start_agent(&self, id: &str) -> Result<(), ControlError> {
+        self.control(id, Control::Run(Resume::Start))
+    }
+
+    /// Restarts agent `id` with a fresh instance over its kept store.
+    pub fn restart_agent(&self, id: &str) -> Result<(), ControlError> {
+        self.control(id, Control::Run(Resume::Restart))
+    }
+
+    fn control(&self, id: &str, control: Control) -> Result<(), ControlError> {
+        let agent = self.shared.agent(id).ok_or_else(|| ControlError::Unknown(id.to_owned()))?;
+        agent.control.send(control).map_err(|_| ControlError::Gone(id.to_owned()))
     }
 
     /// Stops every agent and the HTTP server, and waits for them.
@@ -212,5 +327,16 @@ impl Host {
         for task in tasks {
             let _ = task.await;
         }
+    }
+}
+
+fn report(agent: &AgentShared) -> AgentReport {
+    AgentReport {
+        id: agent.id.clone(),
+        status: agent.status.lock().map(|s| s.clone()).unwrap_or(AgentStatus::Stopped),
+        restarts: agent.restarts.lock().map(|n| *n).unwrap_or(0),
+        device_connected: agent.device.as_ref().map(device::DeviceChannel::connected),
+        module_digest: agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default(),
+        metrics: agent.metrics.snapshot(),
     }
 }

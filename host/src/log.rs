@@ -13,6 +13,8 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 use crate::agent::AgentCtx;
+use crate::metrics::{AgentMetrics, Count};
+use crate::rate::{Rate, TokenBucket};
 
 /// Longest line kept whole; longer output is split, so a guest cannot grow host memory.
 const MAX_LINE: usize = 8 * 1024;
@@ -40,11 +42,44 @@ pub struct LogLine {
 pub(crate) struct Logger {
     agent: Arc<str>,
     subscribers: broadcast::Sender<LogLine>,
+    limit: Arc<LogLimit>,
+}
+
+/// The agent's own lines are counted and rate-limited, so that a flooding agent cannot
+/// drown the host's log; host notes about the agent always pass.
+struct LogLimit {
+    bucket: Option<Mutex<TokenBucket>>,
+    /// Lines dropped since the last one that passed.
+    dropped: Mutex<u64>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Logger {
-    pub fn new(agent: &str, subscribers: broadcast::Sender<LogLine>) -> Logger {
-        Logger { agent: agent.into(), subscribers }
+    pub fn new(agent: &str, subscribers: broadcast::Sender<LogLine>, rate: Option<Rate>, metrics: Arc<AgentMetrics>) -> Logger {
+        let limit = LogLimit { bucket: rate.map(|r| Mutex::new(TokenBucket::new(r))), dropped: Mutex::new(0), metrics };
+        Logger { agent: agent.into(), subscribers, limit: Arc::new(limit) }
+    }
+
+    /// A line the agent wrote: over its log rate it is dropped, and the next line that
+    /// passes is preceded by a note of how many were.
+    pub fn write_agent(&self, level: Level, text: &str) {
+        let limit = &*self.limit;
+        limit.metrics.add(Count::LogLine);
+        if let Some(bucket) = &limit.bucket {
+            let passed = bucket.lock().map(|mut b| b.take()).unwrap_or(true);
+            let mut dropped = limit.dropped.lock().unwrap_or_else(|p| p.into_inner());
+            if !passed {
+                *dropped += 1;
+                limit.metrics.add(Count::LogDropped);
+                return;
+            }
+            if *dropped > 0 {
+                let n = std::mem::take(&mut *dropped);
+                drop(dropped);
+                self.write(Level::Error, &format!("{n} lines dropped: over the log rate"));
+            }
+        }
+        self.write(level, text);
     }
 
     pub fn write(&self, level: Level, text: &str) {
@@ -59,11 +94,11 @@ impl Logger {
 
 impl crate::bindings::log::Host for AgentCtx {
     fn log(&mut self, line: String) {
-        self.agent.log.write(Level::Info, &line);
+        self.agent.log.write_agent(Level::Info, &line);
     }
 
     fn error(&mut self, line: String) {
-        self.agent.log.write(Level::Error, &line);
+        self.agent.log.write_agent(Level::Error, &line);
     }
 }
 
@@ -96,7 +131,7 @@ impl LogStream {
 
     fn emit(&self, partial: &mut Vec<u8>) {
         let text = String::from_utf8_lossy(partial);
-        self.logger.write(self.level, text.trim_end_matches('\r'));
+        self.logger.write_agent(self.level, text.trim_end_matches('\r'));
         partial.clear();
     }
 

@@ -28,6 +28,14 @@ enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Runs every agent of a host manifest, and the management API, until Ctrl-C.
+    Serve {
+        /// The manifest: host settings, tenants and agents (see host/src/manifest.rs).
+        #[arg(long)]
+        manifest: PathBuf,
+    },
+    /// Manages the agents of a `tether serve` through its management API.
+    Agents(AgentsArgs),
     /// Runs the local Azure IoT Hub + DPS emulator until Ctrl-C, and prints ready-made
     /// connection strings.
     Hub(HubArgs),
@@ -35,6 +43,34 @@ enum Command {
     /// pty and the azure-demo agent between them (provisioning, telemetry, twin, direct
     /// methods, C2D). Ctrl-C ends it.
     Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct AgentsArgs {
+    /// The management API's base URL.
+    #[arg(long, env = "TETHER_URL", default_value = "http://127.0.0.1:9090")]
+    url: String,
+    /// The tenant's bearer token.
+    #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(subcommand)]
+    action: AgentsAction,
+}
+
+#[derive(Subcommand)]
+enum AgentsAction {
+    /// Lists the tenant's agents with their status.
+    List,
+    /// Deploys a new module version to an agent (it restarts over its kept store).
+    Deploy { id: String, module: PathBuf },
+    /// Stops an agent.
+    Stop { id: String },
+    /// Starts a stopped or failed agent.
+    Start { id: String },
+    /// Restarts an agent.
+    Restart { id: String },
+    /// Follows the log of one agent, or of all the tenant's agents.
+    Logs { id: Option<String> },
 }
 
 #[derive(clap::Args)]
@@ -83,6 +119,8 @@ async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { agent, config, listen } => run(&agent, config.as_deref(), listen).await,
+        Command::Serve { manifest } => serve(&manifest).await,
+        Command::Agents(args) => agents(args).await,
         Command::Hub(args) => hub(args).await,
         Command::Demo(args) => demo(args).await,
     };
@@ -115,6 +153,103 @@ async fn run(module_path: &Path, config_path: Option<&Path>, listen: Option<std:
     shutdown_signal().await?;
     tracing::info!("shutting down");
     host.shutdown().await;
+    Ok(())
+}
+
+async fn serve(manifest_path: &Path) -> anyhow::Result<()> {
+    use tether_host::manage::ManageServer;
+    use tether_host::manifest::Manifest;
+    let manifest = Manifest::load(manifest_path)?;
+    let host = std::sync::Arc::new(Host::start(manifest.host.clone()).await?);
+    manifest.spawn_agents(&host)?;
+    tracing::info!("{} agents running; agent URLs under {}", manifest.agents.len(), host.agent_url(""));
+    let manage = match manifest.manage.listen {
+        Some(listen) => {
+            let server = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen)
+                .await
+                .with_context(|| format!("cannot serve the management API on {listen}"))?;
+            tracing::info!("management API and dashboard: http://{}/", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
+    shutdown_signal().await?;
+    tracing::info!("shutting down");
+    if let Some(manage) = manage {
+        manage.stop().await;
+    }
+    match std::sync::Arc::try_unwrap(host) {
+        Ok(host) => host.shutdown().await,
+        Err(_) => bail!("the host is still in use at shutdown"),
+    }
+    Ok(())
+}
+
+async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
+    let base = args.url.trim_end_matches('/');
+    let client = reqwest::Client::new();
+    let auth = format!("Bearer {}", args.token);
+    let (method, path, body) = match &args.action {
+        AgentsAction::List => (reqwest::Method::GET, "/api/agents".to_owned(), None),
+        AgentsAction::Deploy { id, module } => {
+            let bytes = std::fs::read(module).with_context(|| format!("cannot read {}", module.display()))?;
+            (reqwest::Method::POST, format!("/api/agents/{id}/deploy"), Some(bytes))
+        }
+        AgentsAction::Stop { id } => (reqwest::Method::POST, format!("/api/agents/{id}/stop"), None),
+        AgentsAction::Start { id } => (reqwest::Method::POST, format!("/api/agents/{id}/start"), None),
+        AgentsAction::Restart { id } => (reqwest::Method::POST, format!("/api/agents/{id}/restart"), None),
+        AgentsAction::Logs { id: Some(id) } => (reqwest::Method::GET, format!("/api/agents/{id}/logs"), None),
+        AgentsAction::Logs { id: None } => (reqwest::Method::GET, "/api/logs".to_owned(), None),
+    };
+    let mut request = client.request(method, format!("{base}{path}")).header("authorization", auth);
+    if let Some(body) = body {
+        request = request.body(body);
+    }
+    let mut response = request.send().await.with_context(|| format!("cannot reach the management API at {base}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        let text = response.text().await.unwrap_or_default();
+        let reason = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["error"].as_str().map(str::to_owned)).unwrap_or(text);
+        bail!("{status}: {reason}");
+    }
+    if let AgentsAction::Logs { .. } = args.action {
+        let mut pending = String::new();
+        while let Some(chunk) = response.chunk().await.context("the log stream broke")? {
+            pending.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = pending.find("\n\n") {
+                let event: String = pending.drain(..end + 2).collect();
+                if let Some(Ok(line)) = event.trim_end().strip_prefix("data: ").map(serde_json::from_str::<serde_json::Value>) {
+                    println!("[{}] {}", line["agent"].as_str().unwrap_or("host"), line["text"].as_str().unwrap_or_default());
+                }
+            }
+        }
+        return Ok(());
+    }
+    let text = response.text().await.context("the management API's answer broke off")?;
+    let value: serde_json::Value = serde_json::from_str(&text).context("the management API answered with invalid JSON")?;
+    match args.action {
+        AgentsAction::List => {
+            println!("{:<24} {:<11} {:>8} {:<12} {:<12} cause", "agent", "status", "restarts", "device", "module");
+            for a in value["agents"].as_array().into_iter().flatten() {
+                let device = match a["device_connected"].as_bool() {
+                    None => "none",
+                    Some(true) => "connected",
+                    Some(false) => "disconnected",
+                };
+                let module = a["module"].as_str().unwrap_or_default();
+                println!(
+                    "{:<24} {:<11} {:>8} {:<12} {:<12} {}",
+                    a["id"].as_str().unwrap_or_default(),
+                    a["status"].as_str().unwrap_or_default(),
+                    a["restarts"],
+                    device,
+                    &module[..module.len().min(12)],
+                    a["cause"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        _ => println!("{value}"),
+    }
     Ok(())
 }
 

@@ -13,9 +13,11 @@ use rumqttc::{
 };
 
 use crate::agent::AgentCtx;
+use crate::allowed_hosts::{Reach, resolve_public};
 use crate::bindings::events::Event;
 use crate::bindings::mqtt::{ConnectOptions, Message, MqttError};
 use crate::events::{EventSender, HostEvent, MqttEvent, TaskGuard};
+use crate::log::Level;
 
 /// imp/Paho result codes.
 pub mod code {
@@ -125,7 +127,11 @@ fn queue_error(e: ClientError) -> MqttError {
 
 impl crate::bindings::mqtt::Host for AgentCtx {
     fn connect(&mut self, options: ConnectOptions) -> Result<u32, MqttError> {
-        let mqtt_options = mqtt_options(self, &options)?;
+        let (mqtt_options, reach) = mqtt_options(self, &options)?;
+        // Names allowed by a wildcard must resolve to public addresses. rumqttc resolves
+        // again when it connects; a name that changes its answer in between is the
+        // remaining gap.
+        let check = (reach == Reach::PublicOnly).then(|| (mqtt_options.broker_address(), self.agent.log.clone()));
         let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_QUEUE);
         let clients = &mut self.mqtt;
         clients.next_client += 1;
@@ -140,14 +146,23 @@ impl crate::bindings::mqtt::Host for AgentCtx {
             disconnecting: disconnecting.clone(),
             ops: ops.clone(),
         };
-        let task = TaskGuard::spawn(driver.run(eventloop));
+        let task = TaskGuard::spawn(async move {
+            if let Some(((host, port), log)) = check
+                && let Err(e) = resolve_public(&host, port).await
+            {
+                log.write(Level::Error, &format!("mqtt: {e}; not allowed"));
+                driver.close(MqttEvent::Connected(code::FAILURE));
+                return;
+            }
+            driver.run(eventloop).await
+        });
         clients.connections.insert(handle, Connection { client, connected, disconnecting, ops, _task: task });
         Ok(handle)
     }
 
     fn publish(&mut self, c: u32, topic: String, payload: Vec<u8>, q: u8, retain: bool) -> Result<u64, MqttError> {
         let q = qos(q)?;
-        if payload.len() > self.agent.host.config.limits.mqtt_message_bytes {
+        if payload.len() > self.agent.limits.mqtt_message_bytes {
             return Err(MqttError::TooLarge);
         }
         if topic.is_empty() || topic.contains(['+', '#']) {
@@ -219,7 +234,7 @@ fn lock(ops: &Mutex<Ops>) -> std::sync::MutexGuard<'_, Ops> {
     ops.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn mqtt_options(ctx: &AgentCtx, o: &ConnectOptions) -> Result<MqttOptions, MqttError> {
+fn mqtt_options(ctx: &AgentCtx, o: &ConnectOptions) -> Result<(MqttOptions, Reach), MqttError> {
     let (tls, rest) = if let Some(rest) = o.url.strip_prefix("tcp://") {
         (false, rest)
     } else if let Some(rest) = o.url.strip_prefix("ssl://") {
@@ -239,7 +254,12 @@ fn mqtt_options(ctx: &AgentCtx, o: &ConnectOptions) -> Result<MqttOptions, MqttE
     if host.is_empty() || !(1..=255).contains(&id_len) {
         return Err(MqttError::InvalidArgument);
     }
-    let limit = ctx.agent.host.config.limits.mqtt_message_bytes;
+    let scheme = if tls { "mqtts" } else { "mqtt" };
+    let Some(reach) = ctx.agent.allowed_hosts.check(scheme, host, port) else {
+        ctx.agent.log.write(Level::Error, &format!("mqtt: {scheme}://{host}:{port} is not an allowed destination"));
+        return Err(MqttError::NotAllowed);
+    };
+    let limit = ctx.agent.limits.mqtt_message_bytes;
     let mut m = MqttOptions::new(o.client_id.clone(), host, port);
     m.set_keep_alive(Duration::from_secs(o.keep_alive.into()))
         .set_clean_session(o.clean_session)
@@ -259,7 +279,7 @@ fn mqtt_options(ctx: &AgentCtx, o: &ConnectOptions) -> Result<MqttOptions, MqttE
         let config = ctx.agent.host.tls.client_config(o.ca_pem.as_deref()).map_err(|_| MqttError::InvalidArgument)?;
         m.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     }
-    Ok(m)
+    Ok((m, reach))
 }
 
 /// Drives one connection's event loop.

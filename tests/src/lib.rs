@@ -115,6 +115,11 @@ impl TestHost {
 pub struct LogWatch(broadcast::Receiver<LogLine>, Vec<LogLine>);
 
 impl LogWatch {
+    /// Watches the lines of `logs` from now on.
+    pub fn new(logs: broadcast::Receiver<LogLine>) -> LogWatch {
+        LogWatch(logs, Vec::new())
+    }
+
     /// Waits until agent `agent` has logged a line containing `text`; returns the first.
     pub async fn wait_for(&mut self, agent: &str, text: &str, timeout: Duration) -> anyhow::Result<LogLine> {
         self.wait_for_count(agent, text, 1, timeout).await

@@ -93,6 +93,11 @@ pub(crate) struct DeviceChannel {
 }
 
 impl DeviceChannel {
+    /// Whether the device is connected (handshake done, heartbeats answered).
+    pub fn connected(&self) -> bool {
+        self.state.connected.load(Ordering::Acquire)
+    }
+
     /// Frames received and corrupted frames dropped on the line so far.
     pub fn line_stats(&self) -> device_link::Stats {
         *self.state.line.lock().unwrap_or_else(|p| p.into_inner())

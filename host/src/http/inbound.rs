@@ -81,7 +81,7 @@ async fn handle(State(host): State<Arc<HostShared>>, req: Request) -> Response {
         .iter()
         .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let limits = &host.config.limits;
+    let limits = &agent.limits;
     let body = match axum::body::to_bytes(req.into_body(), limits.http_body_bytes).await {
         Ok(body) => body.to_vec(),
         Err(_) => return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response(),

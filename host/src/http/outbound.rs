@@ -4,9 +4,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::agent::AgentCtx;
+use crate::allowed_hosts::{DENIED_ADDRESS, Reach};
 use crate::bindings::http::{Request, Response, TransportError};
 use crate::events::{HostEvent, TaskGuard};
 use crate::log::Level;
+use crate::metrics::Count;
 
 /// An instance's requests in flight; dropping it abandons them.
 #[derive(Default)]
@@ -24,9 +26,26 @@ impl Outbound {
 
 pub(super) fn send(ctx: &mut AgentCtx, req: Request) -> Result<u64, TransportError> {
     let url = url::Url::parse(&req.url).map_err(|_| TransportError::MalformedUrl)?;
-    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+    let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+        return Err(TransportError::MalformedUrl);
+    };
+    if !matches!(url.scheme(), "http" | "https") {
         return Err(TransportError::MalformedUrl);
     }
+    let agent = &ctx.agent;
+    let Some(reach) = agent.allowed_hosts.check(url.scheme(), host, port) else {
+        agent.metrics.add(Count::HttpRefused);
+        agent.log.write(Level::Error, &format!("http: {}://{host}:{port} is not an allowed destination", url.scheme()));
+        return Err(TransportError::NotAllowed);
+    };
+    if let Some(credits) = &agent.http_credits {
+        // No log line: a flooding agent would flood its log too.
+        if !credits.lock().map(|mut c| c.take()).unwrap_or(true) {
+            agent.metrics.add(Count::HttpRefused);
+            return Err(TransportError::RateLimited);
+        }
+    }
+    agent.metrics.add(Count::HttpRequest);
     let invalid = |what: &str| {
         ctx.agent.log.write(Level::Error, &format!("http: {what} in request to {}", req.url));
         TransportError::Other
@@ -38,9 +57,14 @@ pub(super) fn send(ctx: &mut AgentCtx, req: Request) -> Result<u64, TransportErr
         let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| invalid("invalid header value"))?;
         headers.append(name, value);
     }
-    let limits = &ctx.agent.host.config.limits;
+    let limits = &ctx.agent.limits;
     let timeout = req.timeout_ms.map(|ms| Duration::from_millis(ms.into())).unwrap_or(Duration::from_secs(limits.http_timeout_secs.into()));
-    let request = ctx.agent.host.http_client.request(method, url).headers(headers).body(req.body).timeout(timeout);
+    let client = match reach {
+        Reach::Any => &ctx.agent.host.http_client,
+        Reach::PublicOnly => &ctx.agent.host.http_client_public,
+    };
+    let request = client.request(method, url).headers(headers).body(req.body).timeout(timeout);
+    let (log, target) = (ctx.agent.log.clone(), req.url.clone());
     let body_limit = limits.http_body_bytes;
 
     let out = &mut ctx.http_out;
@@ -49,6 +73,9 @@ pub(super) fn send(ctx: &mut AgentCtx, req: Request) -> Result<u64, TransportErr
     let events = ctx.events.clone();
     let task = TaskGuard::spawn(async move {
         let result = tokio::time::timeout(timeout, perform(request, body_limit)).await.unwrap_or(Err(TransportError::Timeout));
+        if let Err(TransportError::NotAllowed) = result {
+            log.write(Level::Error, &format!("http: {target} {DENIED_ADDRESS}; not allowed"));
+        }
         events.post(HostEvent::HttpResponse(id, result));
     });
     out.in_flight.insert(id, task);
@@ -77,7 +104,9 @@ async fn perform(request: reqwest::RequestBuilder, body_limit: usize) -> Result<
 /// still names it.
 fn classify(e: &reqwest::Error) -> TransportError {
     let detail = format!("{e:?}");
-    if e.is_timeout() {
+    if detail.contains(DENIED_ADDRESS) {
+        TransportError::NotAllowed
+    } else if e.is_timeout() {
         TransportError::Timeout
     } else if detail.contains("dns error") || detail.contains("failed to lookup address") {
         TransportError::UnresolvedHost

@@ -1,7 +1,10 @@
 //! Test agent. `/ping` answers, `/count` bumps a counter in the persistent store,
 //! `/save?bytes=N` saves N bytes, `/spin` loops forever, `/hog` allocates without end,
 //! `/panic` panics, `/print` writes to stdout and stderr, `/host-calls?n=N` makes N host calls. `/mqtt/...` drives one MQTT
-//! client and answers with the result codes of its callbacks.
+//! client and answers with the result codes of its callbacks. For the hosting tests:
+//! `/fetch?url=U` answers with what a GET of U returned, `/later?ms=N` answers after a
+//! timer, `/flood-logs?n=N` logs N lines, `/flood-http?n=N&url=U` sends N GETs at once and
+//! answers with how they ended.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -74,6 +77,50 @@ fn start() {
         if req.path.starts_with("/mqtt/") {
             return mqtt_request(req, res);
         }
+        let number = |k: &str| req.query.get(k).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        let url = req.query.get("url").cloned().unwrap_or_default();
+        match req.path.as_str() {
+            "/fetch" => {
+                return http::get(&url, &[]).send_async(move |r| {
+                    let answer = match r.error {
+                        None => format!("{} {}", r.statuscode, r.body_text()),
+                        Some(e) => format!("error {} {e:?}", r.statuscode),
+                    };
+                    let _ = res.send(200, answer);
+                });
+            }
+            "/later" => {
+                let ms = number("ms");
+                tether_guest::imp::wakeup(ms as f64 / 1000.0, move || {
+                    let _ = res.send(200, format!("after {ms} ms"));
+                });
+                return;
+            }
+            "/flood-http" => {
+                let n = number("n");
+                // (ok, rate-limited, other), answered when the last request ends.
+                let tally = Rc::new(RefCell::new(((0u64, 0u64, 0u64), Some(res))));
+                for _ in 0..n {
+                    let tally = tally.clone();
+                    http::get(&url, &[]).send_async(move |r| {
+                        let mut t = tally.borrow_mut();
+                        match r.statuscode {
+                            2 => t.0.1 += 1,
+                            200 => t.0.0 += 1,
+                            _ => t.0.2 += 1,
+                        }
+                        let (ok, limited, other) = t.0;
+                        if ok + limited + other == n {
+                            if let Some(res) = t.1.take() {
+                                let _ = res.send(200, format!("ok={ok} limited={limited} other={other}"));
+                            }
+                        }
+                    });
+                }
+                return;
+            }
+            _ => {}
+        }
         let answer = match req.path.as_str() {
             "/ping" => "pong".to_owned(),
             // N cheap host calls in one event, for the guest->host call benchmark.
@@ -110,6 +157,13 @@ fn start() {
                 HOARD.with_borrow_mut(|h| h.push(vec![1u8; 1 << 20]));
             },
             "/panic" => panic!("asked to panic"),
+            "/flood-logs" => {
+                let n: u64 = req.query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
+                for i in 0..n {
+                    server::log(format!("flood {i}"));
+                }
+                format!("logged {n}")
+            }
             "/print" => {
                 println!("to stdout");
                 eprintln!("to stderr");

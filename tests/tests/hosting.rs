@@ -1,0 +1,725 @@
+//! Multi-tenant hosting end to end: agents from a manifest, the management API with
+//! per-tenant tokens, deploys, allowed destinations and rates, a noisy neighbour, the
+//! dashboard in headless Chromium.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_host::manage::ManageServer;
+use tether_host::manifest::Manifest;
+use tether_host::{AgentStatus, Host};
+use tether_tests::{LogWatch, build_agent};
+
+const WAIT: Duration = Duration::from_secs(30);
+const TOKEN_A: &str = "tenant-a-token-0123456789";
+const TOKEN_B: &str = "tenant-b-token-0123456789";
+
+/// A host started from a manifest, with its management API.
+struct Served {
+    host: Arc<Host>,
+    manage: ManageServer,
+    logs: LogWatch,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+/// The manifest's head: host on free ports in `dir`, tenants `a` and `b`.
+fn head(dir: &Path, extra_host: &str) -> String {
+    format!(
+        r#"
+[host]
+http_listen = "127.0.0.1:0"
+store_dir = "{store}"
+cache_dir = "{cache}"
+{extra_host}
+
+[manage]
+listen = "127.0.0.1:0"
+max_module_bytes = 1048576
+
+[[tenant]]
+name = "a"
+token = "{TOKEN_A}"
+
+[[tenant]]
+name = "b"
+token = "{TOKEN_B}"
+"#,
+        store = dir.join("store").display(),
+        cache = dir.join("cache").display(),
+    )
+}
+
+/// An `[[agent]]` entry running the probe.
+fn probe_entry(id: &str, tenant: &str, extra: &str) -> anyhow::Result<String> {
+    let probe = build_agent("probe")?;
+    Ok(format!("\n[[agent]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nmodule = \"{}\"\n{extra}\n", probe.display()))
+}
+
+impl Served {
+    async fn start(entries: &str, extra_host: &str) -> anyhow::Result<Served> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("manifest.toml");
+        std::fs::write(&path, head(dir.path(), extra_host) + entries)?;
+        let manifest = Manifest::load(&path)?;
+        let host = Arc::new(Host::start(manifest.host.clone()).await?);
+        let logs = LogWatch::new(host.logs());
+        manifest.spawn_agents(&host)?;
+        let listen = manifest.manage.listen.ok_or_else(|| anyhow::anyhow!("no manage.listen"))?;
+        let manage = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen).await?;
+        Ok(Served { host, manage, logs, http: reqwest::Client::new(), _dir: dir })
+    }
+
+    fn api(&self, path: &str) -> String {
+        format!("http://{}{path}", self.manage.addr())
+    }
+
+    /// A management call: status and body.
+    async fn call(&self, method: &str, path: &str, token: &str, body: Vec<u8>) -> (u16, String) {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap_or(reqwest::Method::GET);
+        let request = self.http.request(method, self.api(path)).bearer_auth(token).body(body);
+        match request.send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    async fn agent_get(&self, id: &str, path: &str) -> (u16, String) {
+        match self.http.get(format!("{}{path}", self.host.agent_url(id))).send().await {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    async fn wait_running(&self, ids: &[&str]) -> anyhow::Result<()> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if ids.iter().all(|id| self.host.agent(id).is_some_and(|r| r.status == AgentStatus::Running)) {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "agents not running: {:?}", self.host.agents().iter().map(|r| (r.id.clone(), r.status.clone())).collect::<Vec<_>>());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.manage.stop().await;
+        if let Ok(host) = Arc::try_unwrap(self.host) {
+            host.shutdown().await;
+        }
+    }
+}
+
+/// A local HTTP server answering `/data` with "served".
+async fn local_server() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().route("/data", axum::routing::get(|| async { "served" }));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+/// The probe's `/fetch` answer for a `not-allowed` transport error.
+fn denied(body: &str) -> bool {
+    body.starts_with("error 1 ") && body.contains("not-allowed")
+}
+
+fn two_tenants() -> anyhow::Result<String> {
+    Ok(probe_entry("a1", "a", "config = { k = \"v\" }\nsecrets = { s = \"hidden\" }")? + &probe_entry("b1", "b", "")?)
+}
+
+#[tokio::test]
+async fn a_tenant_sees_and_changes_only_its_own_agents() -> anyhow::Result<()> {
+    let s = Served::start(&two_tenants()?, "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+
+    let (status, body) = s.call("GET", "/api/agents", TOKEN_A, vec![]).await;
+    assert_eq!(status, 200, "{body}");
+    let list: serde_json::Value = serde_json::from_str(&body)?;
+    let ids: Vec<&str> = list["agents"].as_array().into_iter().flatten().filter_map(|a| a["id"].as_str()).collect();
+    assert_eq!(ids, ["a1"]);
+    assert_eq!(list["agents"][0]["status"], "running");
+    assert!(!body.contains("hidden"), "secrets never leave the host: {body}");
+
+    for (method, path) in [
+        ("GET", "/api/agents/b1"),
+        ("POST", "/api/agents/b1/stop"),
+        ("POST", "/api/agents/b1/restart"),
+        ("POST", "/api/agents/b1/deploy"),
+        ("GET", "/api/agents/b1/logs"),
+    ] {
+        let (status, body) = s.call(method, path, TOKEN_A, b"x".to_vec()).await;
+        assert_eq!(status, 403, "{method} {path}: {body}");
+    }
+    for token in ["", "not-a-token"] {
+        let (status, _) = s.call("GET", "/api/agents", token, vec![]).await;
+        assert_eq!(status, 401);
+    }
+    let (status, _) = s.call("GET", "/api/agents/nobody", TOKEN_A, vec![]).await;
+    assert_eq!(status, 404);
+
+    let (status, metrics) = s.call("GET", "/metrics", TOKEN_B, vec![]).await;
+    assert_eq!(status, 200);
+    assert!(metrics.contains("tether_agent_events_total{agent=\"b1\",tenant=\"b\"}"), "{metrics}");
+    assert!(metrics.contains("tether_agent_event_seconds_bucket{agent=\"b1\",tenant=\"b\",le=\"+Inf\"}"), "{metrics}");
+    assert!(!metrics.contains("a1"), "{metrics}");
+
+    // b1 was never touched.
+    assert_eq!(s.agent_get("b1", "/ping").await, (200, "pong".into()));
+    assert_eq!(s.host.agent("b1").map(|r| r.restarts), Some(0));
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_start_restart_and_logs_through_the_api() -> anyhow::Result<()> {
+    let mut s = Served::start(&two_tenants()?, "").await?;
+    s.wait_running(&["a1"]).await?;
+
+    // The log stream carries the agent's lines.
+    let mut stream = s.http.get(s.api("/api/agents/a1/logs")).bearer_auth(TOKEN_A).send().await?;
+    assert_eq!(stream.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
+    assert_eq!(s.agent_get("a1", "/print").await.0, 200);
+    let mut seen = String::new();
+    while !seen.contains("to stdout") {
+        let chunk = tokio::time::timeout(WAIT, stream.chunk()).await??.ok_or_else(|| anyhow::anyhow!("stream ended: {seen}"))?;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(seen.starts_with("data: {"), "{seen}");
+    drop(stream);
+
+    assert_eq!(s.call("POST", "/api/agents/a1/stop", TOKEN_A, vec![]).await.0, 202);
+    s.logs.wait_for("a1", "Agent stopped", WAIT).await?;
+    assert_eq!(s.host.agent("a1").map(|r| r.status), Some(AgentStatus::Stopped));
+    assert_eq!(s.agent_get("a1", "/ping").await.0, 503);
+    assert_eq!(s.call("POST", "/api/agents/a1/start", TOKEN_A, vec![]).await.0, 202);
+    s.wait_running(&["a1"]).await?;
+    assert_eq!(s.agent_get("a1", "/ping").await, (200, "pong".into()));
+    assert_eq!(s.call("POST", "/api/agents/a1/restart", TOKEN_A, vec![]).await.0, 202);
+    s.logs.wait_for("a1", "Agent restarted: restart", WAIT).await?;
+    assert_eq!(s.call("POST", "/api/agents/a1/jump", TOKEN_A, vec![]).await.0, 400);
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_deploys_get_400_and_the_old_version_keeps_answering() -> anyhow::Result<()> {
+    let mut s = Served::start(&two_tenants()?, "").await?;
+    s.wait_running(&["a1"]).await?;
+    assert_eq!(s.agent_get("a1", "/count").await, (200, "1".into()));
+
+    let oversized = vec![0u8; 2 << 20];
+    let cases: [(Vec<u8>, &str); 4] = [
+        (b"not wasm at all".to_vec(), "not a WebAssembly component"),
+        (wat::parse_str("(module)")?, "core WebAssembly module"),
+        (wat::parse_str("(component)")?, "not a tether:agent@0.1.0 agent"),
+        (oversized, "too large"),
+    ];
+    for (bytes, reason) in cases {
+        let (status, body) = s.call("POST", "/api/agents/a1/deploy", TOKEN_A, bytes).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains(reason), "{reason}: {body}");
+        assert_eq!(s.agent_get("a1", "/ping").await, (200, "pong".into()));
+    }
+
+    // A good version: swapped in, restarted over the kept store.
+    let echo = std::fs::read(build_agent("http-echo")?)?;
+    let (status, body) = s.call("POST", "/api/agents/a1/deploy", TOKEN_A, echo).await;
+    assert_eq!(status, 200, "{body}");
+    s.logs.wait_for("a1", "Agent restarted: reload", WAIT).await?;
+    s.wait_running(&["a1"]).await?;
+    assert_eq!(s.agent_get("a1", "/x").await, (200, "GET /x {} ".into()));
+    let probe = std::fs::read(build_agent("probe")?)?;
+    assert_eq!(s.call("POST", "/api/agents/a1/deploy", TOKEN_A, probe).await.0, 200);
+    s.logs.wait_for_count("a1", "Agent restarted: reload", 2, WAIT).await?;
+    s.wait_running(&["a1"]).await?;
+    assert_eq!(s.agent_get("a1", "/count").await, (200, "2".into()), "the store survived both deploys");
+    assert_eq!(s.host.agent("b1").map(|r| (r.status, r.restarts)), Some((AgentStatus::Running, 0)));
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn hot_deploy_loses_no_message_of_the_other_agents() -> anyhow::Result<()> {
+    let ids = ["d0", "d1", "d2", "d3"];
+    let mut entries = String::new();
+    for id in ids {
+        entries += &probe_entry(id, "a", "")?;
+    }
+    let s = Arc::new(Served::start(&entries, "").await?);
+    s.wait_running(&ids).await?;
+    let probe = std::fs::read(build_agent("probe")?)?;
+
+    // Every other agent counts requests in its store: any lost or repeated message shows
+    // as a gap in its sequence.
+    let mut flows = Vec::new();
+    for id in &ids[1..] {
+        let s = s.clone();
+        let id = id.to_string();
+        flows.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for _ in 0..150 {
+                answers.push(s.agent_get(&id, "/count").await);
+            }
+            answers
+        }));
+    }
+    for _ in 0..5 {
+        let (status, body) = s.call("POST", "/api/agents/d0/deploy", TOKEN_A, probe.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for flow in flows {
+        let answers = flow.await?;
+        let expected: Vec<(u16, String)> = (1..=150).map(|n| (200, n.to_string())).collect();
+        assert_eq!(answers, expected);
+    }
+    for id in &ids[1..] {
+        assert_eq!(s.host.agent(id).map(|r| r.restarts), Some(0));
+    }
+    s.wait_running(&["d0"]).await?;
+    if let Ok(s) = Arc::try_unwrap(s) {
+        s.stop().await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn destinations_are_denied_unless_allowed_also_after_resolving() -> anyhow::Result<()> {
+    let server = local_server().await?;
+    let port = server.port();
+    let entries = probe_entry("closed", "a", "")?
+        + &probe_entry("wild", "a", r#"allowed_hosts = ["http://*:*", "mqtt://*:*"]"#)?
+        + &probe_entry("open", "a", &format!("allowed_hosts = [\"http://127.0.0.1:{port}\"]"))?
+        + &probe_entry("local", "a", r#"allowed_hosts = ["http://localhost:*"]"#)?;
+    let mut s = Served::start(&entries, "").await?;
+    s.wait_running(&["closed", "wild", "open", "local"]).await?;
+    let fetch = |to: String| format!("/fetch?url={to}");
+
+    // Nothing allowed: refused before anything is sent, with a log line.
+    let (_, body) = s.agent_get("closed", &fetch(format!("http://127.0.0.1:{port}/data"))).await;
+    assert!(denied(&body), "{body}");
+    s.logs.wait_for("closed", "is not an allowed destination", WAIT).await?;
+    // A wildcard does not cover loopback, link-local or metadata addresses, whether given
+    // as an IP or as a name that resolves to one.
+    for to in [format!("http://127.0.0.1:{port}/data"), "http://169.254.169.254/latest/meta-data/".into(), "http://[::1]:9/".into()] {
+        let (_, body) = s.agent_get("wild", &fetch(to.clone())).await;
+        assert!(denied(&body), "{to}: {body}");
+    }
+    let (_, body) = s.agent_get("wild", &fetch(format!("http://localhost:{port}/data"))).await;
+    assert!(denied(&body), "{body}");
+    s.logs.wait_for("wild", "resolves only to non-public addresses", WAIT).await?;
+    // Named explicitly, the same server is reachable.
+    assert_eq!(s.agent_get("open", &fetch(format!("http://127.0.0.1:{port}/data"))).await, (200, "200 served".into()));
+    let (_, body) = s.agent_get("open", &fetch(format!("http://127.0.0.1:{}/data", port.wrapping_add(1)))).await;
+    assert!(body.starts_with("error 1 "), "another port is another destination: {body}");
+    assert_eq!(s.agent_get("local", &fetch(format!("http://localhost:{port}/data"))).await, (200, "200 served".into()));
+
+    // MQTT: refused at once when not listed, and after resolving for a wildcard.
+    let (_, body) = s.agent_get("closed", "/mqtt/connect?url=tcp://127.0.0.1:1883").await;
+    assert!(body.starts_with("refused NotAllowed"), "{body}");
+    let (_, body) = s.agent_get("wild", "/mqtt/connect?url=tcp://localhost:1883").await;
+    assert_eq!(body, "connect -1");
+    s.logs.wait_for("wild", "mqtt: localhost resolves only to non-public addresses", WAIT).await?;
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn http_and_log_rates_are_enforced_per_agent() -> anyhow::Result<()> {
+    let server = local_server().await?;
+    let entries = probe_entry(
+        "limited",
+        "a",
+        &format!(
+            "allowed_hosts = [\"http://127.0.0.1:{}\"]\nlimits = {{ http_rate = {{ burst = 5, per_sec = 0.01 }}, log_rate = {{ burst = 10, per_sec = 20.0 }} }}",
+            server.port()
+        ),
+    )? + &probe_entry("imp", "a", &format!("allowed_hosts = [\"http://127.0.0.1:{}\"]", server.port()))?;
+    let mut s = Served::start(&entries, "").await?;
+    s.wait_running(&["limited", "imp"]).await?;
+    let flood = format!("/flood-http?n=20&url=http://127.0.0.1:{}/data", server.port());
+    assert_eq!(s.agent_get("limited", &flood).await, (200, "ok=5 limited=15 other=0".into()));
+    // The manifest's default is imp's: 40 requests of credit.
+    let flood = format!("/flood-http?n=50&url=http://127.0.0.1:{}/data", server.port());
+    let (_, body) = s.agent_get("imp", &flood).await;
+    assert!(body == "ok=40 limited=10 other=0" || body == "ok=41 limited=9 other=0", "{body}");
+
+    assert_eq!(s.agent_get("limited", "/flood-logs?n=100").await, (200, "logged 100".into()));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    s.agent_get("limited", "/print").await;
+    let note = s.logs.wait_for("limited", "lines dropped: over the log rate", WAIT).await?;
+    let dropped: u64 = note.text.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or(0);
+    // 10 of credit (less what "probe started" took, partly refilled), 20/s after that.
+    assert!((85..=91).contains(&dropped), "{}", note.text);
+    s.logs.drain();
+    let flood_lines = s.logs.texts("limited").iter().filter(|l| l.starts_with("flood ")).count();
+    assert_eq!(flood_lines as u64 + dropped, 100);
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_manifest_is_refused_naming_the_line() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let good = head(dir.path(), "") + &probe_entry("x1", "a", "")?;
+    let cases = [
+        (good.replace("tenant = \"a\"\nmodule", "tenant = \"zz\"\nmodule"), "unknown tenant"),
+        (good.replace("\nlisten = \"127.0.0.1:0\"", "\nlisten = \"nowhere\""), "invalid socket address"),
+        (good.clone() + "allowed_hosts = [\"gopher://x\"]\n", "invalid allowed host"),
+        (good.clone() + "limits = { memory_mib = 0 }\n", "memory_mib"),
+        (good.replace("[[agent]]", "[[agent]\n"), ""),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, &text)?;
+        let error = Manifest::load(&path).err().map(|e| e.to_string()).unwrap_or_default();
+        let line: usize = error.split(':').nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+        assert!(line > 0 && line <= text.lines().count(), "{error}");
+        assert!(error.contains(needle), "{error}");
+        let offending = text.lines().nth(line - 1).unwrap_or_default();
+        assert!(!offending.trim().is_empty(), "{error} points at an empty line");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_thousand_agents_from_one_manifest() -> anyhow::Result<()> {
+    let mut entries = String::new();
+    let ids: Vec<String> = (0..1000).map(|i| format!("agent-{i:04}")).collect();
+    for (i, id) in ids.iter().enumerate() {
+        entries += &probe_entry(id, if i % 2 == 0 { "a" } else { "b" }, "")?;
+    }
+    let started = Instant::now();
+    let s = Served::start(&entries, "").await?;
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    s.wait_running(&refs).await?;
+    eprintln!("1000 agents running after {:?}", started.elapsed());
+    for id in ids.iter().step_by(37) {
+        assert_eq!(s.agent_get(id, "/ping").await, (200, "pong".into()), "{id}");
+    }
+    let (_, body) = s.call("GET", "/api/agents", TOKEN_B, vec![]).await;
+    let list: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(list["agents"].as_array().map(Vec::len), Some(500));
+    s.stop().await;
+    Ok(())
+}
+
+fn p99(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[(samples.len() - 1) * 99 / 100]
+}
+
+/// Timer and HTTP latency of the quiet agents: (timer lateness p99, ping p99).
+async fn quiet_latencies(s: &Served, quiet: &[&str]) -> anyhow::Result<(Duration, Duration)> {
+    let (mut timer, mut ping) = (Vec::new(), Vec::new());
+    for round in 0..20 {
+        for id in quiet {
+            let t = Instant::now();
+            assert_eq!(s.agent_get(id, "/ping").await, (200, "pong".into()));
+            ping.push(t.elapsed());
+            let t = Instant::now();
+            assert_eq!(s.agent_get(id, "/later?ms=20").await, (200, "after 20 ms".into()), "round {round}");
+            timer.push(t.elapsed().saturating_sub(Duration::from_millis(20)));
+        }
+    }
+    Ok((p99(timer), p99(ping)))
+}
+
+/// Correctness only: the others keep answering right while one agent spins, hogs memory,
+/// floods its log and HTTP. The latencies are printed; `hosting` bench measures them.
+#[tokio::test]
+async fn a_noisy_neighbour_does_not_stop_the_others() -> anyhow::Result<()> {
+    let server = local_server().await?;
+    let quiet = ["q1", "q2", "q3"];
+    let mut entries = probe_entry(
+        "noisy",
+        "b",
+        &format!("allowed_hosts = [\"http://127.0.0.1:{}\"]\nlimits = {{ memory_mib = 16, cpu_ms_per_event = 100, max_restarts = 1000, inbound_timeout_secs = 2 }}", server.port()),
+    )?;
+    for id in quiet {
+        entries += &probe_entry(id, "a", "")?;
+    }
+    let s = Arc::new(Served::start(&entries, "").await?);
+    s.wait_running(&["noisy", "q1", "q2", "q3"]).await?;
+    let baseline = quiet_latencies(&s, &quiet).await?;
+
+    let noise = {
+        let s = s.clone();
+        let flood = format!("/flood-http?n=100&url=http://127.0.0.1:{}/data", server.port());
+        tokio::spawn(async move {
+            let paths = ["/spin", "/hog", "/flood-logs?n=2000", flood.as_str()];
+            let deadline = Instant::now() + Duration::from_secs(4);
+            while Instant::now() < deadline {
+                let mut round = tokio::task::JoinSet::new();
+                for path in paths {
+                    let (s, path) = (s.clone(), path.to_owned());
+                    round.spawn(async move { s.agent_get("noisy", &path).await });
+                }
+                while round.join_next().await.is_some() {}
+            }
+        })
+    };
+    let noisy = quiet_latencies(&s, &quiet).await?;
+    noise.await?;
+    eprintln!("quiet agents p99: baseline timer {:?} / http {:?}; with the noisy neighbour timer {:?} / http {:?}", baseline.0, baseline.1, noisy.0, noisy.1);
+    let report = s.host.agent("noisy").ok_or_else(|| anyhow::anyhow!("noisy gone"))?;
+    assert!(report.restarts > 0, "the noisy agent was stopped by its limits");
+    assert!(report.metrics.log_dropped > 0);
+    for id in quiet {
+        assert_eq!(s.host.agent(id).map(|r| r.restarts), Some(0));
+    }
+    if let Ok(s) = Arc::try_unwrap(s) {
+        s.stop().await;
+    }
+    Ok(())
+}
+
+fn chromium() -> anyhow::Result<PathBuf> {
+    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("no chromium; run scripts/setup.sh --with-test-deps"))
+}
+
+/// Renders `url` in headless Chromium and returns the DOM once its scripts have run.
+fn dump_dom(url: &str) -> anyhow::Result<String> {
+    let profile = tempfile::tempdir()?;
+    // `timeout`: a page that never lets virtual time run out must not hang the suite.
+    let output = std::process::Command::new("timeout")
+        .arg("60")
+        .arg(chromium()?)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .output()?;
+    anyhow::ensure!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_the_tenants_agents_in_chromium() -> anyhow::Result<()> {
+    let s = Served::start(&two_tenants()?, "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    assert_eq!(s.call("POST", "/api/agents/a1/stop", TOKEN_A, vec![]).await.0, 202);
+    let url = format!("{}#token={TOKEN_A}", s.api("/"));
+    let dom = tokio::task::spawn_blocking(move || dump_dom(&url)).await??;
+    assert!(dom.contains(r#"data-agent="a1""#), "{dom}");
+    assert!(dom.contains(r#"data-status="stopped""#), "{dom}");
+    assert!(!dom.contains(r#"data-agent="b1""#), "{dom}");
+    assert!(dom.contains(r#"<option value="a1">a1</option>"#), "a1 can be chosen to deploy to: {dom}");
+    s.stop().await;
+    Ok(())
+}
+
+/// Runs the `tether` binary to completion: exit code, stdout, stderr.
+fn tether(bin: &Path, args: &[&str], token: &str) -> anyhow::Result<(i32, String, String)> {
+    let out = std::process::Command::new(bin).args(args).env("TETHER_TOKEN", token).env("RUST_LOG", "off").output()?;
+    Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+#[tokio::test]
+async fn tether_serve_and_the_agents_cli() -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let bin = tether_tests::build_bin("tether-host", "tether")?;
+    let dir = tempfile::tempdir()?;
+    let port = tether_tests::free_port();
+    let manifest = head(dir.path(), "").replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"127.0.0.1:{port}\"")) + &two_tenants()?;
+    let path = dir.path().join("manifest.toml");
+    std::fs::write(&path, &manifest)?;
+
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, manifest.replace("tenant = \"b\"\nmodule", "tenant = \"c\"\nmodule"))?;
+    let (code, _, stderr) = tether(&bin, &["serve", "--manifest", &bad.display().to_string()], "")?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("bad.toml:") && stderr.contains("unknown tenant \"c\""), "{stderr}");
+
+    let mut serve = tokio::process::Command::new(&bin)
+        .args(["serve", "--manifest", &path.display().to_string()])
+        .env("RUST_LOG", "off")
+        .kill_on_drop(true)
+        .spawn()?;
+    tether_tests::wait_for_port(port, WAIT).await?;
+    let url = format!("http://127.0.0.1:{port}");
+    let cli = |args: &[&str], token: &str| {
+        let mut all = vec!["agents", "--url", &url];
+        all.extend_from_slice(args);
+        tether(&bin, &all, token)
+    };
+
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (code, stdout, stderr) = cli(&["list"], TOKEN_A)?;
+        assert_eq!(code, 0, "{stderr}");
+        assert!(!stdout.contains("b1"), "{stdout}");
+        if stdout.lines().any(|l| l.starts_with("a1 ") && l.contains("running")) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "a1 not running: {stdout}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, _, stderr) = cli(&["stop", "b1"], TOKEN_A)?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("403") && stderr.contains("another tenant"), "{stderr}");
+    let (code, _, stderr) = cli(&["deploy", "a1", &path.display().to_string()], TOKEN_A)?;
+    assert_eq!(code, 1);
+    assert!(stderr.contains("400") && stderr.contains("not a WebAssembly component"), "{stderr}");
+
+    // Follow a1's log while it is redeployed.
+    let mut logs = tokio::process::Command::new(&bin)
+        .args(["agents", "--url", &url, "logs", "a1"])
+        .env("TETHER_TOKEN", TOKEN_A)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::BufReader::new(logs.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).lines();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let echo = build_agent("http-echo")?;
+    let (code, stdout, stderr) = cli(&["deploy", "a1", &echo.display().to_string()], TOKEN_A)?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("\"module\""), "{stdout}");
+    let line = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("Agent restarted: reload") {
+                return Some(line);
+            }
+        }
+        None
+    })
+    .await?;
+    assert_eq!(line.as_deref(), Some("[a1] Agent restarted: reload"));
+    let _ = logs.kill().await;
+    let _ = serve.kill().await;
+    Ok(())
+}
+
+/// Just enough of a WebDriver client (Debian's chromedriver) to pick a file and click.
+struct Browser {
+    http: reqwest::Client,
+    session: String,
+    driver: std::process::Child,
+    _profile: tempfile::TempDir,
+}
+
+/// The key WebDriver puts element references under.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    async fn start() -> anyhow::Result<Browser> {
+        let binary = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or_else(|| anyhow::anyhow!("no chromedriver; run scripts/setup.sh --with-test-deps"))?;
+        let port = tether_tests::free_port();
+        let driver = std::process::Command::new(binary)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let profile = tempfile::tempdir()?;
+        let mut browser = Browser { http: reqwest::Client::new(), session: format!("http://127.0.0.1:{port}"), driver, _profile: profile };
+        tether_tests::wait_for_port(port, WAIT).await?;
+        let args = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("--user-data-dir={}", browser._profile.path().display())])
+        .collect::<Vec<_>>();
+        let caps = serde_json::json!({ "capabilities": { "alwaysMatch": { "goog:chromeOptions": { "binary": chromium()?, "args": args } } } });
+        let created = browser.cmd(reqwest::Method::POST, "/session", caps).await?;
+        let id = created["sessionId"].as_str().ok_or_else(|| anyhow::anyhow!("no session: {created}"))?;
+        browser.session = format!("{}/session/{id}", browser.session);
+        Ok(browser)
+    }
+
+    /// One WebDriver command; its `value`.
+    async fn cmd(&self, method: reqwest::Method, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        let url = format!("{}{path}", self.session);
+        let mut request = self.http.request(method.clone(), &url);
+        if method != reqwest::Method::GET {
+            request = request.header("content-type", "application/json").body(body.to_string());
+        }
+        let response = request.send().await?;
+        let ok = response.status().is_success();
+        let value: serde_json::Value = serde_json::from_str(&response.text().await?)?;
+        anyhow::ensure!(ok, "{path}: {value}");
+        Ok(value["value"].clone())
+    }
+
+    /// Waits for an element matching `css`.
+    async fn find(&self, css: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.cmd(reqwest::Method::POST, "/element", serde_json::json!({ "using": "css selector", "value": css })).await {
+                Ok(found) => return found[ELEMENT].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("{found}")),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// Waits until the text of `css` contains `needle`.
+    async fn wait_text(&self, css: &str, needle: &str) -> anyhow::Result<String> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let element = self.find(css).await?;
+            let text = self.cmd(reqwest::Method::GET, &format!("/element/{element}/text"), serde_json::Value::Null).await?;
+            let text = text.as_str().unwrap_or_default().to_owned();
+            if text.contains(needle) {
+                return Ok(text);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{css} never showed {needle:?}: {text:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_new_version_is_deployed_from_the_dashboard_in_chromium() -> anyhow::Result<()> {
+    let mut s = Served::start(&two_tenants()?, "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    let browser = Browser::start().await?;
+    browser.cmd(reqwest::Method::POST, "/url", serde_json::json!({ "url": format!("{}#token={TOKEN_A}", s.api("/")) })).await?;
+    browser.find("#deploy-agent option[value=a1]").await?;
+    let file = browser.find("#deploy-file").await?;
+    let echo = build_agent("http-echo")?;
+    browser.cmd(reqwest::Method::POST, &format!("/element/{file}/value"), serde_json::json!({ "text": echo.display().to_string() })).await?;
+    let deploy = browser.find("#deploy button").await?;
+    browser.cmd(reqwest::Method::POST, &format!("/element/{deploy}/click"), serde_json::json!({})).await?;
+
+    browser.wait_text("#message", "Deployed").await?;
+    s.logs.wait_for("a1", "Agent restarted: reload", WAIT).await?;
+    s.wait_running(&["a1"]).await?;
+    assert_eq!(s.agent_get("a1", "/x").await, (200, "GET /x {} ".into()));
+    // The live log pane saw it too.
+    browser.wait_text("#logs", "[a1] Agent restarted: reload").await?;
+    let _ = browser.cmd(reqwest::Method::DELETE, "", serde_json::Value::Null).await;
+    s.stop().await;
+    Ok(())
+}
