@@ -190,7 +190,10 @@ pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Re
     let mut store = Store::new(&agent.host.runtime.engine, state);
     store.limiter(|s| &mut s.limits);
     // Each tick, the running agent yields its thread (fairness between agents) and is
-    // charged one tick; over budget, the event ends with a trap.
+    // charged one tick; over budget, the event ends with a trap. The yield goes through
+    // tokio's `yield_now`: wasmtime's plain `Yield` wakes the task from inside its own
+    // poll, which tokio's scheduler answers by polling it again at once (its LIFO slot),
+    // so a busy agent would never actually let its neighbours run.
     store.epoch_deadline_callback(|mut ctx| {
         let state = ctx.data_mut();
         state.ticks_used += 1;
@@ -198,7 +201,11 @@ pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Re
             let ms = state.tick_budget * TICK.as_millis() as u32;
             Err(CpuLimitExceeded(ms).into())
         } else {
-            Ok(UpdateDeadline::Yield(1))
+            // Past its second tick an event sleeps a tick at each yield: a long-running
+            // agent gets at most half a core, and short events of others go first.
+            let pause: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+                if state.ticks_used > 2 { Box::pin(tokio::time::sleep(TICK)) } else { Box::pin(tokio::task::yield_now()) };
+            Ok(UpdateDeadline::YieldCustom(1, pause))
         }
     });
     Ok(store)
