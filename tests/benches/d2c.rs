@@ -65,18 +65,8 @@ fn body(i: usize) -> String {
     s
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
-}
-
 fn percentile_us(sorted: &[Duration], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_micros() as u64
+    tether_tests::bench::percentile(sorted, p).as_micros() as u64
 }
 
 /// CPU time process `pid` has used so far (sum over its threads, from schedstat), ns.
@@ -530,7 +520,7 @@ async fn child(config: ChildConfig) -> anyhow::Result<()> {
 
 /// A host with one `d2c-bench` agent per connection string; runs or measures memory.
 async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
-    let rss_start = rss_kib();
+    let rss_start = tether_tests::bench::rss_kib();
     let k = config.cs.len();
     let ca = config.ca_path.clone();
     let t = TestHost::start(|c| {
@@ -539,7 +529,7 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
     })
     .await?;
     let module = t.host.runtime().load_file(&config.wasm)?;
-    let rss_base = rss_kib();
+    let rss_base = tether_tests::bench::rss_kib();
     let ids: Vec<String> = (0..k).map(|i| format!("d2c-{i}")).collect();
     for id in &ids {
         t.host.spawn(id, AgentSettings { id: Some(id.clone()), ..AgentSettings::default() }, module.clone())?;
@@ -550,7 +540,7 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_spawned = rss_kib();
+    let rss_spawned = tether_tests::bench::rss_kib();
     let http = reqwest::Client::builder().build()?;
     let call = |id: &str, path: &str, query: Vec<(&str, String)>| {
         let url = reqwest::Url::parse_with_params(&t.url(id, path), &query);
@@ -591,7 +581,7 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
             ensure!(summary.contains("\"errors\":0"), "agent: {summary}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_connected = rss_kib();
+        let rss_connected = tether_tests::bench::rss_kib();
         let linear_connected = linear_kib(&ids).await?;
         say(&json!({
             "rss_start_kib": rss_start, "rss_base_kib": rss_base, "rss_spawned_kib": rss_spawned, "rss_connected_kib": rss_connected,
@@ -723,7 +713,7 @@ async fn rumqttc_child(config: &ChildConfig) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), async { while eventloop.poll().await.is_ok() {} }).await;
         return Ok(());
     }
-    let rss_base = rss_kib();
+    let rss_base = tether_tests::bench::rss_kib();
     let mut clients = Vec::new();
     for cs in &config.cs {
         let (client, eventloop, topic) = rumqttc_connect(cs, &tls).await?;
@@ -732,7 +722,7 @@ async fn rumqttc_child(config: &ChildConfig) -> anyhow::Result<()> {
         clients.push((client, driver));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    say(&json!({"rss_base_kib": rss_base, "rss_connected_kib": rss_kib()}).to_string());
+    say(&json!({"rss_base_kib": rss_base, "rss_connected_kib": tether_tests::bench::rss_kib()}).to_string());
     for (_, driver) in &clients {
         driver.abort();
     }

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod azure;
+pub mod bench;
 
 use anyhow::{Context, bail};
 use tether_host::config::{AgentSettings, DeviceBinding, HostConfig};
