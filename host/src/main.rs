@@ -273,9 +273,14 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         Some(cs) => cs,
         None => hub.create_device(DEMO_DEVICE).context("cannot create the demo device")?.connection_string,
     };
-    let enrollment = hub
-        .add_enrollment(Enrollment::Individual { registration_id: DEMO_REGISTRATION.into(), device_id: None, primary_key: None, secondary_key: None })
-        .context("cannot add the demo enrollment")?;
+    // With --persist the enrollment survives restarts; its key must stay the same, or
+    // devices provisioned with it could not register again.
+    let enrollment = match hub.control().enrollment(DEMO_REGISTRATION) {
+        Some(existing) => existing,
+        None => hub
+            .add_enrollment(Enrollment::Individual { registration_id: DEMO_REGISTRATION.into(), device_id: None, primary_key: None, secondary_key: None })
+            .context("cannot add the demo enrollment")?,
+    };
     println!(
         "Azure IoT Hub + DPS emulator running.\n\
          \n  CA certificate:        {ca}\

@@ -229,6 +229,15 @@ impl Control {
         }
     }
 
+    /// An individual (or else group) enrollment with this id, with its keys.
+    pub fn enrollment(&self, id: &str) -> Option<EnrollmentInfo> {
+        let st = self.shared.lock();
+        if let Some(e) = st.p.individual.get(id) {
+            return Some(EnrollmentInfo { id: e.registration_id.clone(), primary_key: e.primary_key.clone(), secondary_key: e.secondary_key.clone() });
+        }
+        st.p.groups.get(id).map(|g| EnrollmentInfo { id: g.group_id.clone(), primary_key: g.primary_key.clone(), secondary_key: g.secondary_key.clone() })
+    }
+
     /// Queues a cloud-to-device message; returns its message id.
     pub fn send_c2d(&self, device_id: &str, msg: C2dRequest) -> Result<String, ControlError> {
         self.shared.enqueue_c2d(device_id, msg)

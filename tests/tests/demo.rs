@@ -79,3 +79,29 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
     }
     Ok(())
 }
+
+/// `tether hub --persist` keeps its demo enrollment's key across restarts, so devices
+/// provisioned with it can register again.
+#[test]
+fn hub_keeps_the_demo_enrollment_across_restarts() -> anyhow::Result<()> {
+    let tether = build_bin("tether-host", "tether")?;
+    let state = tempfile::tempdir()?;
+    let dps_line = || -> anyhow::Result<String> {
+        let mut child = Command::new(&tether)
+            .args(["hub", "--mqtt-port", "0", "--https-port", "0", "--persist", "--state-dir"])
+            .arg(state.path())
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let line = BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.contains("DPS: scope"));
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+        anyhow::ensure!(child.wait()?.success(), "tether hub did not stop cleanly");
+        line.ok_or_else(|| anyhow::anyhow!("no DPS line printed"))
+    };
+    let first = dps_line()?;
+    assert!(first.contains("registration id demo-registration, key "), "{first}");
+    assert_eq!(dps_line()?, first);
+    Ok(())
+}
