@@ -607,8 +607,13 @@ impl Client {
             return then(self, 0);
         }
         let topic = topics.remove(0);
+        // Kept outside the MQTT callback: a call refused at once drops that callback, and
+        // `then` must still run, or the feature would stay "enabling" for good.
+        let then = Rc::new(RefCell::new(Some(then)));
+        let pending = then.clone();
         let weak = Rc::downgrade(&self.0);
         let next = move |code: i32| {
+            let Some(then) = pending.borrow_mut().take() else { return };
             with(&weak, move |c| if code == 0 { c.chain(topics, subscribe, then) } else { then(c, code) })
         };
         let started = if subscribe {
@@ -617,8 +622,11 @@ impl Client {
             self.0.mqtt.unsubscribe(&[&topic], next)
         };
         if let Err(e) = started {
-            // The callback was not registered: report through a fresh chain end.
             self.error(format!("(un)subscribing {topic}: {e}"));
+            let then = then.borrow_mut().take();
+            if let Some(then) = then {
+                then(self, e.code());
+            }
         }
     }
 
