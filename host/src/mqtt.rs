@@ -3,7 +3,7 @@
 //! reconnects by itself: a broken connection is reported and the agent decides.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,12 @@ pub mod code {
     pub const SUBSCRIPTION_REFUSED: i32 = 128;
 }
 
+/// Messages received but not yet delivered to the agent, per connection: past this the
+/// connection stops reading, so a flooding broker is slowed by TCP, not held in host memory.
+const INBOUND_LIMIT: usize = 1024;
+/// How often a paused connection looks again.
+const PAUSE_RECHECK: Duration = Duration::from_millis(10);
+
 /// Requests queued per connection before `publish` reports -12.
 const REQUEST_QUEUE: usize = 1000;
 
@@ -60,6 +66,7 @@ struct Connection {
     connected: Arc<AtomicBool>,
     disconnecting: Arc<AtomicBool>,
     ops: Arc<Mutex<Ops>>,
+    inbound: Arc<AtomicUsize>,
     _task: TaskGuard,
 }
 
@@ -81,7 +88,12 @@ impl Clients {
                 }
                 Event::MqttConnected((client, code))
             }
-            MqttEvent::Message(m) => Event::MqttMessage((client, m)),
+            MqttEvent::Message(m) => {
+                if let Some(conn) = self.connections.get(&client) {
+                    conn.inbound.fetch_sub(1, Ordering::AcqRel);
+                }
+                Event::MqttMessage((client, m))
+            }
             MqttEvent::Published(op, code) => Event::MqttPublished((client, op, code)),
             MqttEvent::Subscribed(op, code, granted) => Event::MqttSubscribed((client, op, code, granted)),
             MqttEvent::Unsubscribed(op, code) => Event::MqttUnsubscribed((client, op, code)),
@@ -139,12 +151,14 @@ impl crate::bindings::mqtt::Host for AgentCtx {
         let connected = Arc::new(AtomicBool::new(false));
         let disconnecting = Arc::new(AtomicBool::new(false));
         let ops = Arc::new(Mutex::new(Ops::default()));
+        let inbound = Arc::new(AtomicUsize::new(0));
         let driver = Driver {
             handle,
             events: self.events.clone(),
             connected: connected.clone(),
             disconnecting: disconnecting.clone(),
             ops: ops.clone(),
+            inbound: inbound.clone(),
         };
         let task = TaskGuard::spawn(async move {
             if let Some(((host, port), log)) = check
@@ -156,7 +170,7 @@ impl crate::bindings::mqtt::Host for AgentCtx {
             }
             driver.run(eventloop).await
         });
-        clients.connections.insert(handle, Connection { client, connected, disconnecting, ops, _task: task });
+        clients.connections.insert(handle, Connection { client, connected, disconnecting, ops, inbound, _task: task });
         Ok(handle)
     }
 
@@ -289,6 +303,7 @@ struct Driver {
     connected: Arc<AtomicBool>,
     disconnecting: Arc<AtomicBool>,
     ops: Arc<Mutex<Ops>>,
+    inbound: Arc<AtomicUsize>,
 }
 
 impl Driver {
@@ -298,6 +313,10 @@ impl Driver {
 
     async fn run(self, mut eventloop: EventLoop) {
         loop {
+            if self.inbound.load(Ordering::Acquire) >= INBOUND_LIMIT {
+                tokio::time::sleep(PAUSE_RECHECK).await;
+                continue;
+            }
             match eventloop.poll().await {
                 Ok(LoopEvent::Incoming(packet)) => self.incoming(packet),
                 Ok(LoopEvent::Outgoing(out)) => {
@@ -328,13 +347,16 @@ impl Driver {
                 self.connected.store(true, Ordering::Release);
                 self.post(MqttEvent::Connected(code::SUCCESS));
             }
-            Packet::Publish(p) => self.post(MqttEvent::Message(Message {
+            Packet::Publish(p) => {
+                self.inbound.fetch_add(1, Ordering::AcqRel);
+                self.post(MqttEvent::Message(Message {
                 topic: p.topic,
                 payload: p.payload.to_vec(),
                 qos: p.qos as u8,
                 retain: p.retain,
                 dup: p.dup,
-            })),
+                }))
+            }
             Packet::PubAck(ack) => self.acked_publish(ack.pkid),
             Packet::PubComp(comp) => self.acked_publish(comp.pkid),
             Packet::SubAck(ack) => {
