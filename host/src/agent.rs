@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use wasmtime::component::ResourceTable;
-use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, UpdateDeadline};
+use wasmtime::{ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::allowed_hosts::AllowedHosts;
@@ -15,7 +15,8 @@ use crate::bindings::{Agent, events::Event};
 use crate::config::Limits;
 use crate::metrics::{AgentMetrics, Count};
 use crate::rate::TokenBucket;
-use crate::engine::{AgentModule, TICK};
+use crate::engine::AgentModule;
+use crate::sched::{CallClock, CpuLimitExceeded};
 use crate::events::{EventSender, HostEvent, Envelope};
 use crate::log::{Level, LogStream, Logger};
 use crate::{HostShared, http, mqtt, store::AgentStore, timers::Timers};
@@ -70,6 +71,8 @@ pub(crate) struct AgentShared {
     pub control: mpsc::UnboundedSender<Control>,
     /// The digest of the module version running (or about to run).
     pub module_digest: Mutex<String>,
+    /// Set while the agent belongs in the slow lane (see `sched`).
+    pub slow: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AgentShared {
@@ -119,8 +122,7 @@ pub struct AgentState {
     wasi: WasiCtx,
     table: ResourceTable,
     limits: MeteredLimits,
-    ticks_used: u32,
-    tick_budget: u32,
+    clock: CallClock,
 }
 
 impl WasiView for AgentState {
@@ -148,11 +150,6 @@ impl ResourceLimiter for MeteredLimits {
         self.limits.table_growing(current, desired, maximum)
     }
 }
-
-/// Why an event ended the instance.
-#[derive(Debug, thiserror::Error)]
-#[error("CPU limit exceeded ({0} ms in one event)")]
-struct CpuLimitExceeded(u32);
 
 pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Result<Store<AgentState>> {
     let limits = &agent.limits;
@@ -184,30 +181,12 @@ pub(crate) fn new_store(agent: &Arc<AgentShared>, generation: u64) -> anyhow::Re
                 .build(),
             metrics: agent.metrics.clone(),
         },
-        ticks_used: 0,
-        tick_budget: (limits.cpu_ms_per_event / TICK.as_millis() as u32).max(1),
+        clock: CallClock::new(Duration::from_millis(limits.cpu_ms_per_event.into()), agent.slow.clone()),
     };
     let mut store = Store::new(&agent.host.runtime.engine, state);
     store.limiter(|s| &mut s.limits);
-    // Each tick, the running agent yields its thread (fairness between agents) and is
-    // charged one tick; over budget, the event ends with a trap. The yield goes through
-    // tokio's `yield_now`: wasmtime's plain `Yield` wakes the task from inside its own
-    // poll, which tokio's scheduler answers by polling it again at once (its LIFO slot),
-    // so a busy agent would never actually let its neighbours run.
-    store.epoch_deadline_callback(|mut ctx| {
-        let state = ctx.data_mut();
-        state.ticks_used += 1;
-        if state.ticks_used > state.tick_budget {
-            let ms = state.tick_budget * TICK.as_millis() as u32;
-            Err(CpuLimitExceeded(ms).into())
-        } else {
-            // Past its second tick an event sleeps a tick at each yield: a long-running
-            // agent gets at most half a core, and short events of others go first.
-            let pause: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-                if state.ticks_used > 2 { Box::pin(tokio::time::sleep(TICK)) } else { Box::pin(tokio::task::yield_now()) };
-            Ok(UpdateDeadline::YieldCustom(1, pause))
-        }
-    });
+    // Each tick charges the running call and lets other agents run (see `sched`).
+    store.epoch_deadline_callback(|mut ctx| ctx.data_mut().clock.tick());
     Ok(store)
 }
 
@@ -308,7 +287,7 @@ async fn run_instance(
     arm(&mut store);
     let t = Instant::now();
     instance.call_start(&mut store).await?;
-    agent.metrics.event(t.elapsed());
+    agent.metrics.event(t.elapsed(), store.data_mut().clock.finish());
     agent.set_status(AgentStatus::Running);
     loop {
         let envelope = tokio::select! {
@@ -330,13 +309,13 @@ async fn run_instance(
         arm(&mut store);
         let t = Instant::now();
         instance.call_on_event(&mut store, &event).await?;
-        agent.metrics.event(t.elapsed());
+        agent.metrics.event(t.elapsed(), store.data_mut().clock.finish());
     }
 }
 
 /// Gives the next call a fresh CPU budget.
 pub(crate) fn arm(store: &mut Store<AgentState>) {
-    store.data_mut().ticks_used = 0;
+    store.data_mut().clock.start();
     store.set_epoch_deadline(1);
 }
 

@@ -174,10 +174,10 @@ impl Limits {
                 return Err(ConfigError::Invalid(format!("limits.{name} needs burst >= 1 and per_sec > 0")));
             }
         }
-        if self.cpu_ms_per_event < crate::engine::TICK.as_millis() as u32 {
+        if self.cpu_ms_per_event < crate::sched::TICK.as_millis() as u32 {
             return Err(ConfigError::Invalid(format!(
                 "limits.cpu_ms_per_event must be at least {} ms",
-                crate::engine::TICK.as_millis()
+                crate::sched::TICK.as_millis()
             )));
         }
         Ok(())

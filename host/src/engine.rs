@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
@@ -12,10 +11,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use crate::agent::AgentState;
 use crate::bindings::{Agent, AgentPre};
 use crate::config::HostConfig;
-
-/// One epoch tick. CPU budgets are counted in ticks, and a busy agent yields its thread
-/// to others at each one.
-pub const TICK: Duration = Duration::from_millis(10);
+use crate::sched::TICK;
 
 /// Errors loading an agent module.
 #[derive(Debug, thiserror::Error)]

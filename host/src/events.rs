@@ -64,11 +64,13 @@ impl EventSender {
 pub(crate) struct TaskGuard(tokio::task::AbortHandle);
 
 impl TaskGuard {
-    pub fn spawn<F>(future: F) -> TaskGuard
+    /// Spawns `future` on `io`, the host's runtime (whichever thread the calling guest
+    /// code runs on).
+    pub fn spawn<F>(io: &tokio::runtime::Handle, future: F) -> TaskGuard
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        TaskGuard(tokio::spawn(future).abort_handle())
+        TaskGuard(io.spawn(future).abort_handle())
     }
 }
 

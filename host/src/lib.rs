@@ -31,6 +31,7 @@ pub mod manifest;
 pub mod metrics;
 mod mqtt;
 mod rate;
+mod sched;
 mod store;
 mod timers;
 mod tls;
@@ -56,6 +57,10 @@ use metrics::{AgentMetrics, MetricsSnapshot};
 pub(crate) struct HostShared {
     config: HostConfig,
     runtime: Arc<Runtime>,
+    slow_lane: sched::SlowLane,
+    /// The runtime of the host's own tasks (timers, connections, requests), which guest
+    /// calls on the slow lane must not spawn onto their own.
+    io: tokio::runtime::Handle,
     http_client: reqwest::Client,
     /// For agents limited to allowed hosts: reaches public addresses only.
     http_client_public: reqwest::Client,
@@ -105,6 +110,9 @@ pub struct AgentReport {
     pub device_connected: Option<bool>,
     /// SHA-256 of the module version it runs, hex.
     pub module_digest: String,
+    /// Whether it runs in the slow lane, behind lighter agents: it is in a long event or
+    /// has used more than a tenth of a core lately.
+    pub slow_lane: bool,
     pub metrics: MetricsSnapshot,
 }
 
@@ -138,6 +146,8 @@ impl Host {
             public_url: public_url.trim_end_matches('/').to_owned(),
             config,
             runtime,
+            slow_lane: sched::SlowLane::new().context("cannot start the slow lane threads")?,
+            io: tokio::runtime::Handle::current(),
             http_client,
             http_client_public,
             tls,
@@ -238,6 +248,7 @@ impl Host {
             metrics,
             control,
             module_digest: std::sync::Mutex::default(),
+            slow: Arc::default(),
         });
         (agent, rx, control_rx, driver)
     }
@@ -260,7 +271,8 @@ impl Host {
             }
             agents.insert(id.to_owned(), agent.clone());
         }
-        let task = tokio::spawn(agent::run(agent, module, rx, control, self.shared.shutdown.subscribe()));
+        let slow = agent.slow.clone();
+        let task = self.shared.slow_lane.spawn(&self.shared.io, agent::run(agent, module, rx, control, self.shared.shutdown.subscribe()), slow);
         let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
         tasks.push(task);
         if let Some(driver) = driver {
@@ -337,6 +349,7 @@ fn report(agent: &AgentShared) -> AgentReport {
         restarts: agent.restarts.lock().map(|n| *n).unwrap_or(0),
         device_connected: agent.device.as_ref().map(device::DeviceChannel::connected),
         module_digest: agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default(),
+        slow_lane: agent.slow.load(std::sync::atomic::Ordering::Relaxed),
         metrics: agent.metrics.snapshot(),
     }
 }

@@ -136,10 +136,10 @@ impl LogStream {
     }
 
     fn flush_partial(&self) {
-        if let Ok(mut partial) = self.partial.lock() {
-            if !partial.is_empty() {
-                self.emit(&mut partial);
-            }
+        if let Ok(mut partial) = self.partial.lock()
+            && !partial.is_empty()
+        {
+            self.emit(&mut partial);
         }
     }
 }

@@ -11,8 +11,8 @@ pub const LATENCY_BUCKETS: [f64; 8] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05,
 #[derive(Default)]
 pub struct AgentMetrics {
     events: AtomicU64,
-    /// Time spent inside the guest (`start` and events), ns: the agent's CPU use, since a
-    /// call runs on one thread without blocking.
+    /// Time the guest ran (`start` and events, pauses between ticks left out), ns: the
+    /// agent's CPU use, since guest code never blocks its thread.
     busy_ns: AtomicU64,
     /// Cumulative counts per bucket of [`LATENCY_BUCKETS`].
     latency: [AtomicU64; LATENCY_BUCKETS.len()],
@@ -54,10 +54,10 @@ pub(crate) enum Count {
 }
 
 impl AgentMetrics {
-    /// One event (or `start`) took `took` inside the guest.
-    pub(crate) fn event(&self, took: Duration) {
+    /// One event (or `start`) took `took` from call to return, `ran` of it running.
+    pub(crate) fn event(&self, took: Duration, ran: Duration) {
         self.events.fetch_add(1, Relaxed);
-        self.busy_ns.fetch_add(took.as_nanos() as u64, Relaxed);
+        self.busy_ns.fetch_add(ran.as_nanos() as u64, Relaxed);
         let secs = took.as_secs_f64();
         for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency) {
             if secs <= *bound {

@@ -160,7 +160,7 @@ impl crate::bindings::mqtt::Host for AgentCtx {
             ops: ops.clone(),
             inbound: inbound.clone(),
         };
-        let task = TaskGuard::spawn(async move {
+        let task = TaskGuard::spawn(&self.agent.host.io, async move {
             if let Some(((host, port), log)) = check
                 && let Err(e) = resolve_public(&host, port).await
             {

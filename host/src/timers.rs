@@ -32,7 +32,7 @@ impl crate::bindings::timers::Host for AgentCtx {
         timers.next_id += 1;
         let id = timers.next_id;
         let events = self.events.clone();
-        let task = TaskGuard::spawn(async move {
+        let task = TaskGuard::spawn(&self.agent.host.io, async move {
             tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
             events.post(HostEvent::Timer(id));
         });

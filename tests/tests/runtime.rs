@@ -143,6 +143,38 @@ async fn memory_hog_is_stopped_by_the_memory_cap() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_busy_agent_runs_in_the_slow_lane_until_it_quiets_down() -> anyhow::Result<()> {
+    let t = TestHost::start(|_| {}).await?;
+    t.spawn("busy", "probe", &[])?;
+    t.spawn("quiet", "probe", &[])?;
+    let lane = |id: &str| t.host.agent(id).map(|r| r.slow_lane);
+    assert_eq!(lane("busy"), Some(false));
+    // From now on "busy" makes a million host calls per event, one event after another.
+    assert_eq!(get(&t.url("busy", "/noise?kind=calls&n=1000000")).await, (200, "noise started".into()));
+    let deadline = std::time::Instant::now() + WAIT;
+    while lane("busy") != Some(true) {
+        assert!(std::time::Instant::now() < deadline, "busy agent never moved to the slow lane");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Its neighbour answers all along and stays in the normal lane.
+    for _ in 0..20 {
+        assert_eq!(get(&t.url("quiet", "/ping")).await, (200, "pong".into()));
+    }
+    assert_eq!(lane("quiet"), Some(false));
+    let busy = t.host.agent("busy").ok_or_else(|| anyhow::anyhow!("no busy agent"))?;
+    assert!(busy.metrics.busy_seconds > 0.0 && busy.metrics.events > 1, "{:?}", busy.metrics);
+    assert_eq!(busy.restarts, 0, "within its CPU limit, the busy agent is slowed, not stopped");
+    // A restart ends the noise, and the fresh instance is light again.
+    t.host.restart_agent("busy")?;
+    while lane("busy") != Some(false) || get(&t.url("busy", "/ping")).await != (200, "pong".into()) {
+        assert!(std::time::Instant::now() < deadline + WAIT, "busy agent stayed in the slow lane: {:?}", t.host.agent("busy"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn panic_is_logged_and_the_agent_restarts() -> anyhow::Result<()> {
     let mut t = TestHost::start(|_| {}).await?;
     t.spawn("p", "probe", &[])?;

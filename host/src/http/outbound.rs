@@ -71,7 +71,7 @@ pub(super) fn send(ctx: &mut AgentCtx, req: Request) -> Result<u64, TransportErr
     out.next_id += 1;
     let id = out.next_id;
     let events = ctx.events.clone();
-    let task = TaskGuard::spawn(async move {
+    let task = TaskGuard::spawn(&ctx.agent.host.io, async move {
         let result = tokio::time::timeout(timeout, perform(request, body_limit)).await.unwrap_or(Err(TransportError::Timeout));
         if let Err(TransportError::NotAllowed) = result {
             log.write(Level::Error, &format!("http: {target} {DENIED_ADDRESS}; not allowed"));

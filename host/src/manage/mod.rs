@@ -194,6 +194,7 @@ fn agent_json(tenant: &str, r: &AgentReport) -> serde_json::Value {
         "restarts": r.restarts,
         "device_connected": r.device_connected,
         "module": r.module_digest,
+        "slow_lane": r.slow_lane,
         "events": r.metrics.events,
         "memory_bytes": r.metrics.memory_bytes,
     })
@@ -299,11 +300,12 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Resp
 /// The Prometheus text exposition of `agents`' counters.
 fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
     type Field = fn(&AgentReport) -> f64;
-    let simple: [(&str, &str, &str, Field); 10] = [
+    let simple: [(&str, &str, &str, Field); 11] = [
         ("tether_agent_up", "gauge", "1 while the agent runs", |r| f64::from(u8::from(r.status == AgentStatus::Running))),
+        ("tether_agent_slow_lane", "gauge", "1 while the agent runs behind lighter ones (long event, heavy CPU use)", |r| f64::from(u8::from(r.slow_lane))),
         ("tether_agent_restarts_total", "counter", "Crashes that restarted the agent", |r| r.restarts.into()),
         ("tether_agent_events_total", "counter", "Events delivered, start included", |r| r.metrics.events as f64),
-        ("tether_agent_cpu_seconds_total", "counter", "Time spent running the agent's code", |r| r.metrics.busy_seconds),
+        ("tether_agent_cpu_seconds_total", "counter", "CPU time spent running the agent's code", |r| r.metrics.busy_seconds),
         ("tether_agent_memory_bytes", "gauge", "Linear memory last granted to the agent", |r| r.metrics.memory_bytes as f64),
         ("tether_agent_log_lines_total", "counter", "Log lines the agent wrote", |r| r.metrics.log_lines as f64),
         ("tether_agent_log_dropped_total", "counter", "Log lines dropped over the log rate", |r| r.metrics.log_dropped as f64),

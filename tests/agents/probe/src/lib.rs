@@ -4,7 +4,9 @@
 //! client and answers with the result codes of its callbacks. For the hosting tests:
 //! `/fetch?url=U` answers with what a GET of U returned, `/later?ms=N` answers after a
 //! timer, `/flood-logs?n=N` logs N lines, `/flood-http?n=N&url=U` sends N GETs at once and
-//! answers with how they ended.
+//! answers with how they ended, `/noise?kind=logs|http|calls&n=N&url=U` answers at once and
+//! then, from a zero-delay timer, forever logs N lines, sends N GETs of U or makes N host
+//! calls.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -125,12 +127,13 @@ fn start() {
             "/ping" => "pong".to_owned(),
             // N cheap host calls in one event, for the guest->host call benchmark.
             "/host-calls" => {
-                let n: u64 = req.query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
-                let timer = tether_guest::imp::wakeup(1e6, || {});
-                for _ in 0..n {
-                    tether_guest::imp::cancel_wakeup(timer);
-                }
+                let n = number("n");
+                host_calls(n);
                 format!("{n} calls")
+            }
+            "/noise" => {
+                noise(req.query.get("kind").cloned().unwrap_or_default(), number("n"), url);
+                "noise started".to_owned()
             }
             "/count" => {
                 let mut state: State = server::load().ok().flatten().unwrap_or_default();
@@ -158,10 +161,8 @@ fn start() {
             },
             "/panic" => panic!("asked to panic"),
             "/flood-logs" => {
-                let n: u64 = req.query.get("n").and_then(|n| n.parse().ok()).unwrap_or(0);
-                for i in 0..n {
-                    server::log(format!("flood {i}"));
-                }
+                let n = number("n");
+                flood_logs(n);
                 format!("logged {n}")
             }
             "/print" => {
@@ -173,6 +174,35 @@ fn start() {
         };
         let _ = res.send(200, answer);
     });
+}
+
+fn host_calls(n: u64) {
+    let timer = tether_guest::imp::wakeup(1e6, || {});
+    for _ in 0..n {
+        tether_guest::imp::cancel_wakeup(timer);
+    }
+}
+
+fn flood_logs(n: u64) {
+    for i in 0..n {
+        server::log(format!("flood {i}"));
+    }
+}
+
+/// One round of `kind` noise, then the next from a zero-delay timer: the agent stays busy
+/// without anybody asking it.
+fn noise(kind: String, n: u64, url: String) {
+    match kind.as_str() {
+        "logs" => flood_logs(n),
+        "calls" => host_calls(n),
+        "http" => {
+            for _ in 0..n {
+                http::get(&url, &[]).send_async(|_| {});
+            }
+        }
+        _ => return,
+    }
+    tether_guest::imp::wakeup(0.0, move || noise(kind, n, url));
 }
 
 tether_guest::agent!(start);

@@ -1,0 +1,244 @@
+//! Sharing the CPU between agents.
+//!
+//! Guest code is interrupted at every epoch tick ([`TICK`]); there the host charges the
+//! call its run time, ends it when over its CPU budget and otherwise lets other tasks run.
+//! An agent in a call that has run across [`LONG_TICKS`] ticks, or that has used more than
+//! [`HEAVY_SHARE`] of a core lately, moves to the [`SlowLane`]: threads the kernel runs
+//! only when nothing else wants the core (`SCHED_IDLE`). The host's I/O and the light
+//! agents' events so go first, whatever a spinning or flooding neighbour does, and the
+//! slow lane gets the rest of the machine, its agents taking turns tick by tick.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use wasmtime::UpdateDeadline;
+
+/// One epoch tick: how often running guest code is interrupted.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// Ticks after which a call counts as long and moves to the slow lane. Counted in ticks, not
+/// clock time: a short call the kernel preempted sees one tick however long it waited, and
+/// only a call that ran on past it sees a second.
+const LONG_TICKS: u32 = 2;
+
+/// Share of a core above which an agent counts as heavy, measured over about [`HALF_LIFE`].
+const HEAVY_SHARE: f64 = 0.1;
+
+/// Half-life of an agent's recent run time.
+const HALF_LIFE: Duration = Duration::from_millis(100);
+
+/// The slow lane: a tokio runtime whose threads run at the lowest OS priority, one fewer
+/// than the cores (at least one), so that a core is always left to the host's I/O and the
+/// light agents. Agent tasks move here, and back, at their pauses.
+pub(crate) struct SlowLane {
+    /// Always `Some` until dropped: a runtime cannot be dropped inside another one, so
+    /// `drop` takes it out and lets it end in the background.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+type AgentTask = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl SlowLane {
+    pub fn new() -> std::io::Result<SlowLane> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).max(1);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name("tether-slow-lane")
+            .on_thread_start(lowest_priority)
+            .enable_all()
+            .build()?;
+        Ok(SlowLane { runtime: Some(runtime) })
+    }
+
+    /// Spawns an agent's task on `io` (the host's runtime); whenever it pauses with `slow`
+    /// set, it moves to the slow lane, and back when it pauses with `slow` clear.
+    pub fn spawn(&self, io: &tokio::runtime::Handle, task: impl Future<Output = ()> + Send + 'static, slow: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
+        let lane = self.runtime.as_ref().map(|r| r.handle().clone());
+        io.spawn(async move {
+            let mut task: AgentTask = Box::pin(task);
+            loop {
+                task = match until(task, &slow, true).await {
+                    Some(task) => task,
+                    None => return,
+                };
+                let Some(lane) = &lane else { return };
+                let slow = slow.clone();
+                // Aborted if this task is dropped (a shutdown), at the agent's next pause.
+                let mut moved = AbortOnDrop(lane.spawn(async move { until(task, &slow, false).await }));
+                task = match (&mut moved.0).await {
+                    Ok(Some(task)) => task,
+                    Ok(None) => return,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => return,
+                };
+            }
+        })
+    }
+}
+
+/// Polls `task` until it ends (`None`) or pauses with `slow` equal to `leave_when`.
+async fn until(mut task: AgentTask, slow: &AtomicBool, leave_when: bool) -> Option<AgentTask> {
+    let ended = std::future::poll_fn(|cx| match task.as_mut().poll(cx) {
+        Poll::Ready(()) => Poll::Ready(true),
+        Poll::Pending if slow.load(Relaxed) == leave_when => Poll::Ready(false),
+        Poll::Pending => Poll::Pending,
+    })
+    .await;
+    (!ended).then_some(task)
+}
+
+impl Drop for SlowLane {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `SCHED_IDLE` for the calling thread: the kernel preempts it as soon as any normal thread
+/// wants its core. Best effort: without it the lane still takes turns, just not behind the
+/// host's I/O.
+#[cfg(target_os = "linux")]
+fn lowest_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param; pid 0 names the calling thread.
+    let failed = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0;
+    if failed {
+        tracing::debug!("slow lane: cannot lower thread priority: {}", std::io::Error::last_os_error());
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn lowest_priority() {}
+
+/// Why a call ended the instance.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU limit exceeded ({} ms in one event)", .0.as_millis())]
+pub(crate) struct CpuLimitExceeded(Duration);
+
+/// The run time of one store's current call, against its budget, and whether its agent
+/// belongs in the slow lane.
+pub(crate) struct CallClock {
+    budget: Duration,
+    /// Run time of the current call before its current slice.
+    ran: Duration,
+    /// Ticks seen by the current call.
+    ticks: u32,
+    /// When the current slice began; written by the pause that ends a yield.
+    resumed: Arc<Mutex<Resumed>>,
+    /// Run time of recent calls, decaying with [`HALF_LIFE`], as of `recent_at`.
+    recent: f64,
+    recent_at: Instant,
+    /// The agent's flag for [`SlowLane::spawn`].
+    slow: Arc<AtomicBool>,
+}
+
+impl CallClock {
+    pub fn new(budget: Duration, slow: Arc<AtomicBool>) -> CallClock {
+        let now = Instant::now();
+        CallClock { budget, ran: Duration::ZERO, ticks: 0, resumed: Arc::new(Mutex::new(Resumed::at(now))), recent: 0.0, recent_at: now, slow }
+    }
+
+    /// A call begins.
+    pub fn start(&mut self) {
+        self.ran = Duration::ZERO;
+        self.ticks = 0;
+        let now = Instant::now();
+        *lock(&self.resumed) = Resumed::at(now);
+        let heavy = self.heavy(now);
+        self.slow.store(heavy, Relaxed);
+    }
+
+    /// An epoch tick in the call: an error past the budget, else a pause that lets others
+    /// run (and where a long call moves to the slow lane).
+    pub fn tick(&mut self) -> wasmtime::Result<UpdateDeadline> {
+        self.ran += lock(&self.resumed).ran(Instant::now());
+        if self.ran > self.budget {
+            return Err(CpuLimitExceeded(self.budget).into());
+        }
+        self.ticks += 1;
+        if self.ticks >= LONG_TICKS {
+            self.slow.store(true, Relaxed);
+        }
+        let resumed = self.resumed.clone();
+        // `yield_now` rather than wasmtime's plain `Yield`: that one wakes the task from
+        // inside its own poll, which tokio answers by polling it again at once (its LIFO
+        // slot), so a busy agent would never let its neighbours run.
+        let pause = async move {
+            tokio::task::yield_now().await;
+            *lock(&resumed) = Resumed::with_thread_time();
+        };
+        Ok(UpdateDeadline::YieldCustom(1, Box::pin(pause)))
+    }
+
+    /// The call ended: its run time. The agent stays in the slow lane while heavy.
+    pub fn finish(&mut self) -> Duration {
+        let now = Instant::now();
+        let ran = self.ran + lock(&self.resumed).ran(now);
+        self.recent += ran.as_secs_f64();
+        let heavy = self.heavy(now);
+        self.slow.store(heavy, Relaxed);
+        ran
+    }
+
+    /// Whether the agent's recent run time, decayed to `now`, is over [`HEAVY_SHARE`].
+    fn heavy(&mut self, now: Instant) -> bool {
+        self.recent *= 0.5f64.powf(now.duration_since(self.recent_at).as_secs_f64() / HALF_LIFE.as_secs_f64());
+        self.recent_at = now;
+        // At a steady share s of a core, `recent` settles at s × HALF_LIFE / ln 2.
+        self.recent > HEAVY_SHARE * HALF_LIFE.as_secs_f64() / std::f64::consts::LN_2
+    }
+}
+
+fn lock(resumed: &Mutex<Resumed>) -> std::sync::MutexGuard<'_, Resumed> {
+    resumed.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The start of a slice of guest code. A call's first slice is timed by the clock (cheap,
+/// and short on a thread of normal priority); later ones by their thread's CPU time, so
+/// that time the kernel gives others while a slow-lane thread waits is not charged.
+struct Resumed {
+    at: Instant,
+    thread: Option<(std::thread::ThreadId, Duration)>,
+}
+
+impl Resumed {
+    fn at(at: Instant) -> Resumed {
+        Resumed { at, thread: None }
+    }
+
+    fn with_thread_time() -> Resumed {
+        Resumed { at: Instant::now(), thread: thread_time().map(|t| (std::thread::current().id(), t)) }
+    }
+
+    /// How long the slice ran until `now`: in CPU time if it is still on the thread it
+    /// began on (a call can also move at an async host call).
+    fn ran(&self, now: Instant) -> Duration {
+        match self.thread {
+            Some((thread, start)) if thread == std::thread::current().id() => {
+                thread_time().map_or_else(|| now.duration_since(self.at), |t| t.saturating_sub(start))
+            }
+            _ => now.duration_since(self.at),
+        }
+    }
+}
+
+/// The calling thread's CPU time.
+fn thread_time() -> Option<Duration> {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `t` is a valid timespec to write to.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
+    ok.then(|| Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
+}
