@@ -3,7 +3,8 @@
 //! noisy neighbour's effect on the others. Prints a Markdown table.
 //!
 //! Run: `cargo bench -p tether-tests --bench hosting` (`-- --agents N` sets the largest
-//! idle count, 10,000 by default).
+//! idle count, 10,000 by default; `-- --noisy-only` measures just the noisy neighbour,
+//! over the agents spawned).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,8 @@ fn p50_p99(mut samples: Vec<Duration>) -> String {
     format!("p50 {} / p99 {}", ms(percentile(&samples, 0.5)), ms(percentile(&samples, 0.99)))
 }
 
-/// A manifest of `n` probe agents over 10 tenants; the noisy agent may reach `allow`.
+/// A manifest of `n` probe agents over 10 tenants; agent 0 has tight limits, agent 7 may
+/// reach `allow`.
 fn manifest_text(dir: &std::path::Path, probe: &std::path::Path, n: usize, allow: &str) -> String {
     let mut text = format!(
         "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = \"{}\"\ncache_dir = \"{}\"\n",
@@ -34,7 +36,10 @@ fn manifest_text(dir: &std::path::Path, probe: &std::path::Path, n: usize, allow
     for i in 0..n {
         text += &format!("\n[[agent]]\nid = \"agent-{i:05}\"\ntenant = \"t{}\"\nmodule = \"{}\"\n", i % 10, probe.display());
         if i == 0 {
-            text += &format!("allowed_hosts = [\"{allow}\"]\nlimits = {{ memory_mib = 16, cpu_ms_per_event = 100, max_restarts = 100000, inbound_timeout_secs = 2 }}\n");
+            text += "limits = { memory_mib = 16, cpu_ms_per_event = 100, max_restarts = 100000, inbound_timeout_secs = 2 }\n";
+        }
+        if i == 7 {
+            text += &format!("allowed_hosts = [\"{allow}\"]\n");
         }
     }
     text
@@ -78,11 +83,11 @@ async fn load(url: &Arc<dyn Fn(usize) -> String + Send + Sync>, agents: usize, n
 }
 
 /// Timer lateness and `/ping` round trip of a few quiet agents, sequentially.
-async fn quiet(url: &Arc<dyn Fn(usize) -> String + Send + Sync>, ids: &[usize]) -> (Vec<Duration>, Vec<Duration>) {
+async fn quiet(url: Arc<dyn Fn(usize) -> String + Send + Sync>, ids: [usize; 3]) -> (Vec<Duration>, Vec<Duration>) {
     let client = reqwest::Client::new();
     let (mut timer, mut ping) = (Vec::new(), Vec::new());
-    for _ in 0..100 {
-        for &i in ids {
+    for _ in 0..300 {
+        for i in ids {
             let t = Instant::now();
             let _ = client.get(format!("{}/ping", url(i))).send().await;
             ping.push(t.elapsed());
@@ -106,10 +111,106 @@ fn variant(bytes: &[u8], n: u32) -> Vec<u8> {
     out
 }
 
+/// Deploys to one agent while the others idle: fresh compile, cached compile, swap.
+async fn deploys(host: &Host, probe_bytes: &[u8]) -> anyhow::Result<Vec<(String, String, String)>> {
+    let target = "agent-00001";
+    let (mut compile, mut cached, mut swap) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 0..5 {
+        let bytes = variant(probe_bytes, n);
+        let t = Instant::now();
+        let module = host.compile(bytes.clone()).await?;
+        compile.push(t.elapsed());
+        let t = Instant::now();
+        let _ = host.compile(bytes).await?;
+        cached.push(t.elapsed());
+        let digest = module.digest.clone();
+        let t = Instant::now();
+        host.deploy(target, module)?;
+        while !host.agent(target).is_some_and(|r| r.module_digest == digest && r.status == AgentStatus::Running) {
+            tokio::task::yield_now().await;
+        }
+        swap.push(t.elapsed());
+    }
+    eprintln!("deploys measured");
+    Ok(vec![
+        ("deploy: compile (new module)".into(), p50_p99(compile), "—".into()),
+        ("deploy: compile (cached on disk)".into(), p50_p99(cached), "—".into()),
+        ("deploy: swap (deploy call → new instance running)".into(), p50_p99(swap), "≤ 10 ms".into()),
+    ])
+}
+
+/// `busy` agents under load: requests spread over them from 64 clients at once, then
+/// timers from 256.
+async fn busy(url: &Arc<dyn Fn(usize) -> String + Send + Sync>, busy: usize) -> Vec<(String, String, String)> {
+    let t = Instant::now();
+    let samples = load(url, busy, 50_000, 64, "/ping").await;
+    let rate = samples.len() as f64 / t.elapsed().as_secs_f64();
+    let mut rows = vec![(format!("HTTP event round trip, {busy} busy agents, 64 clients"), format!("{} ({rate:.0} events/s)", p50_p99(samples)), "—".into())];
+    let samples = load(url, busy, 20_000, 256, "/later?ms=10").await;
+    let lateness: Vec<Duration> = samples.into_iter().map(|d| d.saturating_sub(Duration::from_millis(10))).collect();
+    rows.push((format!("timer event lateness, {busy} busy agents, 256 timers in flight"), p50_p99(lateness), "—".into()));
+    eprintln!("busy agents measured");
+    rows
+}
+
+/// Runs `work` on a thread of its own, as a client outside the host would: its CPU use
+/// still competes with the host's, but not inside the host's worker threads.
+async fn outside<T: Send + 'static>(work: impl std::future::Future<Output = T> + Send + 'static) -> anyhow::Result<T> {
+    let thread = std::thread::spawn(move || -> anyhow::Result<T> {
+        Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(work))
+    });
+    tokio::task::spawn_blocking(move || thread.join()).await?.map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+/// Noisy neighbours against three quiet agents: agent 0 breaks its limits (spins to the CPU
+/// limit, allocates to the memory cap, and so sits mostly in restart backoff), agent 5 stays
+/// within them but keeps a core busy with ~100 ms events, agent 6 floods logs and agent 7
+/// floods outgoing HTTP, all three without end.
+async fn noisy_neighbours(host: &Host, url: &Arc<dyn Fn(usize) -> String + Send + Sync>, server_port: u16) -> anyhow::Result<Vec<(String, String, String)>> {
+    let quiet_ids = [2, 3, 4];
+    let (timer_base, ping_base) = outside(quiet(url.clone(), quiet_ids)).await?;
+    // Agents 5-7 make their noise by themselves once started; agent 0 is asked to spin or
+    // hog every 50 ms (it is mostly in backoff).
+    let client = reqwest::Client::new();
+    for (agent, query) in [(5, "kind=calls&n=3000000".to_owned()), (6, "kind=logs&n=2000".into()), (7, format!("kind=http&n=100&url=http://127.0.0.1:{server_port}/data"))] {
+        client.get(format!("{}/noise?{query}", url(agent))).send().await?.error_for_status()?;
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (crash_url, crash_stop) = (url(0), stop.clone());
+    let crasher = outside(async move {
+        let client = reqwest::Client::new();
+        for path in ["/spin", "/hog"].iter().cycle() {
+            if crash_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
+            let _ = client.get(format!("{crash_url}{path}")).send().await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let crasher = tokio::spawn(crasher);
+    let (timer_noisy, ping_noisy) = outside(quiet(url.clone(), quiet_ids)).await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    crasher.await??;
+    let counts = |id: &str| host.agent(id).map(|r| (r.restarts, r.metrics)).unwrap_or_default();
+    let (restarts, _) = counts("agent-00000");
+    let (_, busy) = counts("agent-00005");
+    let (_, logs) = counts("agent-00006");
+    let (_, http) = counts("agent-00007");
+    Ok(vec![
+        ("quiet agents' timer lateness: alone → noisy neighbours".into(), format!("{} → {}", p50_p99(timer_base), p50_p99(timer_noisy)), "p99 within 2×".into()),
+        ("quiet agents' HTTP round trip: alone → noisy neighbours".into(), format!("{} → {}", p50_p99(ping_base), p50_p99(ping_noisy)), "p99 within 2×".into()),
+        ("agent 0 (spin, hog): restarts".into(), restarts.to_string(), "—".into()),
+        ("agent 5 (busy): events / CPU seconds".into(), format!("{} / {:.1} s", busy.events, busy.busy_seconds), "—".into()),
+        ("agent 6 (log flood): lines logged / dropped".into(), format!("{} / {}", logs.log_lines, logs.log_dropped), "—".into()),
+        ("agent 7 (HTTP flood): requests sent / refused".into(), format!("{} / {}", http.http_requests, http.http_refused), "—".into()),
+    ])
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let max: usize = args.iter().position(|a| a == "--agents").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(10_000);
+    let noisy_only = args.iter().any(|a| a == "--noisy-only");
     let probe = tether_tests::build_agent("probe")?;
     let probe_bytes = std::fs::read(&probe)?;
     let dir = tempfile::tempdir()?;
@@ -152,70 +253,13 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
-    // Deploys to one agent while the others idle: fresh compile, cached compile, swap.
-    let target = "agent-00001";
-    let (mut compile, mut cached, mut swap) = (Vec::new(), Vec::new(), Vec::new());
-    for n in 0..5 {
-        let bytes = variant(&probe_bytes, n);
-        let t = Instant::now();
-        let module = host.compile(bytes.clone()).await?;
-        compile.push(t.elapsed());
-        let t = Instant::now();
-        let _ = host.compile(bytes).await?;
-        cached.push(t.elapsed());
-        let digest = module.digest.clone();
-        let t = Instant::now();
-        host.deploy(target, module)?;
-        while !host.agent(target).is_some_and(|r| r.module_digest == digest && r.status == AgentStatus::Running) {
-            tokio::task::yield_now().await;
-        }
-        swap.push(t.elapsed());
-    }
-    eprintln!("deploys measured");
-    rows.push(("deploy: compile (new module)".into(), p50_p99(compile), "—".into()));
-    rows.push(("deploy: compile (cached on disk)".into(), p50_p99(cached), "—".into()));
-    rows.push(("deploy: swap (deploy call → new instance running)".into(), p50_p99(swap), "≤ 10 ms".into()));
-
-    // 1,000 busy agents: requests spread over them from 64 clients at once.
-    let busy = 1000.min(max);
     let base_url = host.agent_url("");
     let url: Arc<dyn Fn(usize) -> String + Send + Sync> = Arc::new(move |i| format!("{base_url}agent-{i:05}"));
-    let t = Instant::now();
-    let samples = load(&url, busy, 50_000, 64, "/ping").await;
-    let rate = samples.len() as f64 / t.elapsed().as_secs_f64();
-    rows.push((format!("HTTP event round trip, {busy} busy agents, 64 clients"), format!("{} ({rate:.0} events/s)", p50_p99(samples)), "—".into()));
-    let samples = load(&url, busy, 20_000, 256, "/later?ms=10").await;
-    let lateness: Vec<Duration> = samples.into_iter().map(|d| d.saturating_sub(Duration::from_millis(10))).collect();
-    rows.push((format!("timer event lateness, {busy} busy agents, 256 timers in flight"), p50_p99(lateness), "—".into()));
-
-    eprintln!("busy agents measured");
-    // A noisy neighbour (agent 0) against three quiet agents.
-    let quiet_ids = [2, 3, 4];
-    let (timer_base, ping_base) = quiet(&url, &quiet_ids).await;
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut noise = tokio::task::JoinSet::new();
-    // Agent 0 breaks its limits (and so spends most of the time in restart backoff);
-    // agent 5 stays within them but keeps a core busy with ~100 ms events.
-    let paths = ["/spin", "/hog", "/flood-logs?n=2000", "/flood-http?n=100&url=http://127.0.0.1:PORT/data"].map(|p| (0, p));
-    for (agent, path) in paths.into_iter().chain([(5, "/host-calls?n=3000000")]) {
-        let path = path.replace("PORT", &server.port().to_string());
-        let (url, stop) = (url.clone(), stop.clone());
-        noise.spawn(async move {
-            let client = reqwest::Client::new();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let _ = client.get(format!("{}{path}", url(agent))).send().await;
-            }
-        });
+    if !noisy_only {
+        rows.extend(deploys(&host, &probe_bytes).await?);
+        rows.extend(busy(&url, 1000.min(max)).await);
     }
-    let (timer_noisy, ping_noisy) = quiet(&url, &quiet_ids).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    while noise.join_next().await.is_some() {}
-    rows.push(("quiet agents' timer lateness: alone → noisy neighbour".into(), format!("{} → {}", p50_p99(timer_base), p50_p99(timer_noisy)), "p99 within 2×".into()));
-    rows.push(("quiet agents' HTTP round trip: alone → noisy neighbour".into(), format!("{} → {}", p50_p99(ping_base), p50_p99(ping_noisy)), "p99 within 2×".into()));
-    let noisy = host.agent("agent-00000").map(|r| (r.restarts, r.metrics.log_dropped, r.metrics.http_refused)).unwrap_or_default();
-    rows.push(("noisy agent: restarts / log lines dropped / HTTP refused".into(), format!("{} / {} / {}", noisy.0, noisy.1, noisy.2), "—".into()));
-    let busy_events = host.agent("agent-00005").map(|r| (r.metrics.events, r.metrics.busy_seconds)).unwrap_or_default();
-    rows.push(("busy neighbour: events / CPU seconds".into(), format!("{} / {:.1} s", busy_events.0, busy_events.1), "—".into()));
+    rows.extend(noisy_neighbours(&host, &url, server.port()).await?);
 
     println!("command: cargo bench -p tether-tests --bench hosting -- --agents {max}\n");
     println!("| measure | result | target |\n|---|---|---|");
