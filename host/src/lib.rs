@@ -20,6 +20,7 @@ pub mod allowed_hosts;
 #[doc(hidden)]
 pub mod bench;
 mod bindings;
+mod deployed;
 pub mod config;
 mod device;
 pub mod engine;
@@ -57,6 +58,7 @@ use metrics::{AgentMetrics, MetricsSnapshot};
 pub(crate) struct HostShared {
     config: HostConfig,
     runtime: Arc<Runtime>,
+    deployed: deployed::Deployed,
     slow_lane: sched::SlowLane,
     /// The runtime of the host's own tasks (timers, connections, requests), which guest
     /// calls on the slow lane must not spawn onto their own.
@@ -97,6 +99,9 @@ pub enum ControlError {
     /// The agent's task has ended (the host is shutting down).
     #[error("agent {0:?} has shut down")]
     Gone(String),
+    /// A deploy's new version could not be written down; the old one keeps running.
+    #[error("cannot keep the new version of {id:?}: {source}")]
+    Keep { id: String, source: std::io::Error },
 }
 
 /// What the host reports of one agent.
@@ -142,7 +147,9 @@ impl Host {
             .with_context(|| format!("cannot listen on {}", config.http_listen))?;
         let http_addr = listener.local_addr()?;
         let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
+        let deployed = deployed::Deployed::new(&config.store_dir);
         let shared = Arc::new(HostShared {
+            deployed,
             public_url: public_url.trim_end_matches('/').to_owned(),
             config,
             runtime,
@@ -310,6 +317,37 @@ impl Host {
     /// kept store, logging "Agent restarted: reload". Other agents are not touched.
     pub fn deploy(&self, id: &str, module: AgentModule) -> Result<(), ControlError> {
         self.control(id, Control::Run(Resume::Reload(module)))
+    }
+
+    /// [`Host::deploy`], after keeping `bytes` (the new version) in the store directory: a
+    /// host started again from the same manifest runs it instead of the manifest's module,
+    /// until the manifest names another module for the agent.
+    pub fn deploy_kept(&self, id: &str, module: AgentModule, bytes: &[u8]) -> Result<(), ControlError> {
+        let agent = self.shared.agent(id).ok_or_else(|| ControlError::Unknown(id.to_owned()))?;
+        let running = agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default();
+        self.shared.deployed.keep(id, bytes, &running).map_err(|source| ControlError::Keep { id: id.to_owned(), source })?;
+        self.deploy(id, module)
+    }
+
+    /// What agent `id` should run at start: the version kept from an API deploy if the
+    /// manifest still names `manifest` (the module that deploy replaced), else `manifest`.
+    /// Problems with the kept version are logged, and the manifest's module runs.
+    pub fn kept_or(&self, id: &str, manifest: AgentModule) -> AgentModule {
+        let kept = match self.shared.deployed.kept(id, &manifest.digest) {
+            Ok(Some(bytes)) => self.runtime().load(&bytes).map_err(|e| e.to_string()),
+            Ok(None) => return manifest,
+            Err(e) => Err(e.to_string()),
+        };
+        match kept {
+            Ok(module) => {
+                tracing::info!(agent = id, "running sha256:{}, deployed through the API, instead of the manifest's module", module.digest);
+                module
+            }
+            Err(e) => {
+                tracing::error!(agent = id, "cannot use the version deployed through the API ({e}); running the manifest's module");
+                manifest
+            }
+        }
     }
 
     /// Stops agent `id` (its requests get 503) until it is started again.

@@ -273,6 +273,7 @@ impl Manifest {
                     module
                 }
             };
+            let module = host.kept_or(&entry.id, module);
             host.spawn_with_policy(&entry.id, entry.settings.clone(), entry.policy.clone(), module)
                 .map_err(|source| StartError::Spawn { id: entry.id.clone(), source })?;
         }

@@ -21,7 +21,7 @@ struct Served {
     manage: ManageServer,
     logs: LogWatch,
     http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// The manifest's head: host on free ports in `dir`, tenants `a` and `b`.
@@ -60,15 +60,22 @@ fn probe_entry(id: &str, tenant: &str, extra: &str) -> anyhow::Result<String> {
 impl Served {
     async fn start(entries: &str, extra_host: &str) -> anyhow::Result<Served> {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("manifest.toml");
-        std::fs::write(&path, head(dir.path(), extra_host) + entries)?;
+        let mut served = Served::start_in(dir.path(), entries, extra_host).await?;
+        served._dir = Some(dir);
+        Ok(served)
+    }
+
+    /// A host whose manifest, stores and cache are in `dir`, which outlives it.
+    async fn start_in(dir: &Path, entries: &str, extra_host: &str) -> anyhow::Result<Served> {
+        let path = dir.join("manifest.toml");
+        std::fs::write(&path, head(dir, extra_host) + entries)?;
         let manifest = Manifest::load(&path)?;
         let host = Arc::new(Host::start(manifest.host.clone()).await?);
         let logs = LogWatch::new(host.logs());
         manifest.spawn_agents(&host)?;
         let listen = manifest.manage.listen.ok_or_else(|| anyhow::anyhow!("no manage.listen"))?;
         let manage = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen).await?;
-        Ok(Served { host, manage, logs, http: reqwest::Client::new(), _dir: dir })
+        Ok(Served { host, manage, logs, http: reqwest::Client::new(), _dir: None })
     }
 
     fn api(&self, path: &str) -> String {
@@ -237,6 +244,40 @@ async fn bad_deploys_get_400_and_the_old_version_keeps_answering() -> anyhow::Re
     s.wait_running(&["a1"]).await?;
     assert_eq!(s.agent_get("a1", "/count").await, (200, "2".into()), "the store survived both deploys");
     assert_eq!(s.host.agent("b1").map(|r| (r.status, r.restarts)), Some((AgentStatus::Running, 0)));
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_deployed_version_outlives_a_host_restart_until_the_manifest_changes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let probe = probe_entry("a1", "a", "")?;
+    let mut s = Served::start_in(dir.path(), &probe, "").await?;
+    s.wait_running(&["a1"]).await?;
+    let echo = std::fs::read(build_agent("http-echo")?)?;
+    assert_eq!(s.call("POST", "/api/agents/a1/deploy", TOKEN_A, echo).await.0, 200);
+    s.logs.wait_for("a1", "Agent restarted: reload", WAIT).await?;
+    s.stop().await;
+
+    // Started again from the same manifest: the deployed version runs.
+    let s = Served::start_in(dir.path(), &probe, "").await?;
+    s.wait_running(&["a1"]).await?;
+    assert_eq!(s.agent_get("a1", "/x").await, (200, "GET /x {} ".into()));
+    s.stop().await;
+
+    // The manifest now names another module: that one runs, and the kept version is gone.
+    let hello = build_agent("hello")?;
+    let s = Served::start_in(dir.path(), &format!("\n[[agent]]\nid = \"a1\"\ntenant = \"a\"\nmodule = \"{}\"\n", hello.display()), "").await?;
+    s.wait_running(&["a1"]).await?;
+    let hello_digest = s.host.runtime().load_file(&hello)?.digest;
+    assert_eq!(s.host.agent("a1").map(|r| r.module_digest), Some(hello_digest));
+    assert!(!dir.path().join("store/deployed/a1.wasm").exists());
+    s.stop().await;
+
+    // And back to the probe in the manifest: the probe, not the echo deployed long ago.
+    let s = Served::start_in(dir.path(), &probe, "").await?;
+    s.wait_running(&["a1"]).await?;
+    assert_eq!(s.agent_get("a1", "/ping").await, (200, "pong".into()));
     s.stop().await;
     Ok(())
 }

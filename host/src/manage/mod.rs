@@ -119,6 +119,8 @@ enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl IntoResponse for ApiError {
@@ -129,6 +131,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut response = json_response(status, &json!({ "error": self.to_string() }));
         if status == StatusCode::UNAUTHORIZED {
@@ -143,6 +146,7 @@ impl From<ControlError> for ApiError {
         match e {
             ControlError::Unknown(id) => ApiError::NotFound(id),
             ControlError::Gone(_) => ApiError::Unavailable(e.to_string()),
+            ControlError::Keep { .. } => ApiError::Internal(e.to_string()),
         }
     }
 }
@@ -229,7 +233,7 @@ async fn deploy(State(api): State<Arc<Api>>, Path(id): Path<String>, request: Re
     let module = api.host.compile(bytes.to_vec()).await.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
     let digest = module.digest.clone();
-    api.host.deploy(&id, module)?;
+    api.host.deploy_kept(&id, module, &bytes)?;
     Ok(json_response(StatusCode::OK, &json!({ "id": id, "module": digest, "compile_ms": compile_ms })))
 }
 
