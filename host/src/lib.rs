@@ -195,6 +195,11 @@ impl Host {
         self.shared.logs.subscribe()
     }
 
+    /// Agent `id`'s recent log lines (up to 100, 16 KiB), oldest first.
+    pub fn recent_logs(&self, id: &str) -> Vec<LogLine> {
+        self.shared.agent(id).map(|a| a.log.recent()).unwrap_or_default()
+    }
+
     /// The status of agent `id`, with how often it was restarted.
     pub fn status(&self, id: &str) -> Option<(AgentStatus, u32)> {
         let agent = self.shared.agent(id)?;

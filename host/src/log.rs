@@ -1,8 +1,11 @@
 //! The `log` capability and the agent's stdout/stderr: every line goes to tracing with the
-//! agent id, and to subscribers (tests, later the management API's log stream).
+//! agent id, to subscribers (tests, the management API's log stream), and to the agent's
+//! recent lines, which a log stream shows first.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -19,6 +22,14 @@ use crate::rate::{Rate, TokenBucket};
 /// Longest line kept whole; longer output is split, so a guest cannot grow host memory.
 const MAX_LINE: usize = 8 * 1024;
 
+/// An agent's recent lines kept for a log stream that starts later: at most this many...
+const RECENT_LINES: usize = 100;
+/// ...and this much text, so that 10,000 agents keep at most ~160 MiB.
+const RECENT_BYTES: usize = 16 * 1024;
+
+/// Numbers every line, across agents, in the order written.
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
+
 /// Severity of an agent's log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
@@ -31,6 +42,9 @@ pub enum Level {
 /// One line of an agent's log.
 #[derive(Debug, Clone)]
 pub struct LogLine {
+    /// Increases with every line the process writes: a stream that shows an agent's
+    /// recent lines skips live ones it has shown.
+    pub seq: u64,
     /// The agent it came from.
     pub agent: Arc<str>,
     pub level: Level,
@@ -43,6 +57,14 @@ pub(crate) struct Logger {
     agent: Arc<str>,
     subscribers: broadcast::Sender<LogLine>,
     limit: Arc<LogLimit>,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The newest lines, within [`RECENT_LINES`] and [`RECENT_BYTES`].
+#[derive(Default)]
+struct Recent {
+    lines: VecDeque<LogLine>,
+    bytes: usize,
 }
 
 /// The agent's own lines are counted and rate-limited, so that a flooding agent cannot
@@ -57,7 +79,12 @@ struct LogLimit {
 impl Logger {
     pub fn new(agent: &str, subscribers: broadcast::Sender<LogLine>, rate: Option<Rate>, metrics: Arc<AgentMetrics>) -> Logger {
         let limit = LogLimit { bucket: rate.map(|r| Mutex::new(TokenBucket::new(r))), dropped: Mutex::new(0), metrics };
-        Logger { agent: agent.into(), subscribers, limit: Arc::new(limit) }
+        Logger { agent: agent.into(), subscribers, limit: Arc::new(limit), recent: Arc::default() }
+    }
+
+    /// The agent's recent lines, oldest first.
+    pub fn recent(&self) -> Vec<LogLine> {
+        self.recent.lock().map(|r| r.lines.iter().cloned().collect()).unwrap_or_default()
     }
 
     /// A line the agent wrote: over its log rate it is dropped, and the next line that
@@ -87,8 +114,30 @@ impl Logger {
             Level::Info => tracing::info!(agent = %self.agent, "{text}"),
             Level::Error => tracing::error!(agent = %self.agent, "{text}"),
         }
+        let mut text = text.to_owned();
+        const MARK: &str = " … (truncated)";
+        if text.len() > RECENT_BYTES {
+            let mut cut = RECENT_BYTES - MARK.len();
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str(MARK);
+        }
+        let line = {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            // Numbered under the lock, so that an agent's lines are in the ring in `seq` order.
+            let line = LogLine { seq: NEXT_SEQ.fetch_add(1, Relaxed), agent: self.agent.clone(), level, text };
+            recent.bytes += line.text.len();
+            recent.lines.push_back(line.clone());
+            while recent.lines.len() > RECENT_LINES || recent.bytes > RECENT_BYTES {
+                let Some(old) = recent.lines.pop_front() else { break };
+                recent.bytes -= old.text.len();
+            }
+            line
+        };
         // No subscriber is the normal case outside tests and the management API.
-        let _ = self.subscribers.send(LogLine { agent: self.agent.clone(), level, text: text.to_owned() });
+        let _ = self.subscribers.send(line);
     }
 }
 
@@ -190,5 +239,28 @@ impl AsyncWrite for LogStream {
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.flush_partial();
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_lines_keep_the_newest_within_their_limits() {
+        let logger = Logger::new("a", broadcast::channel(4).0, None, Arc::default());
+        for i in 0..150 {
+            logger.write(Level::Info, &format!("line {i}"));
+        }
+        let recent = logger.recent();
+        assert_eq!(recent.len(), RECENT_LINES);
+        assert_eq!((recent[0].text.as_str(), recent[99].text.as_str()), ("line 50", "line 149"));
+        assert!(recent.windows(2).all(|w| w[0].seq < w[1].seq));
+
+        logger.write(Level::Error, &"é".repeat(RECENT_BYTES));
+        let recent = logger.recent();
+        let last = recent.last().map(|l| l.text.clone()).unwrap_or_default();
+        assert!(last.ends_with(" … (truncated)") && last.len() <= RECENT_BYTES, "{}", last.len());
+        assert!(recent.iter().map(|l| l.text.len()).sum::<usize>() <= RECENT_BYTES);
     }
 }

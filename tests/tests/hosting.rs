@@ -185,16 +185,24 @@ async fn stop_start_restart_and_logs_through_the_api() -> anyhow::Result<()> {
     let mut s = Served::start(&two_tenants()?, "").await?;
     s.wait_running(&["a1"]).await?;
 
-    // The log stream carries the agent's lines.
+    // The log stream carries the agent's recent lines, then new ones, each once.
+    s.logs.wait_for("a1", "probe started", WAIT).await?;
     let mut stream = s.http.get(s.api("/api/agents/a1/logs")).bearer_auth(TOKEN_A).send().await?;
     assert_eq!(stream.headers().get("content-type").and_then(|v| v.to_str().ok()), Some("text/event-stream"));
-    assert_eq!(s.agent_get("a1", "/print").await.0, 200);
     let mut seen = String::new();
-    while !seen.contains("to stdout") {
-        let chunk = tokio::time::timeout(WAIT, stream.chunk()).await??.ok_or_else(|| anyhow::anyhow!("stream ended: {seen}"))?;
-        seen.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let mut read_until = async |text: &str, seen: &mut String| -> anyhow::Result<()> {
+        while !seen.contains(text) {
+            let chunk = tokio::time::timeout(WAIT, stream.chunk()).await??.ok_or_else(|| anyhow::anyhow!("stream ended: {seen}"))?;
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        Ok(())
+    };
+    read_until("probe started", &mut seen).await?;
+    assert_eq!(s.agent_get("a1", "/print").await.0, 200);
+    read_until("to stdout", &mut seen).await?;
     assert!(seen.starts_with("data: {"), "{seen}");
+    assert_eq!(seen.matches("probe started").count(), 1, "{seen}");
+    assert!(seen.find("probe started") < seen.find("to stdout"), "{seen}");
     drop(stream);
 
     assert_eq!(s.call("POST", "/api/agents/a1/stop", TOKEN_A, vec![]).await.0, 202);

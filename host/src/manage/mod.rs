@@ -10,7 +10,7 @@
 //! | `GET /api/agents/{id}` | one agent |
 //! | `POST /api/agents/{id}/deploy` (body: the component) | 200, or 400 with the reason |
 //! | `POST /api/agents/{id}/stop`, `/start`, `/restart` | 202 |
-//! | `GET /api/agents/{id}/logs`, `GET /api/logs` | server-sent events, one log line each |
+//! | `GET /api/agents/{id}/logs`, `GET /api/logs` | server-sent events, one log line each: the recent ones, then new ones |
 //! | `GET /metrics` | Prometheus text format |
 
 use std::collections::{HashMap, HashSet};
@@ -261,38 +261,56 @@ async fn all_logs(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Res
     Ok(log_stream(&api, ids))
 }
 
-/// Server-sent events, one per log line of `agents` from now on, until the client goes
-/// away or the server stops.
+/// Server-sent events, one per log line of `agents`: their recent lines, then the new ones
+/// as they come, until the client goes away or the server stops.
 fn log_stream(api: &Api, agents: HashSet<String>) -> Response {
     struct Feed {
+        backlog: std::vec::IntoIter<LogLine>,
         logs: broadcast::Receiver<LogLine>,
         stop: watch::Receiver<bool>,
-        agents: HashSet<String>,
+        /// Per agent, the newest line shown from the backlog: live lines up to it are
+        /// duplicates.
+        shown: HashMap<String, u64>,
     }
-    let feed = Feed { logs: api.host.logs(), stop: api.stop.clone(), agents };
+    // Subscribed before the backlog is read, so no line falls between the two.
+    let logs = api.host.logs();
+    let mut backlog: Vec<LogLine> = agents.iter().flat_map(|id| api.host.recent_logs(id)).collect();
+    backlog.sort_by_key(|line| line.seq);
+    let mut shown: HashMap<String, u64> = agents.into_iter().map(|id| (id, 0)).collect();
+    for line in &backlog {
+        shown.insert(line.agent.to_string(), line.seq);
+    }
+    let feed = Feed { backlog: backlog.into_iter(), logs, stop: api.stop.clone(), shown };
     let events = futures_util::stream::unfold(feed, |mut feed| async move {
-        loop {
-            let line = tokio::select! {
-                line = feed.logs.recv() => line,
-                _ = feed.stop.wait_for(|s| *s) => return None,
-            };
-            let event = match line {
-                Ok(line) if feed.agents.contains(&*line.agent) => {
-                    let level = if line.level == Level::Error { "error" } else { "info" };
-                    json!({ "agent": &*line.agent, "level": level, "text": line.text })
+        let event = match feed.backlog.next() {
+            Some(line) => line_json(&line),
+            None => loop {
+                let line = tokio::select! {
+                    line = feed.logs.recv() => line,
+                    _ = feed.stop.wait_for(|s| *s) => return None,
+                };
+                match line {
+                    Ok(line) if feed.shown.get(&*line.agent).is_some_and(|&seq| line.seq > seq) => break line_json(&line),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        break json!({ "agent": null, "level": "error", "text": format!("{n} lines skipped: the reader is too slow") });
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Lagged(n)) => json!({ "agent": null, "level": "error", "text": format!("{n} lines skipped: the reader is too slow") }),
-                Err(broadcast::error::RecvError::Closed) => return None,
-            };
-            return Some((Ok::<_, std::convert::Infallible>(format!("data: {event}\n\n")), feed));
-        }
+            },
+        };
+        Some((Ok::<_, std::convert::Infallible>(format!("data: {event}\n\n")), feed))
     });
     let mut response = Response::new(Body::from_stream(events));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+fn line_json(line: &LogLine) -> serde_json::Value {
+    let level = if line.level == Level::Error { "error" } else { "info" };
+    json!({ "agent": &*line.agent, "level": level, "text": line.text })
 }
 
 async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
