@@ -20,6 +20,7 @@ pub mod allowed_hosts;
 #[doc(hidden)]
 pub mod bench;
 mod bindings;
+mod connect_guard;
 mod deployed;
 pub mod config;
 mod device;
@@ -60,6 +61,8 @@ pub(crate) struct HostShared {
     runtime: Arc<Runtime>,
     deployed: deployed::Deployed,
     slow_lane: sched::SlowLane,
+    /// Where MQTT connections limited to public addresses are checked.
+    connect_guard: connect_guard::ConnectGuard,
     /// The runtime of the host's own tasks (timers, connections, requests), which guest
     /// calls on the slow lane must not spawn onto their own.
     io: tokio::runtime::Handle,
@@ -154,6 +157,7 @@ impl Host {
             config,
             runtime,
             slow_lane: sched::SlowLane::new().context("cannot start the slow lane threads")?,
+            connect_guard: connect_guard::ConnectGuard::start(&tokio::runtime::Handle::current()).await.context("cannot start the MQTT connect guard")?,
             io: tokio::runtime::Handle::current(),
             http_client,
             http_client_public,

@@ -13,11 +13,12 @@ use rumqttc::{
 };
 
 use crate::agent::AgentCtx;
-use crate::allowed_hosts::{Reach, resolve_public};
+use crate::allowed_hosts::{DENIED_ADDRESS, Reach};
+use crate::connect_guard::DENIED_STATUS;
 use crate::bindings::events::Event;
 use crate::bindings::mqtt::{ConnectOptions, Message, MqttError};
 use crate::events::{EventSender, HostEvent, MqttEvent, TaskGuard};
-use crate::log::Level;
+use crate::log::{Level, Logger};
 
 /// imp/Paho result codes.
 pub mod code {
@@ -139,11 +140,12 @@ fn queue_error(e: ClientError) -> MqttError {
 
 impl crate::bindings::mqtt::Host for AgentCtx {
     fn connect(&mut self, options: ConnectOptions) -> Result<u32, MqttError> {
-        let (mqtt_options, reach) = mqtt_options(self, &options)?;
-        // Names allowed by a wildcard must resolve to public addresses. rumqttc resolves
-        // again when it connects; a name that changes its answer in between is the
-        // remaining gap.
-        let check = (reach == Reach::PublicOnly).then(|| (mqtt_options.broker_address(), self.agent.log.clone()));
+        let mqtt_options = mqtt_options(self, &options)?;
+        // Names allowed by a wildcard must resolve to public addresses: checked at connect
+        // time by the connect guard, which such connections go through.
+        let guarded = mqtt_options.proxy().is_some().then(|| {
+            (self.agent.log.clone(), mqtt_options.broker_address().0)
+        });
         let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_QUEUE);
         let clients = &mut self.mqtt;
         clients.next_client += 1;
@@ -159,17 +161,9 @@ impl crate::bindings::mqtt::Host for AgentCtx {
             disconnecting: disconnecting.clone(),
             ops: ops.clone(),
             inbound: inbound.clone(),
+            guarded,
         };
-        let task = TaskGuard::spawn(&self.agent.host.io, async move {
-            if let Some(((host, port), log)) = check
-                && let Err(e) = resolve_public(&host, port).await
-            {
-                log.write(Level::Error, &format!("mqtt: {e}; not allowed"));
-                driver.close(MqttEvent::Connected(code::FAILURE));
-                return;
-            }
-            driver.run(eventloop).await
-        });
+        let task = TaskGuard::spawn(&self.agent.host.io, driver.run(eventloop));
         clients.connections.insert(handle, Connection { client, connected, disconnecting, ops, inbound, _task: task });
         Ok(handle)
     }
@@ -248,7 +242,7 @@ fn lock(ops: &Mutex<Ops>) -> std::sync::MutexGuard<'_, Ops> {
     ops.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn mqtt_options(ctx: &AgentCtx, o: &ConnectOptions) -> Result<(MqttOptions, Reach), MqttError> {
+fn mqtt_options(ctx: &AgentCtx, o: &ConnectOptions) -> Result<MqttOptions, MqttError> {
     let (tls, rest) = if let Some(rest) = o.url.strip_prefix("tcp://") {
         (false, rest)
     } else if let Some(rest) = o.url.strip_prefix("ssl://") {
@@ -293,7 +287,10 @@ fn mqtt_options(ctx: &AgentCtx, o: &ConnectOptions) -> Result<(MqttOptions, Reac
         let config = ctx.agent.host.tls.client_config(o.ca_pem.as_deref()).map_err(|_| MqttError::InvalidArgument)?;
         m.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     }
-    Ok((m, reach))
+    if reach == Reach::PublicOnly {
+        m.set_proxy(ctx.agent.host.connect_guard.proxy());
+    }
+    Ok(m)
 }
 
 /// Drives one connection's event loop.
@@ -304,6 +301,9 @@ struct Driver {
     disconnecting: Arc<AtomicBool>,
     ops: Arc<Mutex<Ops>>,
     inbound: Arc<AtomicUsize>,
+    /// For a connection through the connect guard: the agent's log and the target, to
+    /// log the guard's refusal.
+    guarded: Option<(Logger, String)>,
 }
 
 impl Driver {
@@ -326,6 +326,11 @@ impl Driver {
                     }
                 }
                 Err(e) => {
+                    if let Some((log, host)) = &self.guarded
+                        && denied_by_guard(&e)
+                    {
+                        log.write(Level::Error, &format!("mqtt: {host} {DENIED_ADDRESS}; not allowed"));
+                    }
                     let was_connected = self.connected.swap(false, Ordering::AcqRel);
                     let event = if !was_connected {
                         MqttEvent::Connected(connect_code(&e))
@@ -445,6 +450,13 @@ impl Driver {
         }
         self.post(last);
     }
+}
+
+/// Whether the connect guard refused the target (rumqttc's proxy error wraps the status).
+fn denied_by_guard(e: &ConnectionError) -> bool {
+    let ConnectionError::Proxy(e) = e else { return false };
+    let status = std::error::Error::source(e).and_then(|s| s.downcast_ref::<async_http_proxy::HttpError>());
+    matches!(status, Some(async_http_proxy::HttpError::HttpCode200(DENIED_STATUS)))
 }
 
 fn connect_code(e: &ConnectionError) -> i32 {
