@@ -211,6 +211,9 @@ pub(crate) async fn run(
             outcome = run_instance(&agent, &module, generation, &mut rx, &mut control) => outcome,
             _ = shutdown.changed() => Ok(None),
         };
+        // The instance is gone, and with it what made the agent heavy: backoff, idling and
+        // the next start run in the normal lane.
+        agent.slow.store(false, std::sync::atomic::Ordering::Relaxed);
         let next = match outcome {
             Ok(None) => break,
             Ok(Some(control)) => control,
