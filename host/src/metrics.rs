@@ -22,6 +22,7 @@ pub struct AgentMetrics {
     http_requests: AtomicU64,
     http_refused: AtomicU64,
     mqtt_messages: AtomicU64,
+    mqtt_pauses: AtomicU64,
     device_messages: AtomicU64,
 }
 
@@ -39,6 +40,9 @@ pub struct MetricsSnapshot {
     /// Outgoing requests refused: not allowed or over the rate.
     pub http_refused: u64,
     pub mqtt_messages: u64,
+    /// Times an MQTT connection stopped reading because the agent had too many messages
+    /// waiting (the broker then holds the rest).
+    pub mqtt_pauses: u64,
     pub device_messages: u64,
 }
 
@@ -50,6 +54,7 @@ pub(crate) enum Count {
     HttpRequest,
     HttpRefused,
     MqttMessage,
+    MqttPause,
     DeviceMessage,
 }
 
@@ -73,6 +78,7 @@ impl AgentMetrics {
             Count::HttpRequest => &self.http_requests,
             Count::HttpRefused => &self.http_refused,
             Count::MqttMessage => &self.mqtt_messages,
+            Count::MqttPause => &self.mqtt_pauses,
             Count::DeviceMessage => &self.device_messages,
         };
         counter.fetch_add(1, Relaxed);
@@ -93,6 +99,7 @@ impl AgentMetrics {
             http_requests: self.http_requests.load(Relaxed),
             http_refused: self.http_refused.load(Relaxed),
             mqtt_messages: self.mqtt_messages.load(Relaxed),
+            mqtt_pauses: self.mqtt_pauses.load(Relaxed),
             device_messages: self.device_messages.load(Relaxed),
         }
     }

@@ -19,6 +19,7 @@ use crate::bindings::events::Event;
 use crate::bindings::mqtt::{ConnectOptions, Message, MqttError};
 use crate::events::{EventSender, HostEvent, MqttEvent, TaskGuard};
 use crate::log::{Level, Logger};
+use crate::metrics::{AgentMetrics, Count};
 
 /// imp/Paho result codes.
 pub mod code {
@@ -162,6 +163,7 @@ impl crate::bindings::mqtt::Host for AgentCtx {
             ops: ops.clone(),
             inbound: inbound.clone(),
             guarded,
+            metrics: self.agent.metrics.clone(),
         };
         let task = TaskGuard::spawn(&self.agent.host.io, driver.run(eventloop));
         clients.connections.insert(handle, Connection { client, connected, disconnecting, ops, inbound, _task: task });
@@ -304,6 +306,7 @@ struct Driver {
     /// For a connection through the connect guard: the agent's log and the target, to
     /// log the guard's refusal.
     guarded: Option<(Logger, String)>,
+    metrics: Arc<AgentMetrics>,
 }
 
 impl Driver {
@@ -314,8 +317,10 @@ impl Driver {
     async fn run(self, mut eventloop: EventLoop) {
         loop {
             if self.inbound.load(Ordering::Acquire) >= INBOUND_LIMIT {
-                tokio::time::sleep(PAUSE_RECHECK).await;
-                continue;
+                self.metrics.add(Count::MqttPause);
+                while self.inbound.load(Ordering::Acquire) >= INBOUND_LIMIT {
+                    tokio::time::sleep(PAUSE_RECHECK).await;
+                }
             }
             match eventloop.poll().await {
                 Ok(LoopEvent::Incoming(packet)) => self.incoming(packet),

@@ -208,7 +208,9 @@ impl Mosquitto {
     /// Like [`Mosquitto::start`] on a given port (to restart a broker where it was).
     pub async fn start_on(port: u16, tls: Option<&TlsFiles>) -> anyhow::Result<Mosquitto> {
         let dir = tempfile::tempdir()?;
-        let mut conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n");
+        // No cap on the QoS 1/2 messages queued for a slow subscriber (default 1000): a
+        // host that stops reading must find them all there when it reads again.
+        let mut conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n");
         if let Some(t) = tls {
             conf += &format!("cafile {}\ncertfile {}\nkeyfile {}\n", t.ca.display(), t.cert.display(), t.key.display());
         }

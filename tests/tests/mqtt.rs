@@ -102,6 +102,52 @@ async fn client_operations_report_imp_codes() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
+async fn a_message_flood_pauses_reading_and_loses_nothing() -> anyhow::Result<()> {
+    const N: u64 = 3000;
+    let broker = Mosquitto::start(None).await?;
+    let t = TestHost::start(|_| {}).await?;
+    t.spawn("probe", "probe", &[])?;
+    let base = t.url("probe", "");
+    let u = |path: &str| format!("{base}{path}");
+    assert_eq!(get(&u(&format!("/mqtt/connect?url=tcp://127.0.0.1:{}", broker.port))).await, "connect 0");
+    assert_eq!(get(&u("/mqtt/sub?topic=flood&qos=1")).await, "sub 0 [1]");
+    // Each message keeps the agent busy for 1 ms: it falls far behind the flood.
+    assert_eq!(get(&u("/mqtt/slow?ms=1")).await, "slow 1 ms");
+
+    let (flooder, mut eventloop) = AsyncClient::new(MqttOptions::new("flooder", "127.0.0.1", broker.port), 100);
+    let acked = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < N {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => return Err(anyhow::anyhow!("flooder: {e}")),
+            }
+        }
+        Ok(acked)
+    });
+    for i in 0..N {
+        flooder.publish("flood", QoS::AtLeastOnce, false, i.to_string()).await?;
+    }
+    assert_eq!(tokio::time::timeout(WAIT, acked).await???, N);
+
+    let metrics = || t.host.agent("probe").map(|r| r.metrics).unwrap_or_default();
+    let deadline = std::time::Instant::now() + WAIT * 3;
+    while metrics().mqtt_messages < N {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "{} of {N} messages reached the agent", metrics().mqtt_messages);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The host stopped reading while 1024 waited (the broker kept the rest), and every
+    // message arrived once.
+    assert!(metrics().mqtt_pauses > 0, "{:?}", metrics());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(metrics().mqtt_messages, N);
+    assert_eq!(get(&u("/mqtt/connected")).await, "true");
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn tls_with_a_custom_ca_from_host_config_or_connect_options() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let files = make_ca_and_server_cert(dir.path())?;

@@ -322,7 +322,7 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Resp
 /// The Prometheus text exposition of `agents`' counters.
 fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
     type Field = fn(&AgentReport) -> f64;
-    let simple: [(&str, &str, &str, Field); 11] = [
+    let simple: [(&str, &str, &str, Field); 12] = [
         ("tether_agent_up", "gauge", "1 while the agent runs", |r| f64::from(u8::from(r.status == AgentStatus::Running))),
         ("tether_agent_slow_lane", "gauge", "1 while the agent runs behind lighter ones (long event, heavy CPU use)", |r| f64::from(u8::from(r.slow_lane))),
         ("tether_agent_restarts_total", "counter", "Crashes that restarted the agent", |r| r.restarts.into()),
@@ -334,6 +334,7 @@ fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
         ("tether_agent_http_requests_total", "counter", "Outgoing HTTP requests sent", |r| r.metrics.http_requests as f64),
         ("tether_agent_http_refused_total", "counter", "Outgoing HTTP requests refused (not allowed, rate)", |r| r.metrics.http_refused as f64),
         ("tether_agent_messages_total", "counter", "MQTT and device messages received", |r| (r.metrics.mqtt_messages + r.metrics.device_messages) as f64),
+        ("tether_agent_mqtt_pauses_total", "counter", "MQTT connections paused while the agent had too many messages waiting", |r| r.metrics.mqtt_pauses as f64),
     ];
     // Agent ids are plain (see `check_agent_id`); a tenant name may need escaping.
     let tenant = tenant.replace('\\', "\\\\").replace('"', "\\\"");

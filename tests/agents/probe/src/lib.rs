@@ -22,9 +22,18 @@ struct State {
 
 thread_local! {
     static HOARD: RefCell<Vec<Vec<u8>>> = RefCell::default();
+    /// Milliseconds each MQTT message keeps the agent busy (`/mqtt/slow?ms=N`).
+    static SLOW_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static CLIENT: mqtt::Client = {
         let client = mqtt::create_client();
-        client.on_message(|m| server::log(format!("mqtt message {} {} qos={}", m.topic, String::from_utf8_lossy(&m.message), m.qos)));
+        client.on_message(|m| {
+            server::log(format!("mqtt message {} {} qos={}", m.topic, String::from_utf8_lossy(&m.message), m.qos));
+            let busy = std::time::Duration::from_millis(SLOW_MS.get());
+            let t = std::time::Instant::now();
+            while t.elapsed() < busy {
+                std::hint::spin_loop();
+            }
+        });
         client.on_connection_lost(|code| server::log(format!("mqtt lost {code}")));
         client
     };
@@ -57,6 +66,11 @@ fn mqtt_request(req: IncomingRequest, res: HttpResponse) {
             .create_message(&q("topic"), q("msg"), MessageOptions { qos, retain: false })
             .send_async(move |code| answer(format!("pub {code}"))),
         "/mqtt/disconnect" => client.disconnect(move || answer("disconnected".into())),
+        "/mqtt/slow" => {
+            SLOW_MS.set(q("ms").parse().unwrap_or(0));
+            answer(format!("slow {} ms", SLOW_MS.get()));
+            Ok(())
+        }
         "/mqtt/connected" => {
             answer(format!("{}", client.is_connected()));
             Ok(())
