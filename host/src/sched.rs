@@ -157,8 +157,8 @@ impl CallClock {
         self.ticks = 0;
         let now = Instant::now();
         *lock(&self.resumed) = Resumed::at(now);
-        let heavy = self.heavy(now);
-        self.slow.store(heavy, Relaxed);
+        self.decay(now);
+        self.slow.store(self.heavy(), Relaxed);
     }
 
     /// An epoch tick in the call: an error past the budget, else a pause that lets others
@@ -187,16 +187,20 @@ impl CallClock {
     pub fn finish(&mut self) -> Duration {
         let now = Instant::now();
         let ran = self.ran + lock(&self.resumed).ran(now);
+        self.decay(now);
         self.recent += ran.as_secs_f64();
-        let heavy = self.heavy(now);
-        self.slow.store(heavy, Relaxed);
+        self.slow.store(self.heavy(), Relaxed);
         ran
     }
 
-    /// Whether the agent's recent run time, decayed to `now`, is over [`HEAVY_SHARE`].
-    fn heavy(&mut self, now: Instant) -> bool {
+    /// Brings the recent run time to `now`.
+    fn decay(&mut self, now: Instant) {
         self.recent *= 0.5f64.powf(now.duration_since(self.recent_at).as_secs_f64() / HALF_LIFE.as_secs_f64());
         self.recent_at = now;
+    }
+
+    /// Whether the agent's recent run time is over [`HEAVY_SHARE`] of a core.
+    fn heavy(&self) -> bool {
         // At a steady share s of a core, `recent` settles at s × HALF_LIFE / ln 2.
         self.recent > HEAVY_SHARE * HALF_LIFE.as_secs_f64() / std::f64::consts::LN_2
     }
@@ -241,4 +245,32 @@ fn thread_time() -> Option<Duration> {
     // SAFETY: `t` is a valid timespec to write to.
     let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } == 0;
     ok.then(|| Duration::new(t.tv_sec as u64, t.tv_nsec as u32))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_is_heavy_past_a_tenth_of_a_core_and_light_again_when_idle() {
+        let slow = Arc::new(AtomicBool::new(false));
+        let mut clock = CallClock::new(Duration::from_secs(1), slow.clone());
+        let t0 = Instant::now();
+        // 5 ms of every 10 ms: half a core, for 300 ms.
+        for i in 0..30u32 {
+            clock.decay(t0 + i * Duration::from_millis(10));
+            clock.recent += 0.005;
+        }
+        assert!(clock.heavy());
+        // A twentieth of a core settles below the line.
+        let mut light = CallClock::new(Duration::from_secs(1), slow);
+        for i in 0..100u32 {
+            light.decay(t0 + i * Duration::from_millis(20));
+            light.recent += 0.001;
+        }
+        assert!(!light.heavy());
+        // Idle for a second, the heavy one is light again.
+        clock.decay(t0 + Duration::from_millis(1300));
+        assert!(!clock.heavy());
+    }
 }
