@@ -21,6 +21,10 @@ use crate::events::TaskGuard;
 /// Longest CONNECT request head accepted.
 const MAX_HEAD: usize = 4096;
 
+/// Longest time from accepting a client to the tunnel being open: a client that sends
+/// nothing, or a target that never answers, does not hold a task and a socket for good.
+const SETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The user name rumqttc presents; the password is the secret.
 const USER: &str = "tether";
 
@@ -79,7 +83,8 @@ pub(crate) const DENIED_STATUS: u16 = 403;
 
 /// One client: its CONNECT request, the checked connection, then bytes both ways.
 async fn serve(mut client: TcpStream, expected: Arc<str>, resolve: Resolve) {
-    let (status, reason) = match tunnel(&mut client, &expected, resolve).await {
+    let setup = tokio::time::timeout(SETUP_TIMEOUT, tunnel(&mut client, &expected, resolve)).await;
+    let (status, reason) = match setup.unwrap_or_else(|_| Err((504, "timed out".into()))) {
         Ok((mut upstream, early)) => {
             if client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await.is_err() || upstream.write_all(&early).await.is_err() {
                 return;

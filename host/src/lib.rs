@@ -151,14 +151,15 @@ impl Host {
         let http_addr = listener.local_addr()?;
         let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
         let deployed = deployed::Deployed::new(&config.store_dir);
+        let io = tokio::runtime::Handle::current();
         let shared = Arc::new(HostShared {
             deployed,
             public_url: public_url.trim_end_matches('/').to_owned(),
             config,
             runtime,
             slow_lane: sched::SlowLane::new().context("cannot start the slow lane threads")?,
-            connect_guard: connect_guard::ConnectGuard::start(&tokio::runtime::Handle::current()).await.context("cannot start the MQTT connect guard")?,
-            io: tokio::runtime::Handle::current(),
+            connect_guard: connect_guard::ConnectGuard::start(&io).await.context("cannot start the MQTT connect guard")?,
+            io,
             http_client,
             http_client_public,
             tls,

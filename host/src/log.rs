@@ -24,7 +24,8 @@ const MAX_LINE: usize = 8 * 1024;
 
 /// An agent's recent lines kept for a log stream that starts later: at most this many...
 const RECENT_LINES: usize = 100;
-/// ...and this much text, so that 10,000 agents keep at most ~160 MiB.
+/// ...and this much text, so that 10,000 agents keep at most ~160 MiB. A longer line is
+/// cut to it (and marked) for subscribers too; tracing gets it whole.
 const RECENT_BYTES: usize = 16 * 1024;
 
 /// Numbers every line, across agents, in the order written.

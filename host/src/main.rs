@@ -134,6 +134,7 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(module_path: &Path, config_path: Option<&Path>, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let shutdown = Shutdown::watch()?;
     let mut config = match config_path {
         Some(path) => RunConfig::load(path)?,
         None => RunConfig::default(),
@@ -150,13 +151,14 @@ async fn run(module_path: &Path, config_path: Option<&Path>, listen: Option<std:
     let module = host.runtime().load_file(module_path).with_context(|| format!("cannot load {}", module_path.display()))?;
     host.spawn(&id, config.agent, module)?;
     tracing::info!(agent = %id, "agent URL: {}", host.agent_url(&id));
-    shutdown_signal().await?;
+    shutdown.wait().await;
     tracing::info!("shutting down");
     host.shutdown().await;
     Ok(())
 }
 
 async fn serve(manifest_path: &Path) -> anyhow::Result<()> {
+    let shutdown = Shutdown::watch()?;
     use tether_host::manage::ManageServer;
     use tether_host::manifest::Manifest;
     let manifest = Manifest::load(manifest_path)?;
@@ -173,7 +175,7 @@ async fn serve(manifest_path: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    shutdown_signal().await?;
+    shutdown.wait().await;
     tracing::info!("shutting down");
     if let Some(manage) = manage {
         manage.stop().await;
@@ -267,6 +269,7 @@ async fn start_hub(args: HubArgs) -> anyhow::Result<tether_hub_emulator::Hub> {
 }
 
 async fn hub(args: HubArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::watch()?;
     use tether_hub_emulator::Enrollment;
     let hub = start_hub(args).await?;
     let device = match hub.device_connection_string(DEMO_DEVICE) {
@@ -297,7 +300,7 @@ async fn hub(args: HubArgs) -> anyhow::Result<()> {
         reg = enrollment.id,
         key = enrollment.primary_key,
     );
-    shutdown_signal().await?;
+    shutdown.wait().await;
     tracing::info!("shutting down the hub emulator");
     hub.shutdown().await;
     Ok(())
@@ -307,6 +310,7 @@ const DEMO_DEVICE: &str = "demo-device";
 const DEMO_REGISTRATION: &str = "demo-registration";
 
 async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::watch()?;
     use tether_host::config::{AgentSettings, DeviceBinding, HostConfig};
     use tether_hub_emulator::{Enrollment, EventFilter};
 
@@ -402,7 +406,7 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     );
 
     tokio::select! {
-        r = shutdown_signal() => r?,
+        () = shutdown.wait() => {}
         status = sim.wait() => tracing::error!("the device simulator exited: {:?}", status),
     }
     tracing::info!("shutting down the demo");
@@ -413,12 +417,28 @@ async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Ctrl-C, or SIGTERM from a service manager.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).context("cannot watch SIGTERM")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("cannot wait for Ctrl-C"),
-        _ = term.recv() => Ok(()),
+/// Ctrl-C, or SIGTERM from a service manager, watched from the moment it is made: a
+/// signal sent as soon as a command says it is ready still stops it cleanly, rather than
+/// killing it before the command waits for it.
+struct Shutdown {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Shutdown {
+    fn watch() -> anyhow::Result<Shutdown> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Shutdown {
+            interrupt: signal(SignalKind::interrupt()).context("cannot watch Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("cannot watch SIGTERM")?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
     }
 }
 

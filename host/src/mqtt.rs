@@ -303,8 +303,8 @@ struct Driver {
     disconnecting: Arc<AtomicBool>,
     ops: Arc<Mutex<Ops>>,
     inbound: Arc<AtomicUsize>,
-    /// For a connection through the connect guard: the agent's log and the target, to
-    /// log the guard's refusal.
+    /// For a connection through the connect guard: the agent's log and the broker's host,
+    /// to log the guard's refusal.
     guarded: Option<(Logger, String)>,
     metrics: Arc<AgentMetrics>,
 }
