@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::events::{Event, EventFilter, EventKind};
 use crate::messages::C2dRequest;
-use crate::state::{
-    ActiveFault, ControlError, Device, GroupEnrollment, IndividualEnrollment, Shared,
-};
+use crate::state::device::{Device, valid_device_id};
+use crate::state::faults::ActiveFault;
+use crate::state::provisioning::{GroupEnrollment, IndividualEnrollment};
+use crate::state::session::SessionCmd;
+use crate::state::{ControlError, Shared};
 use crate::util::{b64_decode, new_key};
 
 /// Faults that can be injected, named like IoT Hub's `AzIoTHub_FaultOperationType`
@@ -62,7 +64,7 @@ impl Shared {
         let reason = format!("{fault:?}");
         for (id, s) in &st.sessions {
             if device_id.is_none_or(|d| d == id) {
-                let _ = s.tx.send(crate::state::SessionCmd::Close(reason.clone()));
+                let _ = s.tx.send(SessionCmd::Close(reason.clone()));
             }
         }
     }
@@ -134,7 +136,7 @@ pub struct Control {
 impl Control {
     /// Registers a device with generated keys.
     pub fn create_device(&self, device_id: &str) -> Result<DeviceInfo, ControlError> {
-        if !crate::http::valid_device_id(device_id) {
+        if !valid_device_id(device_id) {
             return Err(ControlError::Invalid(format!(
                 "invalid device id {device_id}"
             )));
@@ -185,10 +187,7 @@ impl Control {
                         "invalid registration id {registration_id}"
                     )));
                 }
-                if device_id
-                    .as_deref()
-                    .is_some_and(|d| !crate::http::valid_device_id(d))
-                {
+                if device_id.as_deref().is_some_and(|d| !valid_device_id(d)) {
                     return Err(ControlError::Invalid("invalid device id".into()));
                 }
                 let e = IndividualEnrollment {
@@ -333,8 +332,7 @@ impl Control {
                 .ok_or_else(|| ControlError::DeviceNotFound(device_id.into()))?;
         device.token_floor = floor;
         if let Some(s) = st.sessions.get(device_id) {
-            let _ =
-                s.tx.send(crate::state::SessionCmd::Close("SAS token expired".into()));
+            let _ = s.tx.send(SessionCmd::Close("SAS token expired".into()));
         }
         Ok(())
     }
@@ -353,8 +351,7 @@ impl Control {
             .values()
             .filter(|s| s.token_expiry.saturating_add(grace) <= now)
         {
-            let _ =
-                s.tx.send(crate::state::SessionCmd::Close("SAS token expired".into()));
+            let _ = s.tx.send(SessionCmd::Close("SAS token expired".into()));
         }
     }
 }

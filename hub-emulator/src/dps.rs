@@ -1,37 +1,22 @@
 //! Device Provisioning Service: symmetric-key enrollments, the register / poll /
 //! status operations shared by the REST and MQTT front ends, and assignment to the
-//! emulated hub (protocol notes §3).
+//! emulated hub (protocol notes §3). The records these operations keep are in
+//! `crate::state::provisioning`, below the state core.
 
 use std::time::SystemTime;
 
 use serde_json::{Value, json};
 
 use crate::sas::{SasError, SasToken, derive_device_key};
-use crate::state::{Device, GroupEnrollment, IndividualEnrollment, Shared};
+use crate::state::Shared;
+use crate::state::device::Device;
+use crate::state::provisioning::{
+    EnrollmentMatch, GroupEnrollment, IndividualEnrollment, Operation,
+};
 use crate::util::{b64, iso8601, new_uuid};
 
 /// Seconds a client is told to wait before polling (`Retry-After`, `retry-after=`).
 pub(crate) const RETRY_AFTER_SECS: u64 = 1;
-
-/// The enrollment a registration authenticated against.
-#[derive(Debug, Clone)]
-pub(crate) enum EnrollmentMatch {
-    Individual(IndividualEnrollment),
-    Group {
-        group_id: String,
-        primary_key: String,
-        secondary_key: String,
-    },
-}
-
-/// A registration in progress: `assigning` until first polled, then done.
-#[derive(Debug, Clone)]
-pub(crate) struct Operation {
-    pub registration_id: String,
-    pub enrollment: EnrollmentMatch,
-    pub payload: Value,
-    pub result: Option<Value>,
-}
 
 /// DPS-level failures, with the HTTP status and DPS error code to report.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -118,7 +118,7 @@ impl EventLog {
     }
 
     pub fn record(&self, device_id: &str, kind: EventKind) {
-        let mut guard = crate::state::lock(&self.events);
+        let mut guard = crate::util::lock(&self.events);
         let (events, bytes) = &mut *guard;
         let seq = *self.last_seq.borrow() + 1;
         *bytes += kind.body_bytes();
@@ -137,7 +137,7 @@ impl EventLog {
 
     /// Events with `seq > since` matching `filter`, oldest first.
     pub fn since(&self, since: u64, filter: &EventFilter) -> Vec<Event> {
-        let guard = crate::state::lock(&self.events);
+        let guard = crate::util::lock(&self.events);
         guard
             .0
             .iter()

@@ -40,7 +40,8 @@ pub use control::{Control, DeviceInfo, Enrollment, EnrollmentInfo, Fault};
 pub use events::{Event, EventFilter, EventKind};
 pub use messages::C2dRequest;
 pub use sas::{derive_device_key, generate_sas_token};
-pub use state::{ControlError, Permission, Policy};
+pub use state::ControlError;
+pub use state::policy::{Permission, Policy};
 pub use twin::{ServiceTwinError, TwinError};
 
 use state::{HubSettings, Persisted, Shared};

@@ -1,6 +1,7 @@
 //! Small helpers shared by every part of the emulator: time stamps, random keys and ids,
-//! percent-encoding as IoT Hub uses it.
+//! percent-encoding as IoT Hub uses it, poison-tolerant locking.
 
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -126,6 +127,12 @@ pub(crate) fn b64(data: &[u8]) -> String {
 
 pub(crate) fn b64_decode(s: &str) -> Option<Vec<u8>> {
     B64.decode(s).ok()
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: the state is
+/// always left consistent between statements, and one bad task must not stop the hub.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Deterministic pseudo-random inputs for the garbage-input tests of the parsers.

@@ -16,7 +16,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiError, parse_json};
+use super::api::{ApiError, parse_json};
 use crate::control::{Control, Enrollment, Fault};
 use crate::events::EventFilter;
 use crate::messages::C2dRequest;

@@ -11,9 +11,10 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 
-use super::{ApiError, authorization, require_api_version};
-use crate::dps::{DpsError, EnrollmentMatch, RETRY_AFTER_SECS};
+use super::api::{ApiError, authorization, require_api_version};
+use crate::dps::{DpsError, RETRY_AFTER_SECS};
 use crate::state::Shared;
+use crate::state::provisioning::EnrollmentMatch;
 use crate::util::new_uuid;
 
 type Q = Query<HashMap<String, String>>;

@@ -14,9 +14,12 @@ use axum::routing::{delete, get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{ApiError, authorization, parse_json, require_api_version, timespan};
+use super::api::{ApiError, authorization, parse_json, require_api_version};
 use crate::events::EventKind;
-use crate::state::{Device, MethodError, Permission, Shared};
+use crate::state::Shared;
+use crate::state::device::{Device, valid_device_id};
+use crate::state::methods::MethodError;
+use crate::state::policy::Permission;
 use crate::twin::ServiceTwinError;
 use crate::util::{b64_decode, iso8601};
 
@@ -152,15 +155,6 @@ struct SymmetricKey {
 #[serde(rename_all = "camelCase")]
 struct Capabilities {
     iot_edge: Option<bool>,
-}
-
-/// Device ids: ≤128 ASCII alphanumerics and `- . + % _ # * ? ! ( ) , = @ $ ' : ;`.
-pub(crate) fn valid_device_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-.+%_#*?!(),=@$':;".contains(c))
 }
 
 /// Symmetric keys must be base64 of 16 to 64 bytes.
@@ -475,6 +469,12 @@ fn valid_method_name(name: &str) -> bool {
             .all(|c| c.is_ascii_graphic() && !"$()<>@,;:\\\"/[]?={}".contains(c))
 }
 
+/// `hh:mm:ss`, the .NET `TimeSpan` form IoT Hub uses in `info.timeout`.
+fn timespan(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{:02}:{:02}:{:02}", s / 3600, (s % 3600) / 60, s % 60)
+}
+
 async fn invoke_method(
     State(shared): S,
     Path(id): Path<String>,
@@ -530,5 +530,16 @@ async fn invoke_method(
             "Timed out waiting for the response from device.",
         )
         .with_info(json!({ "timeout": timespan(t) }))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timespan_format() {
+        assert_eq!(timespan(Duration::from_secs(30)), "00:00:30");
+        assert_eq!(timespan(Duration::from_secs(3725)), "01:02:05");
     }
 }

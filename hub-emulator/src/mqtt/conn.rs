@@ -15,10 +15,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::control::Fault;
-use crate::dps::{EnrollmentMatch, RETRY_AFTER_SECS};
+use crate::dps::RETRY_AFTER_SECS;
 use crate::events::EventKind;
 use crate::messages::{MAX_D2C_BYTES, PropertyBag};
-use crate::state::{ActiveFault, SessionCmd, Shared, Subs};
+use crate::state::Shared;
+use crate::state::faults::ActiveFault;
+use crate::state::provisioning::EnrollmentMatch;
+use crate::state::session::{SessionCmd, Subs};
 use crate::util::{b64, iso8601, parse_query};
 
 /// Largest packet read: above the D2C limit so an oversize message can be recognised
@@ -261,7 +264,7 @@ async fn run_device<S: AsyncRead + AsyncWrite>(
     link: &mut Link<S>,
     device_id: String,
     connect: Connect,
-    auth: crate::state::DeviceAuth,
+    auth: crate::state::auth::DeviceAuth,
     shutdown: watch::Receiver<bool>,
 ) {
     let delay = shared.test_faults.lock().ok().and_then(|f| f.connack_delay.get(&device_id).copied());

@@ -13,7 +13,8 @@ use tokio_rustls::TlsAcceptor;
 pub(crate) use conn::{MAX_PACKET, Target, classify, next_packet};
 pub(crate) use ws::serve as serve_websocket;
 
-use crate::state::{ActiveFault, Shared};
+use crate::state::Shared;
+use crate::state::faults::ActiveFault;
 
 /// Accepts MQTT connections until the hub shuts down.
 pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
