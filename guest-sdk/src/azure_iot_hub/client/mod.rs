@@ -1,0 +1,180 @@
+//! `AzureIoTHub.Client`: a device's MQTT connection to IoT Hub, with telemetry,
+//! cloud-to-device messages, device twins, direct methods and SAS token auto-refresh.
+//!
+//! This file is the agent-facing API. The rules behind it (connection states, the
+//! documented error codes, pending operations and their timeouts, when a token refresh
+//! may start) are in `state`, a state machine without I/O that is unit-tested on the host;
+//! `transport` runs that machine over MQTT and timers; `topics` is IoT Hub's topic format.
+
+mod state;
+mod topics;
+mod transport;
+
+use std::rc::{Rc, Weak};
+
+use serde_json::{Map, Value};
+
+use super::{
+    ConnectionString, DEFAULT_DMETHODS_TIMEOUT, DEFAULT_KEEP_ALIVE, DEFAULT_MSG_SEND_PARAL_REQS, DEFAULT_QOS, DEFAULT_TOKEN_TTL, DEFAULT_TWIN_UPD_PARAL_REQS, DEFAULT_TWINS_TIMEOUT,
+    DirectMethodResponse, ERROR_OP_TIMED_OUT, Message,
+};
+use state::{Feature, Handler};
+
+/// Client settings (imp's options table), with the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// MQTT QoS of every publish and subscription: 0 or 1. Default 0.
+    pub qos: u8,
+    /// MQTT keep-alive, s. Default 60.
+    pub keep_alive: u16,
+    /// Time for a twin retrieve or update to get its response, s. Default 10.
+    pub twins_timeout: u32,
+    /// Time allowed to reply to a direct method, s. Default 30.
+    pub d_methods_timeout: u32,
+    /// Twin updates that may wait for a response at once. Default 3.
+    pub max_pending_twin_requests: usize,
+    /// Messages that may wait to be sent at once. Default 3.
+    pub max_pending_send_requests: usize,
+    /// Lifetime of each SAS token, s. Default 86400.
+    pub token_ttl: u64,
+    /// Renew the token before it expires, reconnecting invisibly. Default true.
+    pub token_auto_refresh: bool,
+    /// The hub's MQTT port (Tether addition, to reach an emulator). Default 8883.
+    pub port: u16,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            qos: DEFAULT_QOS,
+            keep_alive: DEFAULT_KEEP_ALIVE,
+            twins_timeout: DEFAULT_TWINS_TIMEOUT,
+            d_methods_timeout: DEFAULT_DMETHODS_TIMEOUT,
+            max_pending_twin_requests: DEFAULT_TWIN_UPD_PARAL_REQS,
+            max_pending_send_requests: DEFAULT_MSG_SEND_PARAL_REQS,
+            token_ttl: DEFAULT_TOKEN_TTL,
+            token_auto_refresh: true,
+            port: 8883,
+        }
+    }
+}
+
+/// A device's connection to Azure IoT Hub. Clones share the connection.
+///
+/// ```no_run
+/// use tether_guest::azure_iot_hub::{Client, ClientOptions, Message};
+/// use tether_guest::server;
+///
+/// let client = Client::new(
+///     "HostName=myhub.azure-devices.net;DeviceId=dev1;SharedAccessKey=a2V5",
+///     |err| if err != 0 { server::error(format!("connect failed: {err}")) },
+///     |err| if err != 0 { server::error(format!("disconnected: {err}")) },
+///     ClientOptions::default(),
+/// );
+/// let c = client.clone();
+/// client.connect();
+/// // later, once connected:
+/// c.send_message(Message::new("hello"), |err, _msg| server::log(format!("sent: {err}")));
+/// ```
+#[derive(Clone)]
+pub struct Client(Rc<transport::Inner>);
+
+/// Replies to one direct method call (the `reply` function of imp's `onMethod`).
+pub struct MethodReply {
+    client: Weak<transport::Inner>,
+    rid: String,
+}
+
+impl Client {
+    /// A client for a device connection string (imp: `AzureIoTHub.Client(...)`).
+    /// `on_connected` gets each connect result (0 = connected); `on_disconnected` gets 0
+    /// after [`Client::disconnect`], otherwise an error code (1100 for a lost connection).
+    pub fn new(connection_string: &str, on_connected: impl Fn(i32) + 'static, on_disconnected: impl Fn(i32) + 'static, options: ClientOptions) -> Client {
+        transport::new_client(ConnectionString::parse(connection_string), Box::new(on_connected), Box::new(on_disconnected), options)
+    }
+
+    /// Enables or disables debug logging (imp: `setDebug`).
+    pub fn set_debug(&self, value: bool) {
+        self.0.debug.set(value);
+    }
+
+    /// Whether the client is connected (imp: `isConnected`).
+    pub fn is_connected(&self) -> bool {
+        self.machine().is_connected()
+    }
+
+    /// Opens the connection; the result goes to `on_connected`: 1001 if already
+    /// connected, 1004 if connecting.
+    pub fn connect(&self) {
+        self.open()
+    }
+
+    /// Closes the connection; `on_disconnected(0)` follows. No effect when already
+    /// disconnected or disconnecting. While connecting, the connection is closed as soon
+    /// as it is established, and `on_connected` is not called.
+    pub fn disconnect(&self) {
+        self.close()
+    }
+
+    /// Sends a device-to-cloud message; `on_sent(err, message)` reports the outcome
+    /// (0, an MQTT code, 1000, 1004 when `max_pending_send_requests` are in flight).
+    pub fn send_message(&self, message: Message, on_sent: impl FnOnce(i32, Message) + 'static) {
+        self.send_boxed(message, Box::new(on_sent))
+    }
+
+    /// Starts receiving cloud-to-device messages; `on_done` gets 0, an MQTT code, or
+    /// 1000/1003/1004.
+    pub fn enable_incoming_messages(&self, on_receive: impl Fn(Message) + 'static, on_done: impl FnOnce(i32) + 'static) {
+        self.enable(Feature::Messages, Some(Handler::Messages(Rc::new(on_receive))), Box::new(on_done))
+    }
+
+    /// Stops receiving cloud-to-device messages (imp: `enableIncomingMessages(null, onDone)`).
+    pub fn disable_incoming_messages(&self, on_done: impl FnOnce(i32) + 'static) {
+        self.enable(Feature::Messages, None, Box::new(on_done))
+    }
+
+    /// Enables device twins; `on_request` gets each desired-properties patch (with `$version`).
+    pub fn enable_twin(&self, on_request: impl Fn(Map<String, Value>) + 'static, on_done: impl FnOnce(i32) + 'static) {
+        self.enable(Feature::Twin, Some(Handler::Twin(Rc::new(on_request))), Box::new(on_done))
+    }
+
+    /// Disables device twins (imp: `enableTwin(null, onDone)`).
+    pub fn disable_twin(&self, on_done: impl FnOnce(i32) + 'static) {
+        self.enable(Feature::Twin, None, Box::new(on_done))
+    }
+
+    /// Enables direct methods; `on_method(name, params, reply)` gets each call, to be
+    /// answered with [`MethodReply::send`] within `d_methods_timeout`.
+    pub fn enable_direct_methods(&self, on_method: impl Fn(String, Option<Value>, MethodReply) + 'static, on_done: impl FnOnce(i32) + 'static) {
+        self.enable(Feature::Methods, Some(Handler::Methods(Rc::new(on_method))), Box::new(on_done))
+    }
+
+    /// Disables direct methods (imp: `enableDirectMethods(null, onDone)`).
+    pub fn disable_direct_methods(&self, on_done: impl FnOnce(i32) + 'static) {
+        self.enable(Feature::Methods, None, Box::new(on_done))
+    }
+
+    /// Retrieves the twin; `on_retrieved(err, reported, desired)` (1002 if twins are not
+    /// enabled, 1004 if a retrieve is pending, 1005 after `twins_timeout`).
+    pub fn retrieve_twin_properties(&self, on_retrieved: impl FnOnce(i32, Option<Value>, Option<Value>) + 'static) {
+        self.retrieve_boxed(Box::new(on_retrieved))
+    }
+
+    /// Updates reported properties; `on_updated(err, props)` (1004 when
+    /// `max_pending_twin_requests` are pending, 1005 after `twins_timeout`, or IoT Hub's
+    /// status such as 400).
+    pub fn update_twin_properties(&self, properties: Map<String, Value>, on_updated: impl FnOnce(i32, Map<String, Value>) + 'static) {
+        self.update_boxed(properties, Box::new(on_updated))
+    }
+}
+
+impl MethodReply {
+    /// Sends the response; `on_reply_sent(err, response)` gets 0, an MQTT code, or 1005 if
+    /// the call is older than `d_methods_timeout` (or was answered already).
+    pub fn send(self, response: DirectMethodResponse, on_reply_sent: impl FnOnce(i32, DirectMethodResponse) + 'static) {
+        match self.client.upgrade() {
+            Some(inner) => Client(inner).reply(self.rid, response, Box::new(on_reply_sent)),
+            None => on_reply_sent(ERROR_OP_TIMED_OUT, response),
+        }
+    }
+}
