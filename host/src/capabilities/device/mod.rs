@@ -1,0 +1,204 @@
+//! The `device` capability: the agent's device on a serial line (imp's `device` object).
+//!
+//! An agent bound to a port (`AgentSettings::device`) gets a [`DeviceChannel`]: its host
+//! calls check and queue messages synchronously, and a driver task ([`driver`]) owns the
+//! line and the `device_link::Link`, reopens the line when it comes back, and posts
+//! `device-*` events. The line is a [`Line`]: today a serial port ([`serial`]). The channel belongs to the agent, not to one instance: the device outlives
+//! agent restarts, so connection changes and device messages go to whichever instance
+//! runs, while the outcome of a sent message goes to the instance that sent it.
+//! Without a binding the device is never connected and sending fails at once, as imp does
+//! for an offline device.
+
+mod driver;
+mod line;
+mod serial;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+use wasmtime::component::{HasSelf, Linker};
+
+use crate::bindings::device::{self as wit, Answer, SendError, SendFlags};
+use crate::bindings::events::Event;
+use crate::kit::events::Events;
+use crate::kit::log::Logger;
+use crate::kit::metrics::{AgentMetrics, Count};
+
+pub(crate) use driver::Driver;
+pub(crate) use line::Line;
+pub(crate) use serial::SerialLine;
+
+/// A `device-*` event, as the driver posts it.
+pub(crate) struct DeviceEvent(pub Event);
+
+
+/// imp's cap on one message (name plus payload), whatever the device accepts.
+pub(crate) const MAX_MESSAGE: usize = 256 * 1024;
+/// Messages waiting to be sent per device (slow device, or held while disconnected)...
+const BACKLOG_MESSAGES: usize = 256;
+/// ...and their bytes; past either, `send` answers `queue-full`.
+const BACKLOG_BYTES: usize = 1 << 20;
+/// Device messages posted to the agent but not yet delivered: past this the driver stops
+/// reading the line, so a flood from the device waits in the kernel and the device's
+/// flow-control window, not in host memory.
+const INBOUND_LIMIT: usize = 1024;
+
+/// What the host calls and the driver task share.
+#[derive(Default)]
+struct State {
+    connected: AtomicBool,
+    /// Cap on name plus payload while connected.
+    max_message: AtomicUsize,
+    next_id: AtomicU64,
+    backlog: Mutex<Backlog>,
+    /// Device messages in the agent's queue.
+    inbound: AtomicUsize,
+    /// Frame and error counts of the line, summed over every session since the host started.
+    line: Mutex<device_link::Stats>,
+}
+
+#[derive(Default)]
+struct Backlog {
+    messages: usize,
+    bytes: usize,
+}
+
+impl State {
+    fn release(&self, bytes: usize) {
+        let mut b = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+        b.messages = b.messages.saturating_sub(1);
+        b.bytes = b.bytes.saturating_sub(bytes);
+    }
+}
+
+/// A message on its way to the device.
+struct Outgoing {
+    id: u64,
+    name: String,
+    payload: Vec<u8>,
+    ack: bool,
+    queued: bool,
+    /// The sending instance: the outcome is only meaningful to it.
+    events: Events<DeviceEvent>,
+}
+
+impl Outgoing {
+    fn size(&self) -> usize {
+        self.name.len() + self.payload.len()
+    }
+}
+
+enum Command {
+    Send(Outgoing),
+    Respond(u64, Answer),
+}
+
+/// An agent's end of its device channel.
+pub(crate) struct DeviceChannel {
+    commands: mpsc::UnboundedSender<Command>,
+    state: Arc<State>,
+}
+
+impl DeviceChannel {
+    /// Whether the device is connected (handshake done, heartbeats answered).
+    pub fn connected(&self) -> bool {
+        self.state.connected.load(Ordering::Acquire)
+    }
+
+    /// Frames received and corrupted frames dropped on the line so far.
+    pub fn line_stats(&self) -> device_link::Stats {
+        *self.state.line.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The channel and the driver to spawn for it (only once the agent is registered, so a
+    /// refused spawn leaves no task holding the line). `events` reach whichever instance
+    /// runs.
+    pub fn new<L: Line>(line: L, agent_id: &str, events: Events<DeviceEvent>, log: Logger) -> (DeviceChannel, Driver<L>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let state = Arc::new(State::default());
+        let driver = Driver::new(line, agent_id, state.clone(), rx, events, log);
+        (DeviceChannel { commands: tx, state }, driver)
+    }
+
+    fn send(&self, name: String, payload: Vec<u8>, options: SendFlags, events: &Events<DeviceEvent>) -> Result<u64, SendError> {
+        let queued = options.contains(SendFlags::QUEUED);
+        let connected = self.state.connected.load(Ordering::Acquire);
+        if !connected && !queued {
+            return Err(SendError::NotConnected);
+        }
+        let limit = if connected { self.state.max_message.load(Ordering::Acquire) } else { MAX_MESSAGE };
+        let size = name.len() + payload.len();
+        if size > limit || name.len() > device_link::frame::MAX_NAME_LEN {
+            return Err(SendError::TooLarge);
+        }
+        device_link::Value::decode(&payload).map_err(|_| SendError::InvalidPayload)?;
+        {
+            let mut b = self.state.backlog.lock().unwrap_or_else(|p| p.into_inner());
+            if b.messages >= BACKLOG_MESSAGES || b.bytes + size > BACKLOG_BYTES {
+                return Err(SendError::QueueFull);
+            }
+            b.messages += 1;
+            b.bytes += size;
+        }
+        let id = self.state.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let message = Outgoing { id, name, payload, ack: options.contains(SendFlags::ACK), queued, events: events.clone() };
+        if self.commands.send(Command::Send(message)).is_err() {
+            // The driver only ends with the host.
+            self.state.release(size);
+            return Err(SendError::NotConnected);
+        }
+        Ok(id)
+    }
+
+}
+
+/// The capability's state in an instance: the agent's channel, if it has a device.
+pub(crate) struct Device {
+    channel: Option<Arc<DeviceChannel>>,
+    /// Outcomes of this instance's messages come back here.
+    events: Events<DeviceEvent>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Device {
+    pub fn new(channel: Option<Arc<DeviceChannel>>, events: Events<DeviceEvent>, metrics: Arc<AgentMetrics>) -> Device {
+        Device { channel, events, metrics }
+    }
+
+    /// The event to deliver; a device message leaving the queue lets the driver read on.
+    pub fn prepare(&mut self, DeviceEvent(event): DeviceEvent) -> Option<Event> {
+        if let Event::DeviceMessage(_) = &event {
+            self.metrics.add(Count::DeviceMessage);
+            if let Some(channel) = &self.channel {
+                let _ = channel.state.inbound.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            }
+        }
+        Some(event)
+    }
+}
+
+impl wit::Host for Device {
+    fn send(&mut self, name: String, payload: Vec<u8>, options: SendFlags) -> Result<u64, SendError> {
+        match &self.channel {
+            Some(device) => device.send(name, payload, options, &self.events),
+            None => Err(SendError::NotConnected),
+        }
+    }
+
+    fn respond(&mut self, id: u64, answer: Answer) {
+        if let Some(device) = &self.channel {
+            // Only fails when the host shuts down.
+            let _ = device.commands.send(Command::Respond(id, answer));
+        }
+    }
+
+    fn is_connected(&mut self) -> bool {
+        self.channel.as_ref().is_some_and(|d| d.connected())
+    }
+}
+
+/// Links the interface, reaching the capability's state through `get`.
+pub(crate) fn add_to_linker<T: 'static>(linker: &mut Linker<T>, get: fn(&mut T) -> &mut Device) -> wasmtime::Result<()> {
+    wit::add_to_linker::<T, HasSelf<Device>>(linker, get)
+}

@@ -1,0 +1,134 @@
+//! The agents' URLs: `http://<listen>/<agent-id>/<path>` becomes an `http-request` event;
+//! the agent answers with `http.respond`, during that event or any later one.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::sync::oneshot;
+
+use crate::bindings::events::Event;
+use crate::bindings::http::{Headers, IncomingRequest, RespondError};
+use crate::kit::events::Events;
+
+/// Where the agent's answer goes.
+type Reply<T> = oneshot::Sender<T>;
+
+/// The agent's answer.
+pub(crate) struct Answer {
+    status: u16,
+    headers: Headers,
+    body: Vec<u8>,
+}
+
+/// A request waiting in an agent's queue.
+pub(crate) struct Pending {
+    request: IncomingRequest,
+    reply: Reply<Answer>,
+}
+
+impl Pending {
+    /// Answers on the agent's behalf when it cannot (failed, shutting down).
+    pub fn reject(self, status: u16, message: &str) {
+        let _ = self.reply.send(Answer { status, headers: Vec::new(), body: message.as_bytes().to_vec() });
+    }
+}
+
+/// An instance's open requests; dropping it answers them with 503 (see `serve`).
+#[derive(Default)]
+pub(crate) struct Inbound {
+    next_id: u64,
+    open: HashMap<u64, Reply<Answer>>,
+}
+
+impl Inbound {
+    /// The event to deliver for a request: it gets an id the agent answers by.
+    pub fn prepare(&mut self, pending: Pending) -> Option<Event> {
+        // Requests whose clients gave up can never be answered.
+        self.open.retain(|_, reply| !reply.is_closed());
+        self.next_id += 1;
+        let mut request = pending.request;
+        request.id = self.next_id;
+        self.open.insert(request.id, pending.reply);
+        Some(Event::HttpRequest(request))
+    }
+
+    pub fn respond(&mut self, id: u64, status: u16, headers: Headers, body: Vec<u8>) -> Result<(), RespondError> {
+        let reply = self.open.remove(&id).ok_or(RespondError::UnknownRequest)?;
+        reply.send(Answer { status, headers, body }).map_err(|_| RespondError::UnknownRequest)
+    }
+}
+
+/// Finds the agent a URL names.
+pub(crate) trait Doors: Send + Sync + 'static {
+    /// Agent `id`'s door, `None` when there is no such agent.
+    fn door(&self, id: &str) -> Option<Door>;
+}
+
+/// How a request reaches one agent, and the agent's limits on it.
+pub(crate) struct Door {
+    pub requests: Events<Pending>,
+    /// Largest request body, bytes.
+    pub body_bytes: usize,
+    /// How long a request waits for the agent's answer.
+    pub timeout: Duration,
+}
+
+/// Serves every agent's URL until the host shuts down.
+pub(crate) fn router(doors: Arc<dyn Doors>) -> axum::Router {
+    axum::Router::new().fallback(handle).with_state(doors)
+}
+
+async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
+    let path = req.uri().path().trim_start_matches('/').to_owned();
+    let (agent_id, rest) = path.split_once('/').unwrap_or((&path, ""));
+    let Some(door) = doors.door(agent_id) else {
+        return (StatusCode::NOT_FOUND, format!("no agent {agent_id:?}\n")).into_response();
+    };
+    let query = req
+        .uri()
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    let method = req.method().as_str().to_owned();
+    let headers = req
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .collect();
+    let body = match axum::body::to_bytes(req.into_body(), door.body_bytes).await {
+        Ok(body) => body.to_vec(),
+        Err(_) => return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response(),
+    };
+    let request = IncomingRequest { id: 0, method, path: format!("/{rest}"), query, headers, body };
+    let (reply, answer) = oneshot::channel();
+    if !door.requests.try_post(Pending { request, reply }) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "agent stopped\n").into_response();
+    }
+    match tokio::time::timeout(door.timeout, answer).await {
+        Ok(Ok(answer)) => build(answer),
+        Ok(Err(_)) => (StatusCode::SERVICE_UNAVAILABLE, "agent restarted before answering\n").into_response(),
+        Err(_) => (StatusCode::GATEWAY_TIMEOUT, "agent did not answer in time\n").into_response(),
+    }
+}
+
+fn build(answer: Answer) -> Response {
+    let Ok(status) = StatusCode::from_u16(answer.status) else {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("agent answered with invalid status {}\n", answer.status)).into_response();
+    };
+    let mut response = Response::new(Body::from(answer.body));
+    *response.status_mut() = status;
+    for (name, value) in answer.headers {
+        match (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_str(&value)) {
+            (Ok(name), Ok(value)) => {
+                response.headers_mut().append(name, value);
+            }
+            _ => return (StatusCode::INTERNAL_SERVER_ERROR, format!("agent answered with invalid header {name:?}\n")).into_response(),
+        }
+    }
+    response
+}

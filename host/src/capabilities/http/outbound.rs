@@ -1,0 +1,179 @@
+//! Outgoing requests: each runs as a task that posts an `http-response` event. Who may be
+//! reached, how often and with how large a body is the agent's [`Policy`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::bindings::events::Event;
+use crate::bindings::http::{Request, Response, TransportError};
+use crate::kit::Handles;
+use crate::kit::events::Events;
+use crate::kit::log::Level;
+use crate::kit::metrics::Count;
+use crate::kit::tasks::TaskGuard;
+use crate::policy::allowed_hosts::{AllowedHosts, DENIED_ADDRESS, PublicResolver, Reach};
+use crate::policy::rate::{Rate, TokenBucket};
+use crate::policy::tls::TlsTrust;
+
+/// The event a finished request posts.
+pub(crate) struct Finished(pub u64, pub Result<Response, TransportError>);
+
+/// The host's HTTP clients, shared by every agent.
+#[derive(Clone)]
+pub(crate) struct Clients {
+    any: reqwest::Client,
+    /// For agents limited to allowed hosts: reaches public addresses only.
+    public: reqwest::Client,
+}
+
+impl Clients {
+    /// Clients trusting `tls`'s roots.
+    pub fn new(tls: &TlsTrust) -> reqwest::Result<Clients> {
+        let client = || reqwest::Client::builder().use_preconfigured_tls(tls.base()).user_agent(concat!("tether/", env!("CARGO_PKG_VERSION")));
+        Ok(Clients {
+            any: client().build()?,
+            public: client()
+                .dns_resolver(Arc::new(PublicResolver))
+                // A proxy would resolve the name itself, out of the resolver's reach.
+                .no_proxy()
+                .build()?,
+        })
+    }
+}
+
+/// What one agent may do with outgoing HTTP; shared by its instances, so a restart does
+/// not refill its credits.
+pub(crate) struct Policy {
+    allowed_hosts: AllowedHosts,
+    clients: Clients,
+    /// Outgoing request credits, when the agent has a rate.
+    credits: Option<Mutex<TokenBucket>>,
+    /// Largest response body, bytes.
+    body_bytes: usize,
+    /// Timeout of a request that names none.
+    timeout: Duration,
+}
+
+impl Policy {
+    pub fn new(allowed_hosts: AllowedHosts, clients: Clients, rate: Option<Rate>, body_bytes: usize, timeout: Duration) -> Policy {
+        Policy { allowed_hosts, clients, credits: rate.map(|r| Mutex::new(TokenBucket::new(r))), body_bytes, timeout }
+    }
+}
+
+/// An instance's requests in flight; dropping it abandons them.
+pub(crate) struct Outbound {
+    policy: Arc<Policy>,
+    handles: Handles,
+    events: Events<Finished>,
+    next_id: u64,
+    in_flight: HashMap<u64, TaskGuard>,
+}
+
+impl Outbound {
+    pub fn new(policy: Arc<Policy>, handles: Handles, events: Events<Finished>) -> Outbound {
+        Outbound { policy, handles, events, next_id: 0, in_flight: HashMap::new() }
+    }
+
+    /// The response of `id` is being delivered.
+    pub fn prepare(&mut self, Finished(id, result): Finished) -> Option<Event> {
+        self.in_flight.remove(&id);
+        Some(Event::HttpResponse((id, result)))
+    }
+
+    /// Starts a request; its outcome arrives as an `http-response` event.
+    pub fn send(&mut self, req: Request) -> Result<u64, TransportError> {
+        let url = url::Url::parse(&req.url).map_err(|_| TransportError::MalformedUrl)?;
+        let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
+            return Err(TransportError::MalformedUrl);
+        };
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(TransportError::MalformedUrl);
+        }
+        let (policy, log, metrics) = (&self.policy, &self.handles.log, &self.handles.metrics);
+        let Some(reach) = policy.allowed_hosts.check(url.scheme(), host, port) else {
+            metrics.add(Count::HttpRefused);
+            log.write(Level::Error, &format!("http: {}://{host}:{port} is not an allowed destination", url.scheme()));
+            return Err(TransportError::NotAllowed);
+        };
+        if let Some(credits) = &policy.credits {
+            // No log line: a flooding agent would flood its log too.
+            if !credits.lock().map(|mut c| c.take()).unwrap_or(true) {
+                metrics.add(Count::HttpRefused);
+                return Err(TransportError::RateLimited);
+            }
+        }
+        metrics.add(Count::HttpRequest);
+        let invalid = |what: &str| {
+            log.write(Level::Error, &format!("http: {what} in request to {}", req.url));
+            TransportError::Other
+        };
+        let method = reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|_| invalid("invalid method"))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (name, value) in &req.headers {
+            let name = reqwest::header::HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid("invalid header name"))?;
+            let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| invalid("invalid header value"))?;
+            headers.append(name, value);
+        }
+        let timeout = req.timeout_ms.map_or(policy.timeout, |ms| Duration::from_millis(ms.into()));
+        let client = match reach {
+            Reach::Any => &policy.clients.any,
+            Reach::PublicOnly => &policy.clients.public,
+        };
+        let request = client.request(method, url).headers(headers).body(req.body).timeout(timeout);
+        let (log, target) = (log.clone(), req.url.clone());
+        let body_limit = policy.body_bytes;
+
+        self.next_id += 1;
+        let id = self.next_id;
+        let events = self.events.clone();
+        let task = TaskGuard::spawn(&self.handles.io, async move {
+            let result = tokio::time::timeout(timeout, perform(request, body_limit)).await.unwrap_or(Err(TransportError::Timeout));
+            if let Err(TransportError::NotAllowed) = result {
+                log.write(Level::Error, &format!("http: {target} {DENIED_ADDRESS}; not allowed"));
+            }
+            events.post(Finished(id, result));
+        });
+        self.in_flight.insert(id, task);
+        Ok(id)
+    }
+}
+
+async fn perform(request: reqwest::RequestBuilder, body_limit: usize) -> Result<Response, TransportError> {
+    let mut response = request.send().await.map_err(|e| classify(&e))?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
+        .collect();
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| classify(&e))? {
+        if body.len() + chunk.len() > body_limit {
+            return Err(TransportError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(Response { status, headers, body })
+}
+
+/// reqwest wraps the cause in io errors that hide it from `source()`; its debug text
+/// still names it.
+fn classify(e: &reqwest::Error) -> TransportError {
+    let detail = format!("{e:?}");
+    if detail.contains(DENIED_ADDRESS) {
+        TransportError::NotAllowed
+    } else if e.is_timeout() {
+        TransportError::Timeout
+    } else if detail.contains("dns error") || detail.contains("failed to lookup address") {
+        TransportError::UnresolvedHost
+    } else if detail.contains("InvalidCertificate") || detail.contains("tls") || detail.contains("Tls") {
+        TransportError::Tls
+    } else if e.is_connect() {
+        TransportError::ConnectFailed
+    } else if e.is_builder() {
+        TransportError::MalformedUrl
+    } else {
+        TransportError::Other
+    }
+}

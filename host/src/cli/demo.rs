@@ -1,0 +1,136 @@
+//! `tether demo`: the emulator, a simulated board on a pty and the azure-demo agent.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+
+use super::Shutdown;
+use super::hub::{DEMO_DEVICE, HubArgs, start_hub};
+use tether_host::Host;
+
+/// `tether demo`'s arguments.
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    hub: HubArgs,
+    /// The demo agent (built by scripts/demo.sh).
+    #[arg(long, default_value = "target/wasm32-wasip2/guest/azure_demo.wasm")]
+    agent: PathBuf,
+    /// The device simulator; by default `device-sim` next to this binary.
+    #[arg(long)]
+    device_sim: Option<PathBuf>,
+    /// Seconds between the simulated board's temperature readings.
+    #[arg(long, default_value_t = 5.0)]
+    interval: f64,
+}
+
+
+/// Runs the demo until Ctrl-C or SIGTERM.
+pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::watch()?;
+    use tether_host::config::{AgentSettings, DeviceBinding, HostConfig};
+    use tether_hub_emulator::{Enrollment, EventFilter};
+
+    let state_dir = args.hub.state_dir.join("demo");
+    std::fs::create_dir_all(&state_dir).with_context(|| format!("cannot create {}", state_dir.display()))?;
+    let sim_path = match args.device_sim {
+        Some(path) => path,
+        None => std::env::current_exe()?.with_file_name("device-sim"),
+    };
+    if !args.agent.exists() {
+        bail!("no demo agent at {}; build it with scripts/demo.sh (or pass --agent)", args.agent.display());
+    }
+    let hub = start_hub(args.hub).await?;
+    let enrollment = hub
+        .add_enrollment(Enrollment::Individual { registration_id: DEMO_DEVICE.into(), device_id: None, primary_key: None, secondary_key: None })
+        .context("cannot add the demo enrollment")?;
+
+    // The simulated sensor board, on a pty reached through a stable link.
+    let link = state_dir.join("device");
+    let mut sim = tokio::process::Command::new(&sim_path)
+        .arg("--link")
+        .arg(&link)
+        .args(["--interval", &args.interval.to_string(), "--device-id", "sensor-board", "-v"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start the device simulator {}; build it with `cargo build -p device-sim`", sim_path.display()))?;
+
+    let host = Host::start(HostConfig {
+        http_listen: "127.0.0.1:0".parse()?,
+        store_dir: state_dir.join("store"),
+        cache_dir: state_dir.join("cache"),
+        trusted_ca_files: vec![hub.ca_cert_path().to_owned()],
+        ..HostConfig::default()
+    })
+    .await?;
+    let module = host.runtime().load_file(&args.agent).with_context(|| format!("cannot load {}", args.agent.display()))?;
+    let https = format!("localhost:{}", hub.https_addr().port());
+    let settings = AgentSettings {
+        id: Some("demo".into()),
+        config: [
+            ("dps_scope", hub.dps_scope_id().to_owned()),
+            ("dps_registration_id", enrollment.id.clone()),
+            ("dps_key", enrollment.primary_key.clone()),
+            ("dps_endpoint", format!("https://{https}")),
+            ("hub_port", hub.mqtt_addr().port().to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+        device: Some(DeviceBinding { path: link, baud: 115_200 }),
+    };
+    host.spawn("demo", settings, module)?;
+
+    // What the cloud side sees, live.
+    let control = hub.control();
+    let watcher = tokio::spawn(async move {
+        let mut since = 0;
+        let filter = EventFilter::default();
+        loop {
+            for event in control.wait_events(since, &filter, std::time::Duration::from_secs(30)).await {
+                since = event.seq;
+                if let Ok(serde_json::Value::Object(mut e)) = serde_json::to_value(&event) {
+                    e.retain(|k, _| !matches!(k.as_str(), "seq" | "time" | "bodyBase64" | "systemProperties"));
+                    println!("[hub] {}", serde_json::Value::Object(e));
+                }
+            }
+        }
+    });
+
+    let (host_part, key) = {
+        let cs = hub.service_connection_string();
+        let get = |k: &str| cs.split(';').find_map(|p| p.strip_prefix(k)?.strip_prefix('=').map(str::to_owned)).unwrap_or_default();
+        (get("HostName"), get("SharedAccessKey"))
+    };
+    let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 86_400;
+    let token = tether_hub_emulator::generate_sas_token(&host_part, &key, Some("iothubowner"), expiry).unwrap_or_default();
+    let ca = hub.ca_cert_path().display().to_string();
+    println!(
+        "\nTether demo: hub emulator, simulated board and the azure-demo agent are running.\n\
+         From a second terminal:\n\
+         \n  export TOKEN='{token}'\
+         \n  # a direct method: the agent asks the board to blink\
+         \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' \\\
+         \n    -d '{{\"methodName\":\"blink\",\"payload\":{{\"times\":3}},\"responseTimeoutInSeconds\":10}}' \\\
+         \n    'https://{https}/twins/{DEMO_DEVICE}/methods?api-version=2021-04-12'\
+         \n  # a desired property: the board reports every second\
+         \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' -X PATCH \\\
+         \n    -d '{{\"properties\":{{\"desired\":{{\"interval\":1}}}}}}' 'https://{https}/twins/{DEMO_DEVICE}?api-version=2021-04-12'\
+         \n  # a cloud-to-device message: the board switches its LED on\
+         \n  curl --cacert {ca} -d '{{\"led\": true}}' 'https://{https}/emulator/devices/{DEMO_DEVICE}/c2d'\
+         \n\nCtrl-C ends the demo.\n"
+    );
+
+    tokio::select! {
+        () = shutdown.wait() => {}
+        status = sim.wait() => tracing::error!("the device simulator exited: {:?}", status),
+    }
+    tracing::info!("shutting down the demo");
+    watcher.abort();
+    host.shutdown().await;
+    let _ = sim.kill().await;
+    hub.shutdown().await;
+    Ok(())
+}
+

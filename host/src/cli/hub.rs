@@ -1,0 +1,86 @@
+//! `tether hub`: the Azure IoT Hub + DPS emulator on its own.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use super::Shutdown;
+
+/// The device `tether hub` and `tether demo` create.
+pub const DEMO_DEVICE: &str = "demo-device";
+const DEMO_REGISTRATION: &str = "demo-registration";
+
+/// `tether hub`'s arguments (also the hub part of `tether demo`'s).
+#[derive(clap::Args)]
+pub struct HubArgs {
+    /// Device MQTT over TLS (Microsoft's device SDKs insist on 8883).
+    #[arg(long, default_value_t = 8883)]
+    pub mqtt_port: u16,
+    /// Service REST, DPS REST, the control API and MQTT over WebSocket.
+    #[arg(long, default_value_t = 8443)]
+    pub https_port: u16,
+    /// Where the CA, the server certificate and the hub's keys are kept.
+    #[arg(long, default_value = "tether-data/hub")]
+    pub state_dir: PathBuf,
+    /// Keep devices, twins, enrollments and C2D queues across restarts.
+    #[arg(long)]
+    pub persist: bool,
+    /// The hub's name (also accepted as `<name>.azure-devices.net` in tokens).
+    #[arg(long, default_value = "tether-hub")]
+    pub hub_name: String,
+}
+
+
+/// Starts the emulator with `args`.
+pub async fn start_hub(args: HubArgs) -> anyhow::Result<tether_hub_emulator::Hub> {
+    let config = tether_hub_emulator::HubConfig {
+        hub_name: args.hub_name,
+        mqtt_port: args.mqtt_port,
+        https_port: args.https_port,
+        state_dir: args.state_dir,
+        persist: args.persist,
+        ..tether_hub_emulator::HubConfig::default()
+    };
+    let ports = format!("ports {} and {} (change them with --mqtt-port and --https-port)", config.mqtt_port, config.https_port);
+    tether_hub_emulator::Hub::start(config).await.with_context(|| format!("cannot start the hub emulator on {ports}"))
+}
+
+/// Runs the emulator until Ctrl-C or SIGTERM, after printing how to reach it.
+pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
+    let shutdown = Shutdown::watch()?;
+    use tether_hub_emulator::Enrollment;
+    let hub = start_hub(args).await?;
+    let device = match hub.device_connection_string(DEMO_DEVICE) {
+        Some(cs) => cs,
+        None => hub.create_device(DEMO_DEVICE).context("cannot create the demo device")?.connection_string,
+    };
+    // With --persist the enrollment survives restarts; its key must stay the same, or
+    // devices provisioned with it could not register again.
+    let enrollment = match hub.control().enrollment(DEMO_REGISTRATION) {
+        Some(existing) => existing,
+        None => hub
+            .add_enrollment(Enrollment::Individual { registration_id: DEMO_REGISTRATION.into(), device_id: None, primary_key: None, secondary_key: None })
+            .context("cannot add the demo enrollment")?,
+    };
+    println!(
+        "Azure IoT Hub + DPS emulator running.\n\
+         \n  CA certificate:        {ca}\
+         \n  device MQTT (TLS):     {mqtt}\
+         \n  service/DPS (HTTPS):   https://{https}  (control API under /emulator, docs/hub-emulator.md)\
+         \n\n  device connection string ({DEMO_DEVICE}):\n    {device}\
+         \n  registry connection string (iothubowner):\n    {service}\
+         \n  DPS: scope {scope}, registration id {reg}, key {key}\n",
+        ca = hub.ca_cert_path().display(),
+        mqtt = hub.mqtt_addr(),
+        https = hub.https_addr(),
+        service = hub.service_connection_string(),
+        scope = hub.dps_scope_id(),
+        reg = enrollment.id,
+        key = enrollment.primary_key,
+    );
+    shutdown.wait().await;
+    tracing::info!("shutting down the hub emulator");
+    hub.shutdown().await;
+    Ok(())
+}
+

@@ -1,0 +1,59 @@
+//! `tether run`: one agent, configured by an optional TOML file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use tether_host::Host;
+use tether_host::config::{RunConfig, check_agent_id};
+
+use super::Shutdown;
+
+/// `tether run`'s arguments.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The agent: a wasm32-wasip2 component of the tether:agent world.
+    agent: PathBuf,
+    /// TOML with [host] settings (listen address, directories, limits) and [agent]
+    /// id and config values; see README.md.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides host.http_listen, e.g. 127.0.0.1:8080.
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+}
+
+/// Runs one agent until Ctrl-C or SIGTERM.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let (module_path, config_path, listen) = (args.agent.as_path(), args.config.as_deref(), args.listen);
+    let shutdown = Shutdown::watch()?;
+    let mut config = match config_path {
+        Some(path) => RunConfig::load(path)?,
+        None => RunConfig::default(),
+    };
+    if let Some(listen) = listen {
+        config.host.http_listen = listen;
+    }
+    let id = match config.agent.id.clone() {
+        Some(id) => id,
+        None => default_id(module_path)?,
+    };
+    check_agent_id(&id)?;
+    let host = Host::start(config.host).await?;
+    let module = host.runtime().load_file(module_path).with_context(|| format!("cannot load {}", module_path.display()))?;
+    host.spawn(&id, config.agent, module)?;
+    tracing::info!(agent = %id, "agent URL: {}", host.agent_url(&id));
+    shutdown.wait().await;
+    tracing::info!("shutting down");
+    host.shutdown().await;
+    Ok(())
+}
+
+/// `examples/hello.wasm` runs as agent `hello`.
+fn default_id(path: &Path) -> anyhow::Result<String> {
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().replace('.', "-");
+    if check_agent_id(&stem).is_err() {
+        bail!("cannot derive an agent id from {}; set [agent] id in the config", path.display());
+    }
+    Ok(stem)
+}
+

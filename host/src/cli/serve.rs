@@ -1,0 +1,49 @@
+//! `tether serve`: every agent of a manifest, and the management API.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use tether_host::Host;
+
+use super::Shutdown;
+
+/// `tether serve`'s arguments.
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// The manifest: host settings, tenants and agents (see host/src/hosting/manifest.rs).
+    #[arg(long)]
+    manifest: PathBuf,
+}
+
+/// Runs a manifest's agents and the management API until Ctrl-C or SIGTERM.
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let manifest_path = args.manifest.as_path();
+    let shutdown = Shutdown::watch()?;
+    use tether_host::manage::ManageServer;
+    use tether_host::manifest::Manifest;
+    let manifest = Manifest::load(manifest_path)?;
+    let host = std::sync::Arc::new(Host::start(manifest.host.clone()).await?);
+    manifest.spawn_agents(&host)?;
+    tracing::info!("{} agents running; agent URLs under {}", manifest.agents.len(), host.agent_url(""));
+    let manage = match manifest.manage.listen {
+        Some(listen) => {
+            let server = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen)
+                .await
+                .with_context(|| format!("cannot serve the management API on {listen}"))?;
+            tracing::info!("management API and dashboard: http://{}/", server.addr());
+            Some(server)
+        }
+        None => None,
+    };
+    shutdown.wait().await;
+    tracing::info!("shutting down");
+    if let Some(manage) = manage {
+        manage.stop().await;
+    }
+    match std::sync::Arc::try_unwrap(host) {
+        Ok(host) => host.shutdown().await,
+        Err(_) => bail!("the host is still in use at shutdown"),
+    }
+    Ok(())
+}
+

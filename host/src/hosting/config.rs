@@ -1,0 +1,204 @@
+//! Configuration of the host and of one agent, as read from TOML.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::allowed_hosts::AllowedHosts;
+pub use crate::policy::rate::Rate;
+
+/// Errors reading a configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The TOML is malformed or has unknown keys; the message names the line.
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Settings shared by all agents of one host.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// Where agent URLs are served: `http://<addr>/<agent-id>/...`.
+    pub http_listen: SocketAddr,
+    /// The base URL agents are told they live under; `http://<http_listen>` when unset.
+    pub public_url: Option<String>,
+    /// One file per agent holds its persistent store.
+    pub store_dir: PathBuf,
+    /// Compiled components, named by content hash.
+    pub cache_dir: PathBuf,
+    /// PEM files of CAs trusted for agents' outgoing TLS (MQTT and HTTP) besides the public
+    /// roots, e.g. the hub emulator's CA.
+    pub trusted_ca_files: Vec<PathBuf>,
+    /// How many agents the instance pool is sized for.
+    pub max_agents: u32,
+    /// Limits applied to every agent.
+    pub limits: Limits,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            store_dir: PathBuf::from("tether-data/store"),
+            cache_dir: PathBuf::from("tether-data/cache"),
+            trusted_ca_files: Vec::new(),
+            max_agents: 100,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Per-agent resource limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Linear memory cap per agent, MiB.
+    pub memory_mib: u32,
+    /// CPU time one event may use before the agent is stopped, ms.
+    pub cpu_ms_per_event: u32,
+    /// Persistent store cap, bytes (imp: 64 KiB).
+    pub store_bytes: usize,
+    /// Largest body of an outgoing response or incoming request, bytes.
+    pub http_body_bytes: usize,
+    /// Default timeout of an outgoing request, s.
+    pub http_timeout_secs: u32,
+    /// How long an incoming request waits for the agent's answer, s.
+    pub inbound_timeout_secs: u32,
+    /// Largest MQTT message in either direction, bytes (imp: 256 KiB).
+    pub mqtt_message_bytes: usize,
+    /// Restarts in a row (none lasting `healthy_after_secs`) before an agent is marked failed.
+    pub max_restarts: u32,
+    /// An instance that ran this long resets the restart count, s.
+    pub healthy_after_secs: u32,
+    /// Outgoing HTTP requests (imp: 40 at 2/s); over it, `rate-limited`. Unlimited when unset.
+    pub http_rate: Option<Rate>,
+    /// Log lines; over it, lines are dropped and counted. Unlimited when unset.
+    pub log_rate: Option<Rate>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_mib: 64,
+            cpu_ms_per_event: 1000,
+            store_bytes: 64 * 1024,
+            http_body_bytes: 4 * 1024 * 1024,
+            http_timeout_secs: 60,
+            inbound_timeout_secs: 60,
+            mqtt_message_bytes: 256 * 1024,
+            max_restarts: 8,
+            healthy_after_secs: 60,
+            http_rate: None,
+            log_rate: None,
+        }
+    }
+}
+
+/// What one agent may use and reach, beyond its [`AgentSettings`].
+#[derive(Debug, Clone)]
+pub struct AgentPolicy {
+    pub limits: Limits,
+    pub allowed_hosts: AllowedHosts,
+}
+
+/// One agent's identity and configuration values.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    /// The agent id; `tether run` derives one from the module's file name when unset.
+    pub id: Option<String>,
+    /// Values the agent reads with `agent-info.config`.
+    pub config: BTreeMap<String, String>,
+    /// The agent's device, if it has one: the serial port it is attached to.
+    pub device: Option<DeviceBinding>,
+}
+
+/// Where an agent's device is attached: a serial port, 8N1.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceBinding {
+    /// The port's path (`/dev/ttyUSB0`, a stable `/dev/serial/by-id/...` link, or a pty).
+    pub path: PathBuf,
+    /// Line speed; default 115200.
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+
+/// The file given to `tether run --config`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub host: HostConfig,
+    pub agent: AgentSettings,
+}
+
+impl RunConfig {
+    /// Reads and checks a TOML file.
+    pub fn load(path: &Path) -> Result<RunConfig, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let config: RunConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line(&e.to_string()),
+        })?;
+        config.host.limits.check()?;
+        Ok(config)
+    }
+}
+
+impl Limits {
+    /// Rejects limits that cannot work.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if self.memory_mib == 0 || self.memory_mib > 4096 {
+            return Err(ConfigError::Invalid(format!(
+                "limits.memory_mib must be 1..=4096, not {}",
+                self.memory_mib
+            )));
+        }
+        for (name, rate) in [("http_rate", self.http_rate), ("log_rate", self.log_rate)] {
+            if rate.is_some_and(|r| r.burst == 0 || !r.per_sec.is_finite() || r.per_sec <= 0.0) {
+                return Err(ConfigError::Invalid(format!("limits.{name} needs burst >= 1 and per_sec > 0")));
+            }
+        }
+        if self.cpu_ms_per_event < crate::runtime::sched::TICK.as_millis() as u32 {
+            return Err(ConfigError::Invalid(format!(
+                "limits.cpu_ms_per_event must be at least {} ms",
+                crate::runtime::sched::TICK.as_millis()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Checks an agent id: it is a URL segment and a file name, so it is kept plain.
+pub fn check_agent_id(id: &str) -> Result<(), ConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "agent id {id:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'"
+        )))
+    }
+}
+
+/// toml's messages span several lines (a source excerpt); keep the first and the line number.
+fn one_line(message: &str) -> String {
+    message.split('\n').filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('|')).collect::<Vec<_>>().join(": ")
+}

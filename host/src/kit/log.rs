@@ -1,0 +1,156 @@
+//! An agent's log: every line goes to tracing with the agent id, to subscribers (tests,
+//! the management API's log stream), and to the agent's recent lines, which a log stream
+//! shows first. Every part of an agent writes here: the `log` capability and stdout/stderr
+//! for the agent's own lines, the other capabilities and the runtime for host notes.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::broadcast;
+
+use super::metrics::{AgentMetrics, Count};
+use crate::policy::rate::{Rate, TokenBucket};
+
+/// An agent's recent lines kept for a log stream that starts later: at most this many...
+const RECENT_LINES: usize = 100;
+/// ...and this much text, so that 10,000 agents keep at most ~160 MiB. A longer line is
+/// cut to it (and marked) for subscribers too; tracing gets it whole.
+const RECENT_BYTES: usize = 16 * 1024;
+
+/// Numbers every line, across agents, in the order written.
+static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
+
+/// Severity of an agent's log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// `server.log`, stdout, host notes.
+    Info,
+    /// `server.error`, stderr, crashes.
+    Error,
+}
+
+/// One line of an agent's log.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    /// Increases with every line the process writes: a stream that shows an agent's
+    /// recent lines skips live ones it has shown.
+    pub seq: u64,
+    /// The agent it came from.
+    pub agent: Arc<str>,
+    pub level: Level,
+    pub text: String,
+}
+
+/// Writes one agent's log lines.
+#[derive(Clone)]
+pub(crate) struct Logger {
+    agent: Arc<str>,
+    subscribers: broadcast::Sender<LogLine>,
+    limit: Arc<LogLimit>,
+    recent: Arc<Mutex<Recent>>,
+}
+
+/// The newest lines, within [`RECENT_LINES`] and [`RECENT_BYTES`].
+#[derive(Default)]
+struct Recent {
+    lines: VecDeque<LogLine>,
+    bytes: usize,
+}
+
+/// The agent's own lines are counted and rate-limited, so that a flooding agent cannot
+/// drown the host's log; host notes about the agent always pass.
+struct LogLimit {
+    bucket: Option<Mutex<TokenBucket>>,
+    /// Lines dropped since the last one that passed.
+    dropped: Mutex<u64>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Logger {
+    pub fn new(agent: &str, subscribers: broadcast::Sender<LogLine>, rate: Option<Rate>, metrics: Arc<AgentMetrics>) -> Logger {
+        let limit = LogLimit { bucket: rate.map(|r| Mutex::new(TokenBucket::new(r))), dropped: Mutex::new(0), metrics };
+        Logger { agent: agent.into(), subscribers, limit: Arc::new(limit), recent: Arc::default() }
+    }
+
+    /// The agent's recent lines, oldest first.
+    pub fn recent(&self) -> Vec<LogLine> {
+        self.recent.lock().map(|r| r.lines.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// A line the agent wrote: over its log rate it is dropped, and the next line that
+    /// passes is preceded by a note of how many were.
+    pub fn write_agent(&self, level: Level, text: &str) {
+        let limit = &*self.limit;
+        limit.metrics.add(Count::LogLine);
+        if let Some(bucket) = &limit.bucket {
+            let passed = bucket.lock().map(|mut b| b.take()).unwrap_or(true);
+            let mut dropped = limit.dropped.lock().unwrap_or_else(|p| p.into_inner());
+            if !passed {
+                *dropped += 1;
+                limit.metrics.add(Count::LogDropped);
+                return;
+            }
+            if *dropped > 0 {
+                let n = std::mem::take(&mut *dropped);
+                drop(dropped);
+                self.write(Level::Error, &format!("{n} lines dropped: over the log rate"));
+            }
+        }
+        self.write(level, text);
+    }
+
+    pub fn write(&self, level: Level, text: &str) {
+        match level {
+            Level::Info => tracing::info!(agent = %self.agent, "{text}"),
+            Level::Error => tracing::error!(agent = %self.agent, "{text}"),
+        }
+        let mut text = text.to_owned();
+        const MARK: &str = " … (truncated)";
+        if text.len() > RECENT_BYTES {
+            let mut cut = RECENT_BYTES - MARK.len();
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str(MARK);
+        }
+        let line = {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            // Numbered under the lock, so that an agent's lines are in the ring in `seq` order.
+            let line = LogLine { seq: NEXT_SEQ.fetch_add(1, Relaxed), agent: self.agent.clone(), level, text };
+            recent.bytes += line.text.len();
+            recent.lines.push_back(line.clone());
+            while recent.lines.len() > RECENT_LINES || recent.bytes > RECENT_BYTES {
+                let Some(old) = recent.lines.pop_front() else { break };
+                recent.bytes -= old.text.len();
+            }
+            line
+        };
+        // No subscriber is the normal case outside tests and the management API.
+        let _ = self.subscribers.send(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_lines_keep_the_newest_within_their_limits() {
+        let logger = Logger::new("a", broadcast::channel(4).0, None, Arc::default());
+        for i in 0..150 {
+            logger.write(Level::Info, &format!("line {i}"));
+        }
+        let recent = logger.recent();
+        assert_eq!(recent.len(), RECENT_LINES);
+        assert_eq!((recent[0].text.as_str(), recent[99].text.as_str()), ("line 50", "line 149"));
+        assert!(recent.windows(2).all(|w| w[0].seq < w[1].seq));
+
+        logger.write(Level::Error, &"é".repeat(RECENT_BYTES));
+        let recent = logger.recent();
+        let last = recent.last().map(|l| l.text.clone()).unwrap_or_default();
+        assert!(last.ends_with(" … (truncated)") && last.len() <= RECENT_BYTES, "{}", last.len());
+        assert!(recent.iter().map(|l| l.text.len()).sum::<usize>() <= RECENT_BYTES);
+    }
+}

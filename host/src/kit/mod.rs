@@ -1,0 +1,23 @@
+//! What the parts of one agent are handed: the narrow handles through which a capability
+//! reaches the rest of the host without seeing it. A capability posts its events through
+//! [`events::Events`], writes host notes to the agent's [`log::Logger`], counts in
+//! [`metrics::AgentMetrics`] and runs its background work as [`tasks::TaskGuard`]s on the
+//! host's runtime. Nothing here knows any capability or the runtime that composes them.
+
+pub(crate) mod events;
+pub mod log;
+pub mod metrics;
+pub(crate) mod tasks;
+
+use std::sync::Arc;
+
+/// The handles every capability of one agent shares.
+#[derive(Clone)]
+pub(crate) struct Handles {
+    /// The agent's log, for host notes about what a capability did on its behalf.
+    pub log: log::Logger,
+    pub metrics: Arc<metrics::AgentMetrics>,
+    /// The runtime of the host's own tasks (timers, connections, requests): guest calls
+    /// may run on the slow lane, whose threads must not own them.
+    pub io: tokio::runtime::Handle,
+}

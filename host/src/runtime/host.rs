@@ -1,0 +1,399 @@
+//! The running host: its agents, the HTTP server of their URLs, and the public API the
+//! CLI, the management API and the tests drive. Spawning an agent builds each
+//! capability's policy for it from its settings; the agent then runs in [`super::agent`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{broadcast, mpsc, watch};
+
+use super::agent::{self, AgentShared, AgentStatus, Control, Resume};
+use super::engine::{AgentModule, LoadError, Runtime};
+use super::instance::AgentParts;
+use super::queue::{Envelope, Queue};
+use super::sched::SlowLane;
+use crate::capabilities::agent_info::AgentInfo;
+use crate::capabilities::device::{self, SerialLine};
+use crate::capabilities::http::inbound::{self, Door, Doors};
+use crate::capabilities::http::outbound;
+use crate::capabilities::mqtt;
+use crate::capabilities::store::FileStore;
+use crate::hosting::config::{AgentPolicy, AgentSettings, ConfigError, HostConfig};
+use crate::hosting::deployed::Deployed;
+use crate::kit::Handles;
+use crate::kit::events::Events;
+use crate::kit::log::{LogLine, Logger};
+use crate::kit::metrics::{AgentMetrics, MetricsSnapshot};
+use crate::policy::allowed_hosts::AllowedHosts;
+use crate::policy::connect_guard::ConnectGuard;
+use crate::policy::tls::TlsTrust;
+
+/// Host-wide state every agent shares.
+pub(crate) struct HostShared {
+    config: HostConfig,
+    runtime: Arc<Runtime>,
+    deployed: Deployed,
+    slow_lane: SlowLane,
+    /// Where MQTT connections limited to public addresses are checked; kept for as long
+    /// as the host runs.
+    _connect_guard: ConnectGuard,
+    /// The runtime of the host's own tasks (timers, connections, requests), which guest
+    /// calls on the slow lane must not spawn onto their own.
+    io: tokio::runtime::Handle,
+    http_clients: outbound::Clients,
+    mqtt_network: Arc<mqtt::Network>,
+    public_url: String,
+    agents: RwLock<HashMap<String, Arc<AgentShared>>>,
+    logs: broadcast::Sender<LogLine>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl HostShared {
+    fn agent(&self, id: &str) -> Option<Arc<AgentShared>> {
+        self.agents.read().ok()?.get(id).cloned()
+    }
+}
+
+impl Doors for HostShared {
+    fn door(&self, id: &str) -> Option<Door> {
+        let agent = self.agent(id)?;
+        Some(Door {
+            requests: Events::any_instance(agent.parts.queue.clone()),
+            body_bytes: agent.parts.limits.http_body_bytes,
+            timeout: Duration::from_secs(agent.parts.limits.inbound_timeout_secs.into()),
+        })
+    }
+}
+
+/// Errors starting an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    /// The id is not usable.
+    #[error(transparent)]
+    Id(#[from] ConfigError),
+    /// An agent with this id runs already.
+    #[error("an agent with id {0:?} is already running")]
+    Duplicate(String),
+}
+
+/// Errors asking an agent to stop, start or take a new version.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// No agent has this id.
+    #[error("no agent {0:?}")]
+    Unknown(String),
+    /// The agent's task has ended (the host is shutting down).
+    #[error("agent {0:?} has shut down")]
+    Gone(String),
+    /// A deploy's new version could not be written down; the old one keeps running.
+    #[error("cannot keep the new version of {id:?}: {source}")]
+    Keep { id: String, source: std::io::Error },
+}
+
+/// What the host reports of one agent.
+#[derive(Debug, Clone)]
+pub struct AgentReport {
+    pub id: String,
+    pub status: AgentStatus,
+    /// Crashes since it was spawned.
+    pub restarts: u32,
+    /// `None` when the agent has no device binding.
+    pub device_connected: Option<bool>,
+    /// SHA-256 of the module version it runs, hex.
+    pub module_digest: String,
+    /// Whether it runs in the slow lane, behind lighter agents: it is in a long event or
+    /// has used more than a tenth of a core lately.
+    pub slow_lane: bool,
+    pub metrics: MetricsSnapshot,
+}
+
+/// A running host: its agents and the HTTP server of their URLs.
+pub struct Host {
+    shared: Arc<HostShared>,
+    http_addr: SocketAddr,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Host {
+    /// Builds the engine, binds the agents' HTTP listener and starts serving it.
+    pub async fn start(config: HostConfig) -> anyhow::Result<Host> {
+        config.limits.check()?;
+        let runtime = Runtime::new(&config).context("cannot build the WebAssembly engine")?;
+        let tls = TlsTrust::new(&config.trusted_ca_files)?;
+        let http_clients = outbound::Clients::new(&tls).context("cannot build the HTTP client")?;
+        let listener = tokio::net::TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.http_listen))?;
+        let http_addr = listener.local_addr()?;
+        let public_url = config.public_url.clone().unwrap_or_else(|| format!("http://{http_addr}"));
+        let deployed = Deployed::new(&config.store_dir);
+        let io = tokio::runtime::Handle::current();
+        let connect_guard = ConnectGuard::start(&io).await.context("cannot start the MQTT connect guard")?;
+        let mqtt_network = Arc::new(mqtt::Network { tls, guard: connect_guard.proxy() });
+        let shared = Arc::new(HostShared {
+            deployed,
+            public_url: public_url.trim_end_matches('/').to_owned(),
+            config,
+            runtime,
+            slow_lane: SlowLane::new().context("cannot start the slow lane threads")?,
+            _connect_guard: connect_guard,
+            io,
+            http_clients,
+            mqtt_network,
+            agents: RwLock::default(),
+            logs: broadcast::channel(4096).0,
+            shutdown: watch::channel(false).0,
+        });
+        let router = inbound::router(shared.clone());
+        let mut stop = shared.shutdown.subscribe();
+        let server = tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = stop.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("agent HTTP server stopped: {e}");
+            }
+        });
+        Ok(Host { shared, http_addr, tasks: std::sync::Mutex::new(vec![server]) })
+    }
+
+    /// The engine, to load modules.
+    pub fn runtime(&self) -> &Runtime {
+        &self.shared.runtime
+    }
+
+    /// Where agent URLs are served.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The public URL of agent `id`.
+    pub fn agent_url(&self, id: &str) -> String {
+        format!("{}/{id}", self.shared.public_url)
+    }
+
+    /// Every agent's log lines from now on.
+    pub fn logs(&self) -> broadcast::Receiver<LogLine> {
+        self.shared.logs.subscribe()
+    }
+
+    /// Agent `id`'s recent log lines (up to 100, 16 KiB), oldest first.
+    pub fn recent_logs(&self, id: &str) -> Vec<LogLine> {
+        self.shared.agent(id).map(|a| a.parts.handles.log.recent()).unwrap_or_default()
+    }
+
+    /// The status of agent `id`, with how often it was restarted.
+    pub fn status(&self, id: &str) -> Option<(AgentStatus, u32)> {
+        let agent = self.shared.agent(id)?;
+        let status = agent.status.lock().ok()?.clone();
+        let restarts = *agent.restarts.lock().ok()?;
+        Some((status, restarts))
+    }
+
+    /// Frame and error counts of agent `id`'s serial line, if it has a device.
+    pub fn device_stats(&self, id: &str) -> Option<device_link::Stats> {
+        Some(self.shared.agent(id)?.parts.device.as_ref()?.line_stats())
+    }
+
+    pub(super) fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<Envelope>) {
+        // Benchmark instances run without a device driver.
+        let (agent, rx, _control, _driver) = self.new_agent_with_device(id, settings, self.default_policy());
+        (agent, rx)
+    }
+
+    /// The host's limits, and every destination allowed: what `spawn` gives an agent.
+    pub fn default_policy(&self) -> AgentPolicy {
+        AgentPolicy { limits: self.shared.config.limits.clone(), allowed_hosts: AllowedHosts::All }
+    }
+
+    /// The agent, its control channel and, if it has a device, the driver of its line, to
+    /// spawn once the agent is registered. Here each capability's policy for the agent is
+    /// built from its settings and limits.
+    #[allow(clippy::type_complexity)]
+    fn new_agent_with_device(
+        &self,
+        id: &str,
+        settings: AgentSettings,
+        policy: AgentPolicy,
+    ) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<Envelope>, mpsc::UnboundedReceiver<Control>, Option<device::Driver<SerialLine>>) {
+        let host = &self.shared;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queue = Arc::new(Queue(tx));
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let metrics = Arc::new(AgentMetrics::default());
+        let log = Logger::new(id, host.logs.clone(), policy.limits.log_rate, metrics.clone());
+        let handles = Handles { log: log.clone(), metrics, io: host.io.clone() };
+        let (device, driver) = match settings.device {
+            Some(binding) => {
+                let line = SerialLine::new(binding.path, binding.baud);
+                let (channel, driver) = device::DeviceChannel::new(line, id, Events::any_instance(queue.clone()), log);
+                (Some(Arc::new(channel)), Some(driver))
+            }
+            None => (None, None),
+        };
+        let limits = policy.limits;
+        let http = outbound::Policy::new(
+            policy.allowed_hosts.clone(),
+            host.http_clients.clone(),
+            limits.http_rate,
+            limits.http_body_bytes,
+            Duration::from_secs(limits.http_timeout_secs.into()),
+        );
+        let mqtt = mqtt::Policy::new(host.mqtt_network.clone(), policy.allowed_hosts, limits.mqtt_message_bytes);
+        let parts = AgentParts {
+            info: Arc::new(AgentInfo { id: id.to_owned(), url: self.agent_url(id), config: settings.config }),
+            handles,
+            queue,
+            device,
+            http: Arc::new(http),
+            mqtt: Arc::new(mqtt),
+            store: Arc::new(FileStore::new(&host.config.store_dir, id)),
+            limits,
+            slow: Arc::default(),
+        };
+        let agent = Arc::new(AgentShared {
+            id: id.to_owned(),
+            engine: host.runtime.engine.clone(),
+            parts,
+            status: std::sync::Mutex::new(AgentStatus::Starting),
+            restarts: std::sync::Mutex::new(0),
+            control,
+            module_digest: std::sync::Mutex::default(),
+        });
+        (agent, rx, control_rx, driver)
+    }
+
+    /// Starts agent `id` running `module`, with the host's limits and every destination
+    /// allowed.
+    pub fn spawn(&self, id: &str, settings: AgentSettings, module: AgentModule) -> Result<(), SpawnError> {
+        self.spawn_with_policy(id, settings, self.default_policy(), module)
+    }
+
+    /// Starts agent `id` running `module` with its own limits and allowed destinations.
+    pub fn spawn_with_policy(&self, id: &str, settings: AgentSettings, policy: AgentPolicy, module: AgentModule) -> Result<(), SpawnError> {
+        crate::hosting::config::check_agent_id(id)?;
+        policy.limits.check()?;
+        let (agent, rx, control, driver) = self.new_agent_with_device(id, settings, policy);
+        {
+            let mut agents = self.shared.agents.write().unwrap_or_else(|p| p.into_inner());
+            if agents.contains_key(id) {
+                return Err(SpawnError::Duplicate(id.to_owned()));
+            }
+            agents.insert(id.to_owned(), agent.clone());
+        }
+        let slow = agent.parts.slow.clone();
+        let task = self.shared.slow_lane.spawn(&self.shared.io, agent::run(agent, module, rx, control, self.shared.shutdown.subscribe()), slow);
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.push(task);
+        if let Some(driver) = driver {
+            tasks.push(tokio::spawn(driver.run(self.shared.shutdown.subscribe())));
+        }
+        Ok(())
+    }
+
+    /// Compiles (or takes from the cache) and links a module on a blocking thread, so
+    /// that a deploy does not stall the agents sharing this thread.
+    pub async fn compile(&self, bytes: Vec<u8>) -> Result<AgentModule, LoadError> {
+        let runtime = self.shared.runtime.clone();
+        tokio::task::spawn_blocking(move || runtime.load(&bytes))
+            .await
+            .unwrap_or_else(|e| Err(LoadError::NotComponent(format!("compilation failed: {e}"))))
+    }
+
+    /// Every agent's report, sorted by id.
+    pub fn agents(&self) -> Vec<AgentReport> {
+        let agents: Vec<Arc<AgentShared>> = match self.shared.agents.read() {
+            Ok(agents) => agents.values().cloned().collect(),
+            Err(_) => return Vec::new(),
+        };
+        let mut reports: Vec<AgentReport> = agents.iter().map(|a| report(a)).collect();
+        reports.sort_by(|a, b| a.id.cmp(&b.id));
+        reports
+    }
+
+    /// Agent `id`'s report.
+    pub fn agent(&self, id: &str) -> Option<AgentReport> {
+        self.shared.agent(id).map(|a| report(&a))
+    }
+
+    /// Swaps agent `id` to `module` between two of its events and restarts it over its
+    /// kept store, logging "Agent restarted: reload". Other agents are not touched.
+    pub fn deploy(&self, id: &str, module: AgentModule) -> Result<(), ControlError> {
+        self.control(id, Control::Run(Resume::Reload(module)))
+    }
+
+    /// [`Host::deploy`], after keeping `bytes` (the new version) in the store directory: a
+    /// host started again from the same manifest runs it instead of the manifest's module,
+    /// until the manifest names another module for the agent.
+    pub fn deploy_kept(&self, id: &str, module: AgentModule, bytes: &[u8]) -> Result<(), ControlError> {
+        let agent = self.shared.agent(id).ok_or_else(|| ControlError::Unknown(id.to_owned()))?;
+        let running = agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default();
+        self.shared.deployed.keep(id, bytes, &running).map_err(|source| ControlError::Keep { id: id.to_owned(), source })?;
+        self.deploy(id, module)
+    }
+
+    /// What agent `id` should run at start: the version kept from an API deploy if the
+    /// manifest still names `manifest` (the module that deploy replaced), else `manifest`.
+    /// Problems with the kept version are logged, and the manifest's module runs.
+    pub fn kept_or(&self, id: &str, manifest: AgentModule) -> AgentModule {
+        let kept = match self.shared.deployed.kept(id, &manifest.digest) {
+            Ok(Some(bytes)) => self.runtime().load(&bytes).map_err(|e| e.to_string()),
+            Ok(None) => return manifest,
+            Err(e) => Err(e.to_string()),
+        };
+        match kept {
+            Ok(module) => {
+                tracing::info!(agent = id, "running sha256:{}, deployed through the API, instead of the manifest's module", module.digest);
+                module
+            }
+            Err(e) => {
+                tracing::error!(agent = id, "cannot use the version deployed through the API ({e}); running the manifest's module");
+                manifest
+            }
+        }
+    }
+
+    /// Stops agent `id` (its requests get 503) until it is started again.
+    pub fn stop_agent(&self, id: &str) -> Result<(), ControlError> {
+        self.control(id, Control::Stop)
+    }
+
+    /// Starts agent `id` if it is stopped or failed.
+    pub fn start_agent(&self, id: &str) -> Result<(), ControlError> {
+        self.control(id, Control::Run(Resume::Start))
+    }
+
+    /// Restarts agent `id` with a fresh instance over its kept store.
+    pub fn restart_agent(&self, id: &str) -> Result<(), ControlError> {
+        self.control(id, Control::Run(Resume::Restart))
+    }
+
+    fn control(&self, id: &str, control: Control) -> Result<(), ControlError> {
+        let agent = self.shared.agent(id).ok_or_else(|| ControlError::Unknown(id.to_owned()))?;
+        agent.control.send(control).map_err(|_| ControlError::Gone(id.to_owned()))
+    }
+
+    /// Stops every agent and the HTTP server, and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.shared.shutdown.send(true);
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn report(agent: &AgentShared) -> AgentReport {
+    AgentReport {
+        id: agent.id.clone(),
+        status: agent.status.lock().map(|s| s.clone()).unwrap_or(AgentStatus::Stopped),
+        restarts: agent.restarts.lock().map(|n| *n).unwrap_or(0),
+        device_connected: agent.parts.device.as_ref().map(|d| d.connected()),
+        module_digest: agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default(),
+        slow_lane: agent.parts.slow.load(std::sync::atomic::Ordering::Relaxed),
+        metrics: agent.parts.handles.metrics.snapshot(),
+    }
+}

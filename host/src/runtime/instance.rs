@@ -1,0 +1,177 @@
+//! One instance of an agent: the store data that composes every capability's state with
+//! WASI and the sandbox's limits, the linker that projects each interface onto its
+//! capability's state, and the delivery of queued events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::queue::{HostEvent, Queue};
+use super::sched::CallClock;
+use crate::bindings::{self, events::Event};
+use crate::capabilities::{agent_info, device, http, log, mqtt, store, timers};
+use crate::hosting::config::Limits;
+use crate::kit::Handles;
+use crate::kit::events::{Events, Sink};
+use crate::kit::log::Level;
+use crate::kit::metrics::AgentMetrics;
+
+/// What the capabilities and the sandbox of an agent's instances are built from: each
+/// capability's policy for the agent, made once when the agent is spawned.
+pub(crate) struct AgentParts {
+    pub info: Arc<agent_info::AgentInfo>,
+    /// Its log, counters and the host's runtime, for every capability.
+    pub handles: Handles,
+    pub queue: Arc<Queue>,
+    /// The device channel, when the agent is bound to a device line.
+    pub device: Option<Arc<device::DeviceChannel>>,
+    pub http: Arc<http::outbound::Policy>,
+    pub mqtt: Arc<mqtt::Policy>,
+    pub store: Arc<dyn store::Backend>,
+    pub limits: Limits,
+    /// Set while the agent belongs in the slow lane (see `sched`).
+    pub slow: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Every capability's state in one instance.
+pub struct AgentCtx {
+    info: agent_info::Info,
+    log: log::Log,
+    timers: timers::Timers,
+    http: http::Http,
+    mqtt: mqtt::Clients,
+    store: store::Store,
+    device: device::Device,
+}
+
+impl AgentCtx {
+    fn new(agent: &AgentParts, generation: u64) -> AgentCtx {
+        let handles = &agent.handles;
+        // Each capability gets a handle on the queue for its own event type only.
+        fn events<E>(agent: &AgentParts, generation: u64) -> Events<E>
+        where
+            Queue: Sink<E>,
+        {
+            Events::new(agent.queue.clone(), generation)
+        }
+        AgentCtx {
+            info: agent_info::Info(agent.info.clone()),
+            log: log::Log::new(handles.log.clone()),
+            timers: timers::Timers::new(handles.io.clone(), events(agent, generation)),
+            http: http::Http {
+                outbound: http::outbound::Outbound::new(agent.http.clone(), handles.clone(), events(agent, generation)),
+                inbound: http::inbound::Inbound::default(),
+            },
+            mqtt: mqtt::Clients::new(agent.mqtt.clone(), handles.clone(), events(agent, generation)),
+            store: store::Store::new(agent.store.clone(), agent.limits.store_bytes, handles.log.clone()),
+            device: device::Device::new(agent.device.clone(), events(agent, generation), handles.metrics.clone()),
+        }
+    }
+
+    /// Turns a queued event into the WIT event to deliver, or `None` when it no longer
+    /// applies (a cancelled timer).
+    pub(crate) fn prepare(&mut self, event: HostEvent) -> Option<Event> {
+        match event {
+            HostEvent::Timer(e) => self.timers.prepare(e),
+            HostEvent::HttpResponse(e) => self.http.outbound.prepare(e),
+            HostEvent::HttpRequest(e) => self.http.inbound.prepare(e),
+            HostEvent::Mqtt(e) => self.mqtt.prepare(e),
+            HostEvent::Device(e) => self.device.prepare(e),
+        }
+    }
+}
+
+// The interfaces that only define types have nothing to implement.
+impl bindings::types::Host for AgentCtx {}
+impl bindings::events::Host for AgentCtx {}
+
+/// The store data: the capabilities' state plus WASI and limits.
+pub struct AgentState {
+    pub(crate) ctx: AgentCtx,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limits: MeteredLimits,
+    pub(crate) clock: CallClock,
+}
+
+impl WasiView for AgentState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+/// The memory cap, recording the size granted for the metrics.
+struct MeteredLimits {
+    limits: StoreLimits,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl ResourceLimiter for MeteredLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let granted = self.limits.memory_growing(current, desired, maximum)?;
+        if granted {
+            self.metrics.set_memory(desired);
+        }
+        Ok(granted)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+}
+
+/// Links WASI (granting nothing) and every capability, each reaching only its own state.
+pub(crate) fn link(linker: &mut Linker<AgentState>) -> wasmtime::Result<()> {
+    // WASI is linked because Rust's std imports it, but grants nothing: no preopened
+    // directories, no environment, no sockets (see `new_store`).
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    bindings::types::add_to_linker::<_, HasSelf<AgentCtx>>(linker, |s| &mut s.ctx)?;
+    bindings::events::add_to_linker::<_, HasSelf<AgentCtx>>(linker, |s| &mut s.ctx)?;
+    agent_info::add_to_linker(linker, |s| &mut s.ctx.info)?;
+    log::add_to_linker(linker, |s| &mut s.ctx.log)?;
+    timers::add_to_linker(linker, |s| &mut s.ctx.timers)?;
+    http::add_to_linker(linker, |s| &mut s.ctx.http)?;
+    mqtt::add_to_linker(linker, |s| &mut s.ctx.mqtt)?;
+    store::add_to_linker(linker, |s| &mut s.ctx.store)?;
+    device::add_to_linker(linker, |s| &mut s.ctx.device)
+}
+
+/// A fresh store for instance `generation` of `agent`.
+pub(crate) fn new_store(engine: &Engine, agent: &AgentParts, generation: u64) -> Store<AgentState> {
+    let limits = &agent.limits;
+    // Nothing is granted: no preopens, no environment, sockets denied (the default
+    // address check refuses every address), stdio into the agent's log.
+    let wasi = WasiCtx::builder()
+        .stdout(log::LogStream::new(agent.handles.log.clone(), Level::Info))
+        .stderr(log::LogStream::new(agent.handles.log.clone(), Level::Error))
+        .allow_tcp(false)
+        .allow_udp(false)
+        .build();
+    let state = AgentState {
+        ctx: AgentCtx::new(agent, generation),
+        wasi,
+        table: ResourceTable::new(),
+        limits: MeteredLimits {
+            limits: StoreLimitsBuilder::new()
+                .memory_size((limits.memory_mib as usize) << 20)
+                .trap_on_grow_failure(true)
+                .build(),
+            metrics: agent.handles.metrics.clone(),
+        },
+        clock: CallClock::new(Duration::from_millis(limits.cpu_ms_per_event.into()), agent.slow.clone()),
+    };
+    let mut store = Store::new(engine, state);
+    store.limiter(|s| &mut s.limits);
+    // Each tick charges the running call and lets other agents run (see `sched`).
+    store.epoch_deadline_callback(|mut ctx| ctx.data_mut().clock.tick());
+    store
+}
+
+/// Gives the next call a fresh CPU budget.
+pub(crate) fn arm(store: &mut Store<AgentState>) {
+    store.data_mut().clock.start();
+    store.set_epoch_deadline(1);
+}

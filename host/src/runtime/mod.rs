@@ -1,0 +1,13 @@
+//! The runtime: the engine and its cache ([`engine`]), one agent's life with restarts
+//! ([`agent`]), an instance's store composing every capability ([`instance`]), the event
+//! queue between capabilities and the agent ([`queue`]), CPU sharing ([`sched`]), and the
+//! [`host::Host`] that runs many agents.
+
+pub(crate) mod agent;
+#[doc(hidden)]
+pub mod bench;
+pub mod engine;
+pub mod host;
+pub(crate) mod instance;
+pub(crate) mod queue;
+pub(crate) mod sched;
