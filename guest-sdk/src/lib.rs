@@ -32,6 +32,7 @@
 //! | `device.on(name, cb)` | [`device::on`] ([`device::on_request`] to reply) |
 //! | `device.onconnect(cb)` / `device.ondisconnect(cb)` / `device.isconnected()` | [`device::on_connect`] / [`device::on_disconnect`] / [`device::is_connected`] |
 //! | MessageManager `mm.send(name, data, {onAck, onReply, onFail, onTimeout}, timeout)` | [`device::request`]`(name, data).on_ack(..).on_reply(..).on_fail(..).on_timeout(..).timeout(s).send()` |
+//! | (beyond imp) a durable FIFO, e.g. an outbox | [`queue::Queue::open`], [`queue::Queue::append`], [`queue::Queue::entries`], [`queue::Queue::remove`], [`queue::stats`] |
 
 mod bindings {
     wit_bindgen::generate!({
@@ -49,6 +50,7 @@ pub mod azure_iot_hub;
 pub mod http;
 pub mod imp;
 pub mod mqtt;
+pub mod queue;
 pub mod server;
 
 pub use server::config;

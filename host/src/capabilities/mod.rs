@@ -18,5 +18,6 @@ pub(crate) mod device;
 pub(crate) mod http;
 pub(crate) mod log;
 pub(crate) mod mqtt;
+pub(crate) mod queue;
 pub(crate) mod store;
 pub(crate) mod timers;

@@ -31,7 +31,7 @@ pub struct HostConfig {
     pub http_listen: SocketAddr,
     /// The base URL agents are told they live under; `http://<http_listen>` when unset.
     pub public_url: Option<String>,
-    /// One file per agent holds its persistent store.
+    /// One file per agent holds its persistent store, another its queues.
     pub store_dir: PathBuf,
     /// Compiled components, named by content hash.
     pub cache_dir: PathBuf,
@@ -40,6 +40,10 @@ pub struct HostConfig {
     pub trusted_ca_files: Vec<PathBuf>,
     /// How many agents the instance pool is sized for.
     pub max_agents: u32,
+    /// Whether a queue append waits for an fsync. Without it an appended entry survives a
+    /// crash of the host (kill -9 included) but the last ones may be lost in a power loss
+    /// or a kernel crash; with it they survive those too, for a disk flush per append.
+    pub queue_fsync: bool,
     /// Limits applied to every agent.
     pub limits: Limits,
 }
@@ -53,6 +57,7 @@ impl Default for HostConfig {
             cache_dir: PathBuf::from("tether-data/cache"),
             trusted_ca_files: Vec::new(),
             max_agents: 100,
+            queue_fsync: false,
             limits: Limits::default(),
         }
     }
@@ -68,6 +73,8 @@ pub struct Limits {
     pub cpu_ms_per_event: u32,
     /// Persistent store cap, bytes (imp: 64 KiB).
     pub store_bytes: usize,
+    /// Payload bytes kept over all of the agent's queues (beyond imp).
+    pub queue_bytes: usize,
     /// Largest body of an outgoing response or incoming request, bytes.
     pub http_body_bytes: usize,
     /// Default timeout of an outgoing request, s.
@@ -92,6 +99,7 @@ impl Default for Limits {
             memory_mib: 64,
             cpu_ms_per_event: 1000,
             store_bytes: 64 * 1024,
+            queue_bytes: 16 * 1024 * 1024,
             http_body_bytes: 4 * 1024 * 1024,
             http_timeout_secs: 60,
             inbound_timeout_secs: 60,

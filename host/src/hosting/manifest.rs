@@ -334,7 +334,7 @@ module = "probe.wasm"
 allowed_hosts = ["https://*.azure-devices.net"]
 config = { k = "v" }
 secrets = { s = "hidden" }
-limits = { memory_mib = 16 }
+limits = { memory_mib = 16, queue_bytes = 4096 }
 
 [[agent]]
 id = "a2"
@@ -351,6 +351,8 @@ module = "sha256:000000000000000000000000000000000000000000000000000000000000000
         assert_eq!(a1.module, ModuleSource::Path("/m/probe.wasm".into()));
         assert_eq!(a1.settings.config.get("s").map(String::as_str), Some("hidden"));
         assert_eq!(a1.policy.limits.memory_mib, 16);
+        assert_eq!(a1.policy.limits.queue_bytes, 4096);
+        assert_eq!(m.agents[1].policy.limits.queue_bytes, 16 << 20);
         assert_eq!(a1.policy.limits.http_rate, Some(IMP_HTTP_RATE));
         assert_eq!(m.agents[1].policy.limits.memory_mib, 64);
         assert!(m.agents[1].policy.allowed_hosts.check("https", "example.com", 443).is_none());

@@ -4,6 +4,7 @@
 //! [`metrics::AgentMetrics`] and runs its background work as [`tasks::TaskGuard`]s on the
 //! host's runtime. Nothing here knows any capability or the runtime that composes them.
 
+pub(crate) mod blocking;
 pub(crate) mod events;
 pub mod log;
 pub mod metrics;
@@ -20,4 +21,7 @@ pub(crate) struct Handles {
     /// The runtime of the host's own tasks (timers, connections, requests): guest calls
     /// may run on the slow lane, whose threads must not own them.
     pub io: tokio::runtime::Handle,
+    /// Where capabilities that block on the disk count the time, so that it is not
+    /// charged to the agent as CPU.
+    pub blocking: blocking::Blocking,
 }

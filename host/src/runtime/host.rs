@@ -20,10 +20,12 @@ use crate::capabilities::device::{self, SerialLine};
 use crate::capabilities::http::inbound::{self, Door, Doors};
 use crate::capabilities::http::outbound;
 use crate::capabilities::mqtt;
+use crate::capabilities::queue::SqliteQueues;
 use crate::capabilities::store::FileStore;
 use crate::hosting::config::{AgentPolicy, AgentSettings, ConfigError, HostConfig};
 use crate::hosting::deployed::Deployed;
 use crate::kit::Handles;
+use crate::kit::blocking::Blocking;
 use crate::kit::events::Events;
 use crate::kit::log::{LogLine, Logger};
 use crate::kit::metrics::{AgentMetrics, MetricsSnapshot};
@@ -225,7 +227,7 @@ impl Host {
         let (control, control_rx) = mpsc::unbounded_channel();
         let metrics = Arc::new(AgentMetrics::default());
         let log = Logger::new(id, host.logs.clone(), policy.limits.log_rate, metrics.clone());
-        let handles = Handles { log: log.clone(), metrics, io: host.io.clone() };
+        let handles = Handles { log: log.clone(), metrics, io: host.io.clone(), blocking: Blocking::default() };
         let (device, driver) = match settings.device {
             Some(binding) => {
                 let line = SerialLine::new(binding.path, binding.baud);
@@ -251,6 +253,7 @@ impl Host {
             http: Arc::new(http),
             mqtt: Arc::new(mqtt),
             store: Arc::new(FileStore::new(&host.config.store_dir, id)),
+            queues: Arc::new(SqliteQueues::new(&host.config.store_dir, id, limits.queue_bytes as u64, host.config.queue_fsync)),
             limits,
             slow: Arc::default(),
         };

@@ -12,7 +12,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::queue::{HostEvent, Queue};
 use super::sched::CallClock;
 use crate::bindings::{self, events::Event};
-use crate::capabilities::{agent_info, device, http, log, mqtt, store, timers};
+use crate::capabilities::{agent_info, device, http, log, mqtt, queue, store, timers};
 use crate::hosting::config::Limits;
 use crate::kit::Handles;
 use crate::kit::events::{Events, Sink};
@@ -31,6 +31,8 @@ pub(crate) struct AgentParts {
     pub http: Arc<http::outbound::Policy>,
     pub mqtt: Arc<mqtt::Policy>,
     pub store: Arc<dyn store::Backend>,
+    /// The agent's durable queues (the capability's, not the event queue above).
+    pub queues: Arc<dyn queue::Backend>,
     pub limits: Limits,
     /// Set while the agent belongs in the slow lane (see `sched`).
     pub slow: Arc<std::sync::atomic::AtomicBool>,
@@ -44,6 +46,7 @@ pub struct AgentCtx {
     http: http::Http,
     mqtt: mqtt::Clients,
     store: store::Store,
+    queues: queue::Queues,
     device: device::Device,
 }
 
@@ -66,7 +69,8 @@ impl AgentCtx {
                 inbound: http::inbound::Inbound::default(),
             },
             mqtt: mqtt::Clients::new(agent.mqtt.clone(), handles.clone(), events(agent, generation)),
-            store: store::Store::new(agent.store.clone(), agent.limits.store_bytes, handles.log.clone()),
+            store: store::Store::new(agent.store.clone(), agent.limits.store_bytes, handles.log.clone(), handles.blocking.clone()),
+            queues: queue::Queues::new(agent.queues.clone(), handles.log.clone(), handles.blocking.clone()),
             device: device::Device::new(agent.device.clone(), events(agent, generation), handles.metrics.clone()),
         }
     }
@@ -136,6 +140,7 @@ pub(crate) fn link(linker: &mut Linker<AgentState>) -> wasmtime::Result<()> {
     http::add_to_linker(linker, |s| &mut s.ctx.http)?;
     mqtt::add_to_linker(linker, |s| &mut s.ctx.mqtt)?;
     store::add_to_linker(linker, |s| &mut s.ctx.store)?;
+    queue::add_to_linker(linker, |s| &mut s.ctx.queues)?;
     device::add_to_linker(linker, |s| &mut s.ctx.device)
 }
 
@@ -161,7 +166,7 @@ pub(crate) fn new_store(engine: &Engine, agent: &AgentParts, generation: u64) ->
                 .build(),
             metrics: agent.handles.metrics.clone(),
         },
-        clock: CallClock::new(Duration::from_millis(limits.cpu_ms_per_event.into()), agent.slow.clone()),
+        clock: CallClock::new(Duration::from_millis(limits.cpu_ms_per_event.into()), agent.slow.clone(), agent.handles.blocking.clone()),
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);

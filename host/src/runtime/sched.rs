@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use wasmtime::UpdateDeadline;
 
+use crate::kit::blocking::Blocking;
+
 /// One epoch tick: how often running guest code is interrupted.
 pub const TICK: Duration = Duration::from_millis(1);
 
@@ -143,12 +145,15 @@ pub(crate) struct CallClock {
     recent_at: Instant,
     /// The agent's flag for [`SlowLane::spawn`].
     slow: Arc<AtomicBool>,
+    /// Time host calls spent blocked on I/O, which is not run time.
+    blocking: Blocking,
 }
 
 impl CallClock {
-    pub fn new(budget: Duration, slow: Arc<AtomicBool>) -> CallClock {
+    pub fn new(budget: Duration, slow: Arc<AtomicBool>, blocking: Blocking) -> CallClock {
         let now = Instant::now();
-        CallClock { budget, ran: Duration::ZERO, ticks: 0, resumed: Arc::new(Mutex::new(Resumed::at(now))), recent: 0.0, recent_at: now, slow }
+        let resumed = Arc::new(Mutex::new(Resumed::at(now, &blocking)));
+        CallClock { budget, ran: Duration::ZERO, ticks: 0, resumed, recent: 0.0, recent_at: now, slow, blocking }
     }
 
     /// A call begins.
@@ -156,7 +161,7 @@ impl CallClock {
         self.ran = Duration::ZERO;
         self.ticks = 0;
         let now = Instant::now();
-        *lock(&self.resumed) = Resumed::at(now);
+        *lock(&self.resumed) = Resumed::at(now, &self.blocking);
         self.decay(now);
         self.slow.store(self.heavy(), Relaxed);
     }
@@ -164,7 +169,7 @@ impl CallClock {
     /// An epoch tick in the call: an error past the budget, else a pause that lets others
     /// run (and where a long call moves to the slow lane).
     pub fn tick(&mut self) -> wasmtime::Result<UpdateDeadline> {
-        self.ran += lock(&self.resumed).ran(Instant::now());
+        self.ran += lock(&self.resumed).ran(Instant::now(), &self.blocking);
         if self.ran > self.budget {
             return Err(CpuLimitExceeded(self.budget).into());
         }
@@ -172,13 +177,13 @@ impl CallClock {
         if self.ticks >= LONG_TICKS {
             self.slow.store(true, Relaxed);
         }
-        let resumed = self.resumed.clone();
+        let (resumed, blocking) = (self.resumed.clone(), self.blocking.clone());
         // `yield_now` rather than wasmtime's plain `Yield`: that one wakes the task from
         // inside its own poll, which tokio answers by polling it again at once (its LIFO
         // slot), so a busy agent would never let its neighbours run.
         let pause = async move {
             tokio::task::yield_now().await;
-            *lock(&resumed) = Resumed::with_thread_time();
+            *lock(&resumed) = Resumed::with_thread_time(&blocking);
         };
         Ok(UpdateDeadline::YieldCustom(1, Box::pin(pause)))
     }
@@ -186,7 +191,7 @@ impl CallClock {
     /// The call ended: its run time. The agent stays in the slow lane while heavy.
     pub fn finish(&mut self) -> Duration {
         let now = Instant::now();
-        let ran = self.ran + lock(&self.resumed).ran(now);
+        let ran = self.ran + lock(&self.resumed).ran(now, &self.blocking);
         self.decay(now);
         self.recent += ran.as_secs_f64();
         self.slow.store(self.heavy(), Relaxed);
@@ -211,30 +216,32 @@ fn lock(resumed: &Mutex<Resumed>) -> std::sync::MutexGuard<'_, Resumed> {
 }
 
 /// The start of a slice of guest code. A call's first slice is timed by the clock (cheap,
-/// and short on a thread of normal priority); later ones by their thread's CPU time, so
-/// that time the kernel gives others while a slow-lane thread waits is not charged.
+/// and short on a thread of normal priority), less the time host calls spent blocked on
+/// I/O; later ones by their thread's CPU time, so that time the kernel gives others while
+/// a slow-lane thread waits is not charged.
 struct Resumed {
     at: Instant,
+    /// The agent's blocked time when the slice began.
+    blocked: Duration,
     thread: Option<(std::thread::ThreadId, Duration)>,
 }
 
 impl Resumed {
-    fn at(at: Instant) -> Resumed {
-        Resumed { at, thread: None }
+    fn at(at: Instant, blocking: &Blocking) -> Resumed {
+        Resumed { at, blocked: blocking.total(), thread: None }
     }
 
-    fn with_thread_time() -> Resumed {
-        Resumed { at: Instant::now(), thread: thread_time().map(|t| (std::thread::current().id(), t)) }
+    fn with_thread_time(blocking: &Blocking) -> Resumed {
+        Resumed { at: Instant::now(), blocked: blocking.total(), thread: thread_time().map(|t| (std::thread::current().id(), t)) }
     }
 
     /// How long the slice ran until `now`: in CPU time if it is still on the thread it
     /// began on (a call can also move at an async host call).
-    fn ran(&self, now: Instant) -> Duration {
+    fn ran(&self, now: Instant, blocking: &Blocking) -> Duration {
+        let by_clock = || now.duration_since(self.at).saturating_sub(blocking.total().saturating_sub(self.blocked));
         match self.thread {
-            Some((thread, start)) if thread == std::thread::current().id() => {
-                thread_time().map_or_else(|| now.duration_since(self.at), |t| t.saturating_sub(start))
-            }
-            _ => now.duration_since(self.at),
+            Some((thread, start)) if thread == std::thread::current().id() => thread_time().map_or_else(by_clock, |t| t.saturating_sub(start)),
+            _ => by_clock(),
         }
     }
 }
@@ -254,7 +261,7 @@ mod tests {
     #[test]
     fn an_agent_is_heavy_past_a_tenth_of_a_core_and_light_again_when_idle() {
         let slow = Arc::new(AtomicBool::new(false));
-        let mut clock = CallClock::new(Duration::from_secs(1), slow.clone());
+        let mut clock = CallClock::new(Duration::from_secs(1), slow.clone(), Blocking::default());
         let t0 = Instant::now();
         // 5 ms of every 10 ms: half a core, for 300 ms.
         for i in 0..30u32 {
@@ -263,7 +270,7 @@ mod tests {
         }
         assert!(clock.heavy());
         // A twentieth of a core settles below the line.
-        let mut light = CallClock::new(Duration::from_secs(1), slow);
+        let mut light = CallClock::new(Duration::from_secs(1), slow, Blocking::default());
         for i in 0..100u32 {
             light.decay(t0 + i * Duration::from_millis(20));
             light.recent += 0.001;
@@ -272,5 +279,16 @@ mod tests {
         // Idle for a second, the heavy one is light again.
         clock.decay(t0 + Duration::from_millis(1300));
         assert!(!clock.heavy());
+    }
+    #[test]
+    fn time_blocked_on_io_is_not_charged_as_cpu() {
+        let blocking = Blocking::default();
+        let mut clock = CallClock::new(Duration::from_millis(50), Arc::default(), blocking.clone());
+        clock.start();
+        blocking.run(|| std::thread::sleep(Duration::from_millis(100)));
+        assert!(clock.tick().is_ok(), "an fsync on a slow disk is not the agent's CPU");
+        clock.start();
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(clock.tick().is_err(), "time not spent blocked in a host call is");
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::store::{self as wit, StoreError};
+use crate::kit::blocking::Blocking;
 use crate::kit::log::{Level, Logger};
 
 pub(crate) use backend::Backend;
@@ -21,11 +22,12 @@ pub(crate) struct Store {
     /// Largest value, bytes (imp: 64 KiB).
     cap: usize,
     log: Logger,
+    blocking: Blocking,
 }
 
 impl Store {
-    pub fn new(backend: Arc<dyn Backend>, cap: usize, log: Logger) -> Store {
-        Store { backend, cap, log }
+    pub fn new(backend: Arc<dyn Backend>, cap: usize, log: Logger, blocking: Blocking) -> Store {
+        Store { backend, cap, log, blocking }
     }
 }
 
@@ -34,14 +36,14 @@ impl wit::Host for Store {
         if data.len() > self.cap {
             return Err(StoreError::TooLarge);
         }
-        self.backend.save(&data).map_err(|e| {
+        self.blocking.run(|| self.backend.save(&data)).map_err(|e| {
             self.log.write(Level::Error, &format!("store: cannot write {}: {e}", self.backend.location()));
             StoreError::Io
         })
     }
 
     fn load(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
-        self.backend.load().map_err(|e| {
+        self.blocking.run(|| self.backend.load()).map_err(|e| {
             self.log.write(Level::Error, &format!("store: cannot read {}: {e}", self.backend.location()));
             StoreError::Io
         })

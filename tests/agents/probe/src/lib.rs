@@ -6,13 +6,14 @@
 //! timer, `/flood-logs?n=N` logs N lines, `/flood-http?n=N&url=U` sends N GETs at once and
 //! answers with how they ended, `/noise?kind=logs|http|calls&n=N&url=U` answers at once and
 //! then, from a zero-delay timer, forever logs N lines, sends N GETs of U or makes N host
-//! calls.
+//! calls. `/queue/...?name=Q` drives the agent's durable queue Q (see `queue_request`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
 
 use tether_guest::http::{HttpResponse, IncomingRequest};
 use tether_guest::mqtt::{self, ConnectOptions, MessageOptions};
+use tether_guest::queue::{self, Queue, QueueError};
 use tether_guest::{config, http, server};
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -87,11 +88,42 @@ fn mqtt_request(req: IncomingRequest, res: HttpResponse) {
     }
 }
 
+/// One queue operation on queue `name`; the answer is its outcome, or `error <QueueError>`:
+/// - `append?payload=P`: the new id; `&n=N` appends `P0`..`P<N-1>` and answers their ids,
+///   comma-separated; `&bytes=B` appends one entry of B bytes instead;
+/// - `remove?id=I`: `true` or `false`;
+/// - `entries?after=A&max=M`: one line per entry, `<id> <payload>`;
+/// - `stats`: `entries=E bytes=B quota=Q`.
+fn queue_request(req: &IncomingRequest) -> String {
+    let q = |k: &str| req.query.get(k).cloned().unwrap_or_default();
+    let number = |k: &str| q(k).parse::<u64>().unwrap_or(0);
+    let queue = Queue::open(&q("name"));
+    let answer: Result<String, QueueError> = match req.path.as_str() {
+        "/queue/append" if req.query.contains_key("bytes") => queue.append(&vec![b'x'; number("bytes") as usize]).map(|id| id.to_string()),
+        "/queue/append" if req.query.contains_key("n") => (0..number("n"))
+            .map(|i| queue.append(format!("{}{i}", q("payload")).as_bytes()).map(|id| id.to_string()))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|ids| ids.join(",")),
+        "/queue/append" => queue.append(q("payload").as_bytes()).map(|id| id.to_string()),
+        "/queue/remove" => queue.remove(number("id")).map(|removed| removed.to_string()),
+        "/queue/entries" => queue.entries(number("after"), number("max") as u32).map(|entries| {
+            entries.iter().map(|e| format!("{} {}", e.id, String::from_utf8_lossy(&e.payload))).collect::<Vec<_>>().join("\n")
+        }),
+        "/queue/stats" => queue::stats().map(|s| format!("entries={} bytes={} quota={}", s.entries, s.bytes, s.quota)),
+        other => Ok(format!("unknown {other}")),
+    };
+    answer.unwrap_or_else(|e| format!("error {e:?}"))
+}
+
 fn start() {
     server::log("probe started");
     http::on_request(|req, res| {
         if req.path.starts_with("/mqtt/") {
             return mqtt_request(req, res);
+        }
+        if req.path.starts_with("/queue/") {
+            let _ = res.send(200, queue_request(&req));
+            return;
         }
         let number = |k: &str| req.query.get(k).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
         let url = req.query.get("url").cloned().unwrap_or_default();

@@ -1,0 +1,58 @@
+//! Where an agent's queues are kept, behind a trait so that another backend (a cluster's
+//! NATS JetStream, say) needs no change to the capability.
+
+use crate::bindings::queue::{Entry, QueueStats};
+
+/// The largest entry, bytes, unless the agent's quota is smaller: one entry never takes a
+/// large share of a 64 MiB agent's memory when it is read back.
+const MAX_ENTRY_BYTES: u64 = 1024 * 1024;
+
+/// The longest queue name, bytes.
+const MAX_NAME_BYTES: usize = 64;
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QueueError {
+    /// The agent's queues would exceed its quota; nothing was appended.
+    #[error("the queues would exceed their quota of {quota} bytes")]
+    QuotaExceeded { quota: u64 },
+    /// One entry over [`largest_entry`]; nothing was appended.
+    #[error("an entry of {len} bytes is over the largest of {max} bytes")]
+    TooLarge { len: usize, max: u64 },
+    /// An empty name, or one over [`MAX_NAME_BYTES`].
+    #[error("a queue name is 1 to {MAX_NAME_BYTES} bytes")]
+    InvalidName,
+    /// The backend could not read or write.
+    #[error(transparent)]
+    Io(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// An agent's durable FIFOs, shared by the agent's instances. Every backend enforces the
+/// same rules: [`check_name`], [`largest_entry`] and the quota over all the queues.
+pub(crate) trait Backend: Send + Sync {
+    /// Appends `payload` to queue `name`; durable when it returns. Ids increase across
+    /// all of the agent's queues and are never reused.
+    fn append(&self, name: &str, payload: &[u8]) -> Result<u64, QueueError>;
+    /// Removes entry `id` of queue `name`; false if it was not there.
+    fn remove(&self, name: &str, id: u64) -> Result<bool, QueueError>;
+    /// Up to `max` entries of queue `name` with an id over `after`, oldest first.
+    fn entries(&self, name: &str, after: u64, max: u32) -> Result<Vec<Entry>, QueueError>;
+    /// Entries and payload bytes over all the queues, and the quota.
+    fn stats(&self) -> Result<QueueStats, QueueError>;
+    /// Where the queues are kept, for log lines.
+    fn location(&self) -> String;
+}
+
+/// Refuses a name that is empty or over [`MAX_NAME_BYTES`].
+pub(crate) fn check_name(name: &str) -> Result<(), QueueError> {
+    if name.is_empty() || name.len() > MAX_NAME_BYTES {
+        return Err(QueueError::InvalidName);
+    }
+    Ok(())
+}
+
+/// The largest entry an agent with `quota` may append: [`MAX_ENTRY_BYTES`] or the quota,
+/// whichever is smaller.
+pub(crate) fn largest_entry(quota: u64) -> u64 {
+    MAX_ENTRY_BYTES.min(quota)
+}

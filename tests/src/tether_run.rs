@@ -1,0 +1,96 @@
+//! A real `tether run` process, for the tests that must kill it (`kill -9`) or see what it
+//! prints: its agent's URL, and every log line, kept for the test to read.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::task::JoinHandle;
+
+use crate::build_bin;
+
+/// A running `tether run`; killed when dropped.
+pub struct TetherRun {
+    child: tokio::process::Child,
+    /// The agent's URL.
+    pub url: String,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Readers of stdout (the log) and stderr (a failed start's one-line error).
+    readers: Vec<JoinHandle<()>>,
+}
+
+impl TetherRun {
+    /// Starts `tether run agent --config config` (whose host listens on port 0) and waits
+    /// until it names the agent's URL.
+    pub async fn start(agent: &Path, config: &Path, timeout: Duration) -> anyhow::Result<TetherRun> {
+        let mut child = tokio::process::Command::new(build_bin("tether-host", "tether")?)
+            .arg("run")
+            .arg(agent)
+            .arg("--config")
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        // Both pipes are read to the end, so that the host never blocks on a full pipe.
+        let keep = |stream: Option<Box<dyn AsyncRead + Send + Unpin>>| {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                let Some(stream) = stream else { return };
+                let mut reader = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = reader.next_line().await {
+                    lock(&lines).push(line);
+                }
+            })
+        };
+        let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
+        let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
+        let readers = vec![keep(stdout), keep(stderr)];
+        let mut run = TetherRun { child, url: String::new(), lines, readers };
+        run.wait_until("agent URL", timeout, |lines| lines.iter().any(|l| l.contains("agent URL: ") || l.starts_with("error:"))).await?;
+        let named = run.lines().iter().find_map(|l| Some(l.split("agent URL: ").nth(1)?.split_whitespace().next()?.to_owned()));
+        run.url = named.ok_or_else(|| anyhow::anyhow!("tether run did not start: {:?}", run.lines()))?;
+        Ok(run)
+    }
+
+    /// Every line printed so far.
+    pub fn lines(&self) -> Vec<String> {
+        lock(&self.lines).clone()
+    }
+
+    /// Waits until `done` holds for the lines printed so far.
+    pub async fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !done(&lock(&self.lines)) {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "tether run: no {what} within {timeout:?}; last lines: {:?}",
+                lock(&self.lines).iter().rev().take(10).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// `kill -9`: no shutdown, no destructor, no flush. Returns every line printed.
+    pub async fn kill_9(mut self) -> anyhow::Result<Vec<String>> {
+        self.child.start_kill()?;
+        let status = self.child.wait().await?;
+        use std::os::unix::process::ExitStatusExt;
+        anyhow::ensure!(status.signal() == Some(9), "tether run ended otherwise: {status}");
+        // The pipes end with the process: the readers have every line once they return.
+        for reader in &mut self.readers {
+            let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;
+        }
+        Ok(self.lines())
+    }
+}
+
+fn lock(lines: &Mutex<Vec<String>>) -> std::sync::MutexGuard<'_, Vec<String>> {
+    lines.lock().unwrap_or_else(|p| p.into_inner())
+}
