@@ -143,6 +143,8 @@ type Handler<T> = RefCell<Option<Rc<dyn Fn(T)>>>;
 #[derive(Default)]
 struct Inner {
     handle: Cell<Option<u32>>,
+    /// The handle of the newest connection, kept after it ends for `last_error`.
+    last_handle: Cell<Option<u32>>,
     on_connect: Handler<i32>,
     on_connection_lost: Handler<i32>,
     on_message: Handler<ReceivedMessage>,
@@ -199,6 +201,7 @@ impl Client {
             ca_pem: options.ca_pem.clone(),
         })?;
         self.0.handle.set(Some(handle));
+        self.0.last_handle.set(Some(handle));
         CLIENTS.with_borrow_mut(|c| c.insert(handle, Rc::downgrade(&self.0)));
         Ok(())
     }
@@ -222,6 +225,13 @@ impl Client {
     /// Whether the client is connected.
     pub fn is_connected(&self) -> bool {
         self.0.handle.get().is_some_and(host::is_connected)
+    }
+
+    /// Why the newest connect attempt failed or the connection was lost, in words the
+    /// host chose (e.g. "keep-alive timeout: the broker did not answer a ping"); `None`
+    /// when it did not. Beyond imp, whose callbacks give only the code.
+    pub fn last_error(&self) -> Option<String> {
+        self.0.last_handle.get().and_then(host::last_error)
     }
 
     fn handle(&self) -> Result<u32, MqttError> {

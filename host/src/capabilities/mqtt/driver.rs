@@ -25,12 +25,14 @@ const PAUSE_RECHECK: Duration = Duration::from_millis(10);
 
 /// What a connection reports.
 pub(crate) enum MqttEvent {
-    Connected(i32),
+    /// A connect attempt's result code, with why it failed.
+    Connected(i32, Option<String>),
     Message(Message),
     Published(u64, i32),
     Subscribed(u64, i32, Vec<u8>),
     Unsubscribed(u64, i32),
-    ConnectionLost(i32),
+    /// The connection broke: the code, and the cause in words.
+    ConnectionLost(i32, String),
     Disconnected,
 }
 
@@ -61,9 +63,10 @@ pub(super) struct Driver {
     pub disconnecting: Arc<AtomicBool>,
     pub ops: Arc<Mutex<Ops>>,
     pub inbound: Arc<AtomicUsize>,
-    /// For a connection through the connect guard: the broker's host, to log the guard's
-    /// refusal.
-    pub guarded: Option<String>,
+    /// The broker's `host:port`, for log lines.
+    pub broker: String,
+    /// Whether the connection goes through the connect guard, whose refusal is logged.
+    pub guarded: bool,
     pub log: Logger,
     pub metrics: Arc<AgentMetrics>,
 }
@@ -90,18 +93,20 @@ impl Driver {
                     }
                 }
                 Err(e) => {
-                    if let Some(host) = &self.guarded
-                        && denied_by_guard(&e)
-                    {
+                    let host = self.broker.rsplit_once(':').map_or(self.broker.as_str(), |(host, _)| host);
+                    if self.guarded && denied_by_guard(&e) {
                         self.log.write(Level::Error, &format!("mqtt: {host} {DENIED_ADDRESS}; not allowed"));
                     }
                     let was_connected = self.connected.swap(false, Ordering::AcqRel);
+                    let cause = cause(&e);
                     let event = if !was_connected {
-                        MqttEvent::Connected(connect_code(&e))
+                        self.log.write(Level::Error, &format!("mqtt: cannot connect to {}: {cause}", self.broker));
+                        MqttEvent::Connected(connect_code(&e), Some(cause))
                     } else if self.disconnecting.load(Ordering::Acquire) {
                         MqttEvent::Disconnected
                     } else {
-                        MqttEvent::ConnectionLost(lost_code(&e))
+                        self.log.write(Level::Info, &format!("mqtt: connection to {} lost: {cause}", self.broker));
+                        MqttEvent::ConnectionLost(lost_code(&e), cause)
                     };
                     self.close(event);
                     return;
@@ -114,7 +119,7 @@ impl Driver {
         match packet {
             Packet::ConnAck(_) => {
                 self.connected.store(true, Ordering::Release);
-                self.post(MqttEvent::Connected(code::SUCCESS));
+                self.post(MqttEvent::Connected(code::SUCCESS, None));
             }
             Packet::Publish(p) => {
                 self.inbound.fetch_add(1, Ordering::AcqRel);
@@ -244,5 +249,43 @@ fn lost_code(e: &ConnectionError) -> i32 {
         }
         ConnectionError::MqttState(rumqttc::StateError::Deserialization(_)) => code::MALFORMED_FRAME,
         _ => code::FAILURE,
+    }
+}
+
+/// Why a connection failed or closed, in words a person can act on.
+fn cause(e: &ConnectionError) -> String {
+    use std::io::ErrorKind;
+    let io = |e: &std::io::Error| match e.kind() {
+        ErrorKind::ConnectionRefused => "connection refused (nothing listens there)".to_owned(),
+        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
+            "the broker closed the connection".to_owned()
+        }
+        ErrorKind::TimedOut => "network timeout".to_owned(),
+        _ => format!("network error: {e}"),
+    };
+    match e {
+        ConnectionError::ConnectionRefused(rc) => {
+            let why = match rc {
+                ConnectReturnCode::Success => "no reason given",
+                ConnectReturnCode::RefusedProtocolVersion => "protocol version refused",
+                ConnectReturnCode::BadClientId => "client id refused",
+                ConnectReturnCode::ServiceUnavailable => "server unavailable",
+                ConnectReturnCode::BadUserNamePassword => "bad user name or password",
+                ConnectReturnCode::NotAuthorized => "not authorized",
+            };
+            format!("refused by the broker: CONNACK {} ({why})", connect_code(e))
+        }
+        ConnectionError::Io(e) | ConnectionError::MqttState(rumqttc::StateError::Io(e)) => io(e),
+        ConnectionError::MqttState(rumqttc::StateError::ConnectionAborted) => "the broker closed the connection".to_owned(),
+        ConnectionError::MqttState(rumqttc::StateError::AwaitPingResp) => "keep-alive timeout: the broker did not answer a ping".to_owned(),
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n))) => {
+            format!("an incoming message of {n} bytes is over the size limit")
+        }
+        ConnectionError::MqttState(rumqttc::StateError::Deserialization(e)) => format!("malformed packet from the broker: {e}"),
+        ConnectionError::Tls(e) => format!("TLS: {e}"),
+        ConnectionError::NetworkTimeout => "connect timeout".to_owned(),
+        ConnectionError::FlushTimeout => "write timeout: the broker stopped reading".to_owned(),
+        ConnectionError::Proxy(_) if denied_by_guard(e) => format!("the address {DENIED_ADDRESS}"),
+        other => other.to_string(),
     }
 }

@@ -7,7 +7,7 @@
 mod driver;
 mod options;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -44,6 +44,9 @@ pub mod code {
 
 /// Requests queued per connection before `publish` reports -12.
 const REQUEST_QUEUE: usize = 1000;
+
+/// Clients whose last close cause is kept for `last-error`.
+const CAUSES_KEPT: usize = 8;
 
 /// What one connection reports, for client handle `.0`.
 pub(crate) struct Report(u32, MqttEvent);
@@ -86,19 +89,24 @@ pub(crate) struct Clients {
     next_client: u32,
     next_op: u64,
     connections: HashMap<u32, Connection>,
+    /// Why recent clients failed to connect or lost their connection, oldest first.
+    causes: VecDeque<(u32, String)>,
 }
 
 impl Clients {
     pub fn new(policy: Arc<Policy>, handles: Handles, events: Events<Report>) -> Clients {
-        Clients { policy, handles, events, next_client: 0, next_op: 0, connections: HashMap::new() }
+        Clients { policy, handles, events, next_client: 0, next_op: 0, connections: HashMap::new(), causes: VecDeque::new() }
     }
 
     /// Maps a connection's event to the WIT event; a connection that ended is forgotten.
     pub fn prepare(&mut self, Report(client, event): Report) -> Option<Event> {
         let event = match event {
-            MqttEvent::Connected(code) => {
+            MqttEvent::Connected(code, cause) => {
                 if code != code::SUCCESS {
                     self.connections.remove(&client);
+                }
+                if let Some(cause) = cause {
+                    self.remember_cause(client, cause);
                 }
                 Event::MqttConnected((client, code))
             }
@@ -112,8 +120,9 @@ impl Clients {
             MqttEvent::Published(op, code) => Event::MqttPublished((client, op, code)),
             MqttEvent::Subscribed(op, code, granted) => Event::MqttSubscribed((client, op, code, granted)),
             MqttEvent::Unsubscribed(op, code) => Event::MqttUnsubscribed((client, op, code)),
-            MqttEvent::ConnectionLost(code) => {
+            MqttEvent::ConnectionLost(code, cause) => {
                 self.connections.remove(&client);
+                self.remember_cause(client, cause);
                 Event::MqttConnectionLost((client, code))
             }
             MqttEvent::Disconnected => {
@@ -122,6 +131,16 @@ impl Clients {
             }
         };
         Some(event)
+    }
+
+    /// Keeps why `client` closed, for `last-error`: for the newest few clients only, so
+    /// that an agent reconnecting for ever does not grow host memory.
+    fn remember_cause(&mut self, client: u32, cause: String) {
+        self.causes.retain(|(c, _)| *c != client);
+        if self.causes.len() == CAUSES_KEPT {
+            self.causes.pop_front();
+        }
+        self.causes.push_back((client, cause));
     }
 
     fn connected(&self, client: u32) -> Result<&Connection, MqttError> {
@@ -157,7 +176,9 @@ impl wit::Host for Clients {
         let mqtt_options = options::mqtt_options(&self.policy, &self.handles.log, &options)?;
         // Names allowed by a wildcard must resolve to public addresses: checked at connect
         // time by the connect guard, which such connections go through.
-        let guarded = mqtt_options.proxy().is_some().then(|| mqtt_options.broker_address().0);
+        let guarded = mqtt_options.proxy().is_some();
+        let (host, port) = mqtt_options.broker_address();
+        let broker = format!("{host}:{port}");
         let (client, eventloop) = AsyncClient::new(mqtt_options, REQUEST_QUEUE);
         self.next_client += 1;
         let handle = self.next_client;
@@ -172,6 +193,7 @@ impl wit::Host for Clients {
             disconnecting: disconnecting.clone(),
             ops: ops.clone(),
             inbound: inbound.clone(),
+            broker,
             guarded,
             log: self.handles.log.clone(),
             metrics: self.handles.metrics.clone(),
@@ -248,6 +270,10 @@ impl wit::Host for Clients {
 
     fn is_connected(&mut self, c: u32) -> bool {
         self.connections.get(&c).is_some_and(|conn| conn.connected.load(Ordering::Acquire))
+    }
+
+    fn last_error(&mut self, c: u32) -> Option<String> {
+        self.causes.iter().rev().find(|(client, _)| *client == c).map(|(_, cause)| cause.clone())
     }
 }
 
