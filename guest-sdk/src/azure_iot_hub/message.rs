@@ -32,6 +32,11 @@ impl Message {
         &self.properties
     }
 
+    /// Sets a property (the outbox gives messages their id this way).
+    pub(crate) fn set_property(&mut self, name: &str, value: String) {
+        self.properties.insert(name.to_owned(), value);
+    }
+
     /// The body (imp: `getBody`).
     pub fn body(&self) -> &[u8] {
         &self.body

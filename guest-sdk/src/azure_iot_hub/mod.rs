@@ -106,6 +106,15 @@ pub const ERROR_OP_TIMED_OUT: i32 = 1005;
 pub const ERROR_NOT_REGISTERED: i32 = 1010;
 /// General error: unexpected response, parse error, unexpected disconnection.
 pub const ERROR_GENERAL: i32 = 1100;
+/// The message (body plus properties) is larger than IoT Hub's 256 KB
+/// ([`MAX_MESSAGE_BYTES`]); nothing was sent and the connection is untouched. Beyond
+/// 5.1.0, where IoT Hub closes the whole connection instead.
+pub const ERROR_MESSAGE_TOO_LARGE: i32 = 1006;
+/// The outbox is full (the agent's queue quota, `limits.queue_bytes`); the message was not
+/// accepted. Beyond 5.1.0: see [`ClientOptions::outbox`].
+pub const ERROR_OUTBOX_FULL: i32 = 1007;
+/// Largest device-to-cloud message IoT Hub takes: body plus property names and values.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// Default MQTT QoS.
 pub const DEFAULT_QOS: u8 = 0;

@@ -6,6 +6,8 @@
 //! may start) are in `state`, a state machine without I/O that is unit-tested on the host;
 //! `transport` runs that machine over MQTT and timers; `topics` is IoT Hub's topic format.
 
+mod outbox;
+mod retry;
 mod state;
 mod topics;
 mod transport;
@@ -19,6 +21,8 @@ use super::{
     DirectMethodResponse, ERROR_OP_TIMED_OUT, Message,
 };
 use state::{Feature, Handler};
+
+pub use retry::Reconnect;
 
 /// Client settings (imp's options table), with the documented defaults.
 #[derive(Debug, Clone)]
@@ -41,6 +45,24 @@ pub struct ClientOptions {
     pub token_auto_refresh: bool,
     /// The hub's MQTT port (Tether addition, to reach an emulator). Default 8883.
     pub port: u16,
+    /// Reconnect by itself after a lost connection, with exponential backoff and jitter,
+    /// enabling again the features that were enabled (beyond 5.1.0). Default `None`: as in
+    /// 5.1.0, a lost connection is reported (1100) and the agent decides. With it, the
+    /// agent gets `on_disconnected(1100)` at the loss and `on_connected(0)` once the
+    /// client is back with its features; a failed first `connect()` is retried too.
+    /// Errors that will not heal (bad key, disabled or deleted device: CONNACK 1, 2, 4,
+    /// or 5 for a key that never connected) end it with one `on_connected(code)`.
+    pub reconnect: Option<Reconnect>,
+    /// Keep every message `send_message` accepts in the agent's durable queue of this
+    /// name until IoT Hub acknowledges it (beyond 5.1.0). Default `None`. With it, a
+    /// message accepted is kept across disconnects, agent crashes and host restarts: it is
+    /// sent (at QoS 1, in order, `max_pending_send_requests` at a time) whenever the client
+    /// is connected, and `on_sent(0, ..)` is called once IoT Hub has it. `send_message` is
+    /// accepted in every state, connected or not. A message without a `$.mid` gets one, so
+    /// that one sent again after a crash is recognisable. Refused with
+    /// [`ERROR_OUTBOX_FULL`](crate::azure_iot_hub::ERROR_OUTBOX_FULL) when the queue quota
+    /// is used up. Use one name per client.
+    pub outbox: Option<String>,
 }
 
 impl Default for ClientOptions {
@@ -55,7 +77,17 @@ impl Default for ClientOptions {
             token_ttl: DEFAULT_TOKEN_TTL,
             token_auto_refresh: true,
             port: 8883,
+            reconnect: None,
+            outbox: None,
         }
+    }
+}
+
+impl ClientOptions {
+    /// The recommended settings (beyond 5.1.0): QoS 1, reconnecting by itself with the
+    /// default backoff, and the durable outbox `azure-iot-hub`. 5.1.0's defaults otherwise.
+    pub fn resilient() -> ClientOptions {
+        ClientOptions { qos: 1, reconnect: Some(Reconnect::default()), outbox: Some("azure-iot-hub".into()), ..ClientOptions::default() }
     }
 }
 
@@ -103,6 +135,19 @@ impl Client {
         self.machine().is_connected()
     }
 
+    /// Messages in the outbox that IoT Hub has not acknowledged yet (0 without
+    /// [`ClientOptions::outbox`]). Beyond 5.1.0.
+    pub fn outbox_len(&self) -> usize {
+        self.0.outbox.as_ref().map_or(0, |o| o.borrow().len())
+    }
+
+    /// Why the last connect attempt failed or the connection was lost, in words (e.g.
+    /// "keep-alive timeout: the broker did not answer a ping"); `None` if it did not.
+    /// Beyond 5.1.0, whose callbacks give only a code.
+    pub fn last_disconnect_cause(&self) -> Option<String> {
+        self.0.mqtt.last_error()
+    }
+
     /// Opens the connection; the result goes to `on_connected`: 1001 if already
     /// connected, 1004 if connecting.
     pub fn connect(&self) {
@@ -117,7 +162,9 @@ impl Client {
     }
 
     /// Sends a device-to-cloud message; `on_sent(err, message)` reports the outcome
-    /// (0, an MQTT code, 1000, 1004 when `max_pending_send_requests` are in flight).
+    /// (0, an MQTT code, 1000, 1004 when `max_pending_send_requests` are in flight, 1006
+    /// when it is over 256 KB with its properties). With [`ClientOptions::outbox`], see
+    /// there.
     pub fn send_message(&self, message: Message, on_sent: impl FnOnce(i32, Message) + 'static) {
         self.send_boxed(message, Box::new(on_sent))
     }

@@ -14,6 +14,7 @@ use std::rc::Rc;
 
 use serde_json::{Map, Value};
 
+use super::retry::{Backoff, Outcome};
 use super::{ClientOptions, MethodReply};
 use crate::azure_iot_hub::{
     DirectMethodResponse, ERROR_ALREADY_CONNECTED, ERROR_ALREADY_ENABLED, ERROR_GENERAL, ERROR_NOT_CONNECTED, ERROR_NOT_ENABLED, ERROR_OP_NOT_ALLOWED_NOW, ERROR_OP_TIMED_OUT, Message,
@@ -113,6 +114,21 @@ pub(super) enum AfterConnect {
     Closed,
     /// Tell the agent the result.
     Report,
+    /// A transient failure while the client reconnects by itself: try again later.
+    Retry,
+}
+
+/// What `disconnect()` does now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Closing {
+    /// Close the MQTT connection; `on_disconnected(0)` follows when it is closed.
+    Close,
+    /// Nothing yet: the connection closes once established, or once the refresh is over.
+    Later,
+    /// The client was waiting to reconnect: it stops, and the agent is told at once.
+    Stopped,
+    /// Already disconnected or disconnecting.
+    Nothing,
 }
 
 /// What a twin response answers.
@@ -135,6 +151,9 @@ enum Connection {
     Refreshing { then_disconnect: bool },
     /// `disconnect()` waits for the MQTT connection to close.
     Disconnecting,
+    /// Lost, and reconnecting by itself (beyond 5.1.0): waiting for the next attempt, or
+    /// (`trying`) in one.
+    Reconnecting { trying: bool },
 }
 
 struct TwinGet {
@@ -175,6 +194,13 @@ pub(super) struct Machine {
     /// The next twin request id, shared by retrieves and updates.
     req_num: u64,
     deferred: VecDeque<Call>,
+    /// When to reconnect after a loss, with `options.reconnect`.
+    backoff: Backoff,
+    /// The refresh under way is a reconnect: the agent is told once it is over.
+    announce: bool,
+    /// Outbox messages being published (see `outbox`); they share
+    /// `max_pending_send_requests` with the agent's own sends.
+    outbox_in_flight: usize,
 }
 
 impl Machine {
@@ -195,6 +221,9 @@ impl Machine {
             methods: HashMap::new(),
             req_num: 0,
             deferred: VecDeque::new(),
+            backoff: Backoff::default(),
+            announce: false,
+            outbox_in_flight: 0,
         }
     }
 
@@ -231,6 +260,7 @@ impl Machine {
     fn busy(&self) -> bool {
         self.enabling.iter().any(Option::is_some)
             || !self.sending.is_empty()
+            || self.outbox_in_flight > 0
             || self.twin_get.is_some()
             || !self.twin_updates.is_empty()
             || !self.methods.is_empty()
@@ -243,7 +273,7 @@ impl Machine {
             // Documented as 1004 ("the connection is still being established"); 5.1.0's
             // code answered 1000 here.
             Connection::Connecting { .. } => Some(ERROR_OP_NOT_ALLOWED_NOW),
-            Connection::Disconnected => Some(ERROR_NOT_CONNECTED),
+            Connection::Disconnected | Connection::Reconnecting { .. } => Some(ERROR_NOT_CONNECTED),
             Connection::Disconnecting | Connection::Refreshing { then_disconnect: true } => Some(ERROR_OP_NOT_ALLOWED_NOW),
             Connection::Connected | Connection::Refreshing { then_disconnect: false } => None,
         }
@@ -272,7 +302,7 @@ impl Machine {
     pub(super) fn connect(&mut self) -> Result<(), i32> {
         match self.connection {
             Connection::Connected | Connection::Refreshing { .. } | Connection::Disconnecting => Err(ERROR_ALREADY_CONNECTED),
-            Connection::Connecting { .. } => Err(ERROR_OP_NOT_ALLOWED_NOW),
+            Connection::Connecting { .. } | Connection::Reconnecting { .. } => Err(ERROR_OP_NOT_ALLOWED_NOW),
             Connection::Disconnected => {
                 self.connection = Connection::Connecting { then_disconnect: false };
                 Ok(())
@@ -285,9 +315,20 @@ impl Machine {
         self.connection = Connection::Disconnected;
     }
 
-    /// The MQTT connect result `err` (0 = connected).
-    pub(super) fn connect_result(&mut self, err: i32) -> AfterConnect {
+    /// The MQTT connect result `err` (0 = connected) at `now`.
+    pub(super) fn connect_result(&mut self, err: i32, now: f64) -> AfterConnect {
+        if err == 0 {
+            self.backoff.connected(now);
+        }
         match self.connection {
+            Connection::Reconnecting { .. } if err == 0 => {
+                // Features come back before the agent is told, as in a token refresh.
+                self.connection = Connection::Refreshing { then_disconnect: false };
+                self.announce = true;
+                AfterConnect::Resubscribe
+            }
+            Connection::Reconnecting { .. } => self.retry_or_give_up(err),
+            Connection::Connecting { then_disconnect: false } if err != 0 && self.options.reconnect.is_some() => self.retry_or_give_up(err),
             Connection::Refreshing { .. } if err != 0 => {
                 self.end_refresh();
                 AfterConnect::Lost
@@ -310,25 +351,74 @@ impl Machine {
         }
     }
 
-    /// `disconnect()`: whether to close the connection now. While connecting it is closed
-    /// once established; during a token refresh, once the refresh is over.
-    pub(super) fn disconnect(&mut self) -> bool {
+    /// A failed attempt of a client that reconnects by itself: another one follows after
+    /// [`Machine::retry_delay`], unless the failure will not heal.
+    fn retry_or_give_up(&mut self, err: i32) -> AfterConnect {
+        match self.backoff.failed(err) {
+            Outcome::Retry => {
+                self.connection = Connection::Reconnecting { trying: false };
+                AfterConnect::Retry
+            }
+            Outcome::GiveUp => {
+                self.connection = Connection::Disconnected;
+                AfterConnect::Report
+            }
+        }
+    }
+
+    /// `disconnect()`. While connecting the connection is closed once established; during
+    /// a token refresh, once the refresh is over.
+    pub(super) fn disconnect(&mut self) -> Closing {
         match self.connection {
             Connection::Connected => {
                 self.connection = Connection::Disconnecting;
-                true
+                Closing::Close
             }
-            Connection::Connecting { then_disconnect: false } => {
+            Connection::Connecting { then_disconnect: false } | Connection::Reconnecting { trying: true } => {
                 self.connection = Connection::Connecting { then_disconnect: true };
-                false
+                Closing::Later
             }
             Connection::Refreshing { then_disconnect: false } => {
                 self.connection = Connection::Refreshing { then_disconnect: true };
                 self.defer(Call::Close);
-                false
+                Closing::Later
             }
-            _ => false,
+            Connection::Reconnecting { trying: false } => {
+                self.connection = Connection::Disconnected;
+                Closing::Stopped
+            }
+            _ => Closing::Nothing,
         }
+    }
+
+    /// Whether a connection lost at `now` (not asked for) is to be reconnected by the
+    /// client: then it waits for its next attempt, features kept; see [`Machine::lose`].
+    pub(super) fn reconnects_after_loss(&mut self, now: f64) -> bool {
+        if self.options.reconnect.is_none() || self.disconnecting() {
+            return false;
+        }
+        self.backoff.lost(now);
+        self.connection = Connection::Reconnecting { trying: false };
+        true
+    }
+
+    /// The wait before the next reconnect attempt, s, for `random` in [0, 1).
+    pub(super) fn retry_delay(&self, random: f64) -> f64 {
+        self.options.reconnect.map_or(0.0, |settings| self.backoff.delay(&settings, random))
+    }
+
+    /// The reconnect timer fired: whether to attempt now (not if `disconnect()` came).
+    pub(super) fn start_attempt(&mut self) -> bool {
+        if self.connection != (Connection::Reconnecting { trying: false }) {
+            return false;
+        }
+        self.connection = Connection::Reconnecting { trying: true };
+        true
+    }
+
+    /// Whether the agent is to be told that a reconnect is complete (once).
+    pub(super) fn take_announce(&mut self) -> bool {
+        std::mem::take(&mut self.announce)
     }
 
     /// The code for `on_disconnected` when the connection closes now: 0 if asked for.
@@ -341,10 +431,20 @@ impl Machine {
     /// taken and replayed against the disconnected client.
     pub(super) fn reset(&mut self) -> Vec<Completion> {
         self.connection = Connection::Disconnected;
-        self.refresh_paused = false;
         self.on_message = None;
         self.on_twin = None;
         self.on_method = None;
+        self.lose()
+    }
+
+    /// The connection is gone but the client reconnects: the enabled features stay, to
+    /// be subscribed again; every pending callback is answered (1000), as in [`reset`].
+    ///
+    /// [`reset`]: Machine::reset
+    pub(super) fn lose(&mut self) -> Vec<Completion> {
+        self.refresh_paused = false;
+        self.announce = false;
+        self.outbox_in_flight = 0;
         let enabling = std::mem::take(&mut self.enabling).into_iter().flatten().map(|done| Completion::Done(done, ERROR_NOT_CONNECTED));
         let sending = std::mem::take(&mut self.sending).into_values().map(|(msg, done)| Completion::Sent(done, ERROR_NOT_CONNECTED, msg));
         let get = self.twin_get.take().map(|get| Completion::Retrieved(get.done, ERROR_NOT_CONNECTED, None, None));
@@ -361,6 +461,28 @@ impl Machine {
         }
     }
 
+    /// How many outbox messages may be published now: none unless connected, and none
+    /// while a token refresh waits for the operations in flight to end.
+    pub(super) fn outbox_slots(&self) -> usize {
+        if self.connection != Connection::Connected || self.refresh_paused {
+            return 0;
+        }
+        self.options.max_pending_send_requests.saturating_sub(self.sending.len() + self.outbox_in_flight)
+    }
+
+    /// An outbox message is being published.
+    pub(super) fn outbox_publishing(&mut self) {
+        self.outbox_in_flight += 1;
+    }
+
+    /// An outbox message's publish completed with `code`.
+    pub(super) fn outbox_published(&mut self, code: i32) {
+        self.outbox_in_flight = self.outbox_in_flight.saturating_sub(1);
+        if code == 0 {
+            self.backoff.acked();
+        }
+    }
+
     /// Records a send about to be published; returns its id.
     pub(super) fn start_send(&mut self, message: Message, on_sent: OnSent) -> u64 {
         self.next_send += 1;
@@ -370,6 +492,9 @@ impl Machine {
 
     /// The publish of send `id` completed with `code`.
     pub(super) fn sent(&mut self, id: u64, code: i32) -> Option<Completion> {
+        if code == 0 {
+            self.backoff.acked();
+        }
         self.sending.remove(&id).map(|(message, done)| Completion::Sent(done, code, message))
     }
 
@@ -626,7 +751,7 @@ mod tests {
     fn connected() -> Machine {
         let mut m = Machine::new(ClientOptions::default());
         assert_eq!(m.connect(), Ok(()));
-        assert_eq!(m.connect_result(0), AfterConnect::Report);
+        assert_eq!(m.connect_result(0, 0.0), AfterConnect::Report);
         m
     }
 
@@ -644,14 +769,14 @@ mod tests {
         assert_eq!(m.connect(), Ok(()));
         assert_eq!(m.connect(), Err(ERROR_OP_NOT_ALLOWED_NOW));
         assert_eq!((m.send_verdict(), m.update_verdict()), (NOT_NOW, NOT_NOW), "documented 1004 while connecting");
-        assert_eq!(m.connect_result(0), AfterConnect::Report);
+        assert_eq!(m.connect_result(0, 0.0), AfterConnect::Report);
         assert!(m.is_connected());
         assert_eq!(m.connect(), Err(ERROR_ALREADY_CONNECTED));
         assert_eq!(m.send_verdict(), Verdict::Go);
         assert_eq!(m.enable_verdict(Feature::Twin, false), Verdict::Refuse(ERROR_NOT_ENABLED));
         assert_eq!((m.retrieve_verdict(), m.update_verdict()), (Verdict::Refuse(ERROR_NOT_ENABLED), Verdict::Refuse(ERROR_NOT_ENABLED)));
-        assert!(m.disconnect());
-        assert!(!m.disconnect(), "a second disconnect does nothing");
+        assert_eq!(m.disconnect(), Closing::Close);
+        assert_eq!(m.disconnect(), Closing::Nothing, "a second disconnect does nothing");
         assert_eq!((m.send_verdict(), m.enable_verdict(Feature::Methods, true)), (NOT_NOW, NOT_NOW));
         assert_eq!(m.disconnect_reason(), 0);
         m.reset();
@@ -663,13 +788,13 @@ mod tests {
     fn disconnect_while_connecting_closes_once_connected() {
         let mut m = Machine::new(ClientOptions::default());
         m.connect().unwrap();
-        assert!(!m.disconnect());
-        assert_eq!(m.connect_result(0), AfterConnect::Close);
+        assert_eq!(m.disconnect(), Closing::Later);
+        assert_eq!(m.connect_result(0, 0.0), AfterConnect::Close);
         assert_eq!(m.disconnect_reason(), 0);
         let mut m = Machine::new(ClientOptions::default());
         m.connect().unwrap();
         m.disconnect();
-        assert_eq!(m.connect_result(5), AfterConnect::Closed);
+        assert_eq!(m.connect_result(5, 0.0), AfterConnect::Closed);
         assert_eq!(m.connect(), Ok(()), "a failed connect leaves the client disconnected");
     }
 
@@ -757,9 +882,9 @@ mod tests {
         assert_eq!((m.send_verdict(), m.enable_verdict(Feature::Twin, true)), (Verdict::Queue, Verdict::Queue));
         assert_eq!(m.enable_verdict(Feature::Twin, false), Verdict::Refuse(ERROR_NOT_ENABLED), "refusals are not queued");
         m.defer(Call::Send(Message::new("y"), Box::new(|_, _| ())));
-        assert!(!m.disconnect());
+        assert_eq!(m.disconnect(), Closing::Later);
         assert_eq!(m.send_verdict(), NOT_NOW, "disconnecting");
-        assert_eq!(m.connect_result(0), AfterConnect::Resubscribe);
+        assert_eq!(m.connect_result(0, 0.0), AfterConnect::Resubscribe);
         m.end_refresh();
         let calls = m.take_deferred();
         assert!(matches!(calls.iter().collect::<Vec<_>>()[..], [Call::Send(..), Call::Close]));
@@ -770,8 +895,69 @@ mod tests {
     fn a_failed_refresh_is_a_lost_connection() {
         let mut m = connected();
         assert!(m.start_refresh());
-        assert_eq!(m.connect_result(4), AfterConnect::Lost);
+        assert_eq!(m.connect_result(4, 0.0), AfterConnect::Lost);
         assert_eq!(m.disconnect_reason(), ERROR_GENERAL);
+    }
+
+    fn reconnecting() -> Machine {
+        let options = ClientOptions { reconnect: Some(super::super::Reconnect::default()), ..ClientOptions::default() };
+        let mut m = Machine::new(options);
+        m.connect().unwrap();
+        assert_eq!(m.connect_result(0, 0.0), AfterConnect::Report);
+        m.start_enabling(Feature::Twin, Box::new(|_| ()));
+        m.enable_done(Feature::Twin, Some(twin()), 0);
+        m
+    }
+
+    #[test]
+    fn a_lost_connection_is_reconnected_with_its_features() {
+        let mut m = with_twin();
+        assert!(!m.reconnects_after_loss(1.0), "off by default, as in 5.1.0");
+
+        let mut m = reconnecting();
+        m.start_retrieve(Box::new(|_, _, _| ()));
+        assert!(m.reconnects_after_loss(1.0));
+        assert_eq!(codes(&m.lose()), [ERROR_NOT_CONNECTED], "operations in flight still fail");
+        assert!(!m.is_connected());
+        assert_eq!(m.send_verdict(), NOT_CONNECTED);
+        assert_eq!(m.connect(), Err(ERROR_OP_NOT_ALLOWED_NOW), "it is connecting by itself");
+        assert!(m.start_attempt());
+        assert_eq!(m.connect_result(-1, 2.0), AfterConnect::Retry, "refused TCP is transient");
+        assert!(m.retry_delay(0.0) > 0.0);
+        assert!(m.start_attempt());
+        assert_eq!(m.connect_result(0, 3.0), AfterConnect::Resubscribe);
+        assert_eq!(m.enabled_features().collect::<Vec<_>>(), [Feature::Twin], "the twin is re-enabled");
+        assert_eq!(m.send_verdict(), Verdict::Queue, "calls wait for the features");
+        m.end_refresh();
+        assert!(m.take_announce() && !m.take_announce(), "the agent is told once");
+        assert!(m.is_connected());
+    }
+
+    #[test]
+    fn reconnecting_stops_at_an_error_that_will_not_heal_or_at_disconnect() {
+        let mut m = reconnecting();
+        m.reconnects_after_loss(1.0);
+        m.lose();
+        assert!(m.start_attempt());
+        assert_eq!(m.connect_result(4, 2.0), AfterConnect::Report, "bad credentials: reported, not retried");
+        assert_eq!(m.connect(), Ok(()), "disconnected");
+
+        let mut m = reconnecting();
+        m.reconnects_after_loss(1.0);
+        assert_eq!(m.disconnect(), Closing::Stopped);
+        assert!(!m.start_attempt(), "the pending attempt is dropped");
+        let mut m = reconnecting();
+        m.reconnects_after_loss(1.0);
+        assert!(m.start_attempt());
+        assert_eq!(m.disconnect(), Closing::Later);
+        assert_eq!(m.connect_result(0, 2.0), AfterConnect::Close);
+
+        let options = ClientOptions { reconnect: Some(super::super::Reconnect::default()), ..ClientOptions::default() };
+        let mut m = Machine::new(options);
+        m.connect().unwrap();
+        assert_eq!(m.connect_result(-1, 0.0), AfterConnect::Retry, "a first connect is retried too");
+        assert!(m.start_attempt());
+        assert_eq!(m.connect_result(5, 1.0), AfterConnect::Report, "a key that never worked");
     }
 
     #[test]

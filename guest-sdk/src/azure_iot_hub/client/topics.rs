@@ -42,7 +42,18 @@ pub(super) fn resubscribe_topics(device_id: &str, enabled: impl IntoIterator<Ite
 
 /// A device-to-cloud message with its properties.
 pub(super) fn telemetry(device_id: &str, properties: &BTreeMap<String, String>) -> String {
-    format!("devices/{device_id}/messages/events/{}", encode_properties(properties))
+    telemetry_with_bag(device_id, &encode_properties(properties))
+}
+
+/// A device-to-cloud message with its property bag, encoded already.
+pub(super) fn telemetry_with_bag(device_id: &str, bag: &str) -> String {
+    format!("devices/{device_id}/messages/events/{bag}")
+}
+
+/// A message's size as IoT Hub counts it against its limit: body, property names and
+/// values.
+pub(super) fn message_size(body: &[u8], properties: &BTreeMap<String, String>) -> usize {
+    body.len() + properties.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
 }
 
 /// A twin retrieve.
@@ -103,7 +114,7 @@ fn split_rid(rest: &str) -> Option<(&str, String)> {
 }
 
 /// `k=v&k2=v2`, both sides URI-encoded, as IoT Hub's property bags are.
-fn encode_properties(props: &BTreeMap<String, String>) -> String {
+pub(super) fn encode_properties(props: &BTreeMap<String, String>) -> String {
     props.iter().map(|(k, v)| format!("{}={}", encode_uri(k), encode_uri(v))).collect::<Vec<_>>().join("&")
 }
 

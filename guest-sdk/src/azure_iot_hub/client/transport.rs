@@ -15,10 +15,13 @@ use std::time::Instant;
 
 use serde_json::{Map, Value};
 
-use super::state::{AfterConnect, Call, Completion, Done, Feature, Handler, Machine, OnReplySent, OnRetrieved, OnSent, OnUpdated, TwinAnswer, Verdict};
+use super::state::{AfterConnect, Call, Closing, Completion, Done, Feature, Handler, Machine, OnReplySent, OnRetrieved, OnSent, OnUpdated, TwinAnswer, Verdict};
+use super::outbox::Outbox;
 use super::topics::{self, Inbound};
 use super::{Client, ClientOptions, MethodReply};
-use crate::azure_iot_hub::{API_VERSION, ConnectionString, DirectMethodResponse, ERROR_GENERAL, Message, SasError, SharedAccessSignature, encode_uri};
+use crate::azure_iot_hub::{
+    API_VERSION, ConnectionString, DirectMethodResponse, ERROR_GENERAL, ERROR_MESSAGE_TOO_LARGE, MAX_MESSAGE_BYTES, Message, SasError, SharedAccessSignature, encode_uri,
+};
 use crate::mqtt::{self, ConnectOptions, MessageOptions};
 use crate::{imp, server};
 
@@ -31,19 +34,33 @@ pub(super) struct Inner {
     device_id: String,
     key: String,
     options: ClientOptions,
-    mqtt: mqtt::Client,
+    pub(super) mqtt: mqtt::Client,
     on_connected: Box<dyn Fn(i32)>,
     on_disconnected: Box<dyn Fn(i32)>,
     machine: RefCell<Machine>,
     refresh_timer: Cell<Option<imp::Timer>>,
     /// One timer for every two-phase operation, set to the earliest deadline.
     queue_timer: Cell<Option<imp::Timer>>,
+    /// The next reconnect attempt.
+    reconnect_timer: Cell<Option<imp::Timer>>,
+    /// With `options.outbox`.
+    pub(super) outbox: Option<RefCell<Outbox>>,
     pub(super) debug: Cell<bool>,
 }
 
 /// A client for the device of `cs`, its MQTT callbacks wired to the state machine.
 pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, on_disconnected: Box<dyn Fn(i32)>, options: ClientOptions) -> Client {
+    let outbox = options.outbox.as_deref().map(|name| {
+        let (outbox, left) = Outbox::open(name, random_bits());
+        match left {
+            Ok(0) => {}
+            Ok(n) => server::log(format!("[AzureIoTHubMQTTClient] outbox {name}: {n} messages from before will be sent once connected")),
+            Err(e) => server::error(format!("[AzureIoTHubMQTTClient] outbox {name}: cannot read what was left: {e}")),
+        }
+        RefCell::new(outbox)
+    });
     let inner = Rc::new(Inner {
+        outbox,
         host: cs.host_name.unwrap_or_default(),
         device_id: cs.device_id.unwrap_or_default(),
         key: cs.shared_access_key.unwrap_or_default(),
@@ -54,6 +71,7 @@ pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, o
         on_disconnected,
         refresh_timer: Cell::new(None),
         queue_timer: Cell::new(None),
+        reconnect_timer: Cell::new(None),
         debug: Cell::new(false),
     });
     // Weak: the MQTT client's handlers live inside `inner` and must not keep it alive.
@@ -71,6 +89,17 @@ pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, o
 fn now() -> f64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_secs_f64()
+}
+
+/// Random bits: std's hasher keys come from the host's random source.
+fn random_bits() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new().build_hasher().finish()
+}
+
+/// A random number in [0, 1), for the reconnect jitter.
+fn random() -> f64 {
+    (random_bits() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Runs `f` on the client if it still exists.
@@ -147,8 +176,9 @@ impl Client {
 
     fn mqtt_connected(&self, err: i32) {
         self.debug(format!("MQTT connect result: {err}"));
-        let next = self.machine().connect_result(err);
+        let next = self.machine().connect_result(err, now());
         match next {
+            AfterConnect::Retry => self.schedule_reconnect(),
             AfterConnect::Resubscribe => self.resubscribe(),
             AfterConnect::Lost => self.mqtt_disconnected(),
             AfterConnect::Close => self.mqtt_disconnect(),
@@ -157,16 +187,45 @@ impl Client {
                 if err == 0 {
                     self.arm_refresh_timer();
                 }
-                (self.0.on_connected)(err)
+                (self.0.on_connected)(err);
+                self.pump_outbox();
             }
         }
     }
 
     /// `disconnect()`.
     pub(super) fn close(&self) {
-        let now = self.machine().disconnect();
-        if now {
-            self.mqtt_disconnect();
+        let closing = self.machine().disconnect();
+        match closing {
+            Closing::Close => self.mqtt_disconnect(),
+            Closing::Stopped => {
+                if let Some(t) = self.0.reconnect_timer.take() {
+                    imp::cancel_wakeup(t);
+                }
+                (self.0.on_disconnected)(0)
+            }
+            Closing::Later | Closing::Nothing => {}
+        }
+    }
+
+    /// Waits for the next reconnect attempt (after a loss or a transient failure).
+    fn schedule_reconnect(&self) {
+        let delay = self.machine().retry_delay(random());
+        let cause = self.0.mqtt.last_error().unwrap_or_else(|| "connection lost".to_owned());
+        self.debug(format!("reconnecting in {delay:.1} s ({cause})"));
+        let weak = Rc::downgrade(&self.0);
+        let timer = imp::wakeup(delay, move || with(&weak, |c| c.reconnect()));
+        if let Some(t) = self.0.reconnect_timer.replace(Some(timer)) {
+            imp::cancel_wakeup(t);
+        }
+    }
+
+    /// One reconnect attempt, unless `disconnect()` came meanwhile.
+    fn reconnect(&self) {
+        self.0.reconnect_timer.set(None);
+        let attempt = self.machine().start_attempt();
+        if attempt && let Err(code) = self.mqtt_connect() {
+            self.mqtt_connected(code);
         }
     }
 
@@ -187,13 +246,21 @@ impl Client {
         for t in [self.0.refresh_timer.take(), self.0.queue_timer.take()].into_iter().flatten() {
             imp::cancel_wakeup(t);
         }
-        let (completions, calls) = {
+        if let Some(outbox) = &self.0.outbox {
+            outbox.borrow_mut().all_back();
+        }
+        let (completions, calls, reconnects) = {
             let mut machine = self.machine();
-            (machine.reset(), machine.take_deferred())
+            let reconnects = reason != 0 && machine.reconnects_after_loss(now());
+            let completions = if reconnects { machine.lose() } else { machine.reset() };
+            (completions, machine.take_deferred(), reconnects)
         };
         complete(completions);
         self.replay(calls);
-        (self.0.on_disconnected)(reason)
+        (self.0.on_disconnected)(reason);
+        if reconnects {
+            self.schedule_reconnect();
+        }
     }
 
     /// Keeps `call` until the token refresh is over.
@@ -217,6 +284,21 @@ impl Client {
 
     /// `send_message()`.
     pub(super) fn send_boxed(&self, message: Message, on_sent: OnSent) {
+        let size = topics::message_size(message.body(), message.properties());
+        if size > MAX_MESSAGE_BYTES {
+            self.error(format!("sendMessage: {size} bytes with properties, over IoT Hub's {MAX_MESSAGE_BYTES}; not sent"));
+            return on_sent(ERROR_MESSAGE_TOO_LARGE, message);
+        }
+        if let Some(outbox) = &self.0.outbox {
+            let accepted = outbox.borrow_mut().accept(message, on_sent);
+            return match accepted {
+                Ok(()) => self.pump_outbox(),
+                Err(refused) => {
+                    self.error(format!("sendMessage: not accepted by the outbox: {}", refused.cause));
+                    (refused.on_sent)(refused.code, refused.message)
+                }
+            };
+        }
         let verdict = self.machine().send_verdict();
         match verdict {
             Verdict::Refuse(code) => return on_sent(code, message),
@@ -228,6 +310,42 @@ impl Client {
         let id = self.machine().start_send(message, on_sent);
         let weak = Rc::downgrade(&self.0);
         self.publish(&topic, body, move |code| with(&weak, |c| c.message_sent(id, code)));
+    }
+
+    /// Publishes outbox messages, oldest first, while the connection has room for them.
+    fn pump_outbox(&self) {
+        let Some(outbox) = &self.0.outbox else { return };
+        while self.machine().outbox_slots() > 0 {
+            let next = outbox.borrow_mut().next_to_send();
+            let Some((id, bag, body)) = next else { return };
+            self.machine().outbox_publishing();
+            let weak = Rc::downgrade(&self.0);
+            // QoS 1 whatever the client's QoS: a message leaves the outbox on its PUBACK.
+            self.publish_at(&topics::telemetry_with_bag(&self.0.device_id, &bag), body, 1, move |code| with(&weak, |c| c.outbox_sent(id, code)));
+            if !outbox.borrow().in_flight(id) {
+                // Refused at once (the connection is going): it waits for the next one.
+                return;
+            }
+        }
+    }
+
+    fn outbox_sent(&self, id: u64, code: i32) {
+        self.machine().outbox_published(code);
+        let Some(outbox) = &self.0.outbox else { return };
+        if code == 0 {
+            let (done, removed) = outbox.borrow_mut().acked(id);
+            if let Err(e) = removed {
+                self.error(format!("outbox: cannot remove message {id}, which IoT Hub has: {e}; a later instance will send it again"));
+            }
+            if let Some((message, on_sent)) = done {
+                on_sent(0, message);
+            }
+            self.pump_outbox();
+        } else {
+            outbox.borrow_mut().failed(id);
+            self.debug(format!("outbox: message {id} not acknowledged ({code}); it will be sent again"));
+        }
+        self.continue_refreshing();
     }
 
     fn message_sent(&self, id: u64, code: i32) {
@@ -290,8 +408,16 @@ impl Client {
             c.machine().end_refresh();
             if code == 0 {
                 c.arm_refresh_timer();
-                let calls = c.machine().take_deferred();
+                let (calls, announce) = {
+                    let mut machine = c.machine();
+                    (machine.take_deferred(), machine.take_announce())
+                };
+                if announce {
+                    c.debug("reconnected");
+                    (c.0.on_connected)(0);
+                }
                 c.replay(calls);
+                c.pump_outbox();
             } else {
                 c.error(format!("re-subscribing after the token refresh failed: {code}"));
                 c.mqtt_disconnect();
@@ -349,12 +475,17 @@ impl Client {
 
     /// Publishes at the client's QoS; `done` gets the MQTT result.
     fn publish(&self, topic: &str, body: Vec<u8>, done: impl FnOnce(i32) + 'static) {
+        self.publish_at(topic, body, self.0.options.qos, done)
+    }
+
+    /// Publishes at `qos`; `done` gets the MQTT result.
+    fn publish_at(&self, topic: &str, body: Vec<u8>, qos: u8, done: impl FnOnce(i32) + 'static) {
         let done = Rc::new(RefCell::new(Some(done)));
         let d = done.clone();
         let sent = self
             .0
             .mqtt
-            .create_message(topic, body, MessageOptions { qos: self.0.options.qos, retain: false })
+            .create_message(topic, body, MessageOptions { qos, retain: false })
             .send_async(move |code| {
                 if let Some(done) = d.borrow_mut().take() {
                     done(code)
