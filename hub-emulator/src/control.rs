@@ -26,7 +26,8 @@ pub enum Fault {
     ShutDownMqtt,
     /// Drop the connection and answer CONNECT with CONNACK 5 for the duration.
     InvokeAuthError,
-    /// Like `InvokeAuthError` (over MQTT IoT Hub signals throttling only by closing).
+    /// Drop the connection; for the duration, telemetry closes the connection again
+    /// without a PUBACK (over MQTT, IoT Hub signals throttling only by closing).
     InvokeThrottling,
 }
 
@@ -55,7 +56,8 @@ impl Shared {
         let active = match fault {
             Fault::KillTcp => None,
             Fault::ShutDownMqtt => Some(ActiveFault::MqttDown),
-            Fault::InvokeAuthError | Fault::InvokeThrottling => Some(ActiveFault::RefuseConnect),
+            Fault::InvokeAuthError => Some(ActiveFault::RefuseConnect),
+            Fault::InvokeThrottling => Some(ActiveFault::Throttled),
         };
         let mut st = self.lock();
         if let Some(active) = active {

@@ -185,7 +185,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(io: S, share
                     let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
                     return link.shutdown().await;
                 }
-                None => {}
+                Some(ActiveFault::Throttled) | None => {}
             }
             match shared.authenticate_device(&device_id, password) {
                 Ok(auth) => run_device(shared, &mut link, device_id, connect, auth, shutdown).await,
@@ -544,6 +544,9 @@ impl<S: AsyncRead + AsyncWrite> DeviceSession<'_, S> {
         retain: bool,
         is_will: bool,
     ) -> Result<bool, Close> {
+        if self.shared.lock().fault(&self.device_id) == Some(ActiveFault::Throttled) {
+            return Err(Close::because("throttled (429001 ThrottlingException)"));
+        }
         let mut props =
             PropertyBag::parse(bag).ok_or_else(|| Close::because("malformed property bag"))?;
         if payload.len() + props.counted_size() > MAX_D2C_BYTES {

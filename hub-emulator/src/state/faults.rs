@@ -12,6 +12,9 @@ pub(crate) enum ActiveFault {
     RefuseConnect,
     /// TCP connections are closed without CONNACK.
     MqttDown,
+    /// Connections are accepted, but telemetry closes the connection without a PUBACK:
+    /// over MQTT, IoT Hub signals throttling only by closing.
+    Throttled,
 }
 
 /// Service misbehaviour that IoT Hub shows under load or failure, on demand.
