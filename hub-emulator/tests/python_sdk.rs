@@ -3,7 +3,8 @@
 //!
 //! azure-iot-device hard-codes MQTT port 8883, so every scenario runs the emulator there:
 //! they are serialized within this binary (a mutex) and across processes (a file lock
-//! in the target dir, which other crates' tests using 8883 can take too).
+//! in the target dir, which other crates' tests using 8883 can take too). Each test holds
+//! both for as long as its runtime lives (see [`on_port_8883`]).
 //!
 //! Python comes from `TETHER_PYTHON`, else `target/pyenv/bin/python` (made by
 //! `scripts/setup.sh --with-test-deps`). Without it the tests fail, they do not skip.
@@ -16,7 +17,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tether_hub_emulator::{Enrollment, Hub, HubConfig};
+use tether_hub_emulator::{Enrollment, Hub, HubConfig, HubError};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -43,9 +44,23 @@ struct PortGuard {
 }
 
 fn lock_port_8883() -> PortGuard {
+    // A test that panicked while holding the mutex poisoned it; the port is free again
+    // by the time the next test gets it (see `on_port_8883`), so carry on.
     let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let path = workspace_root().join("target/hub-emulator-8883.lock");
-    let file = File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // The target dir can be missing (CARGO_TARGET_DIR elsewhere, a fresh clone); not
+    // truncating, since another process may hold the lock on this file.
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
+    let file = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // The lock (flock) belongs to the open file: it goes when the guard closes it, and the
+    // kernel drops it if the process dies, so a crashed run never leaves it taken.
     file.lock()
         .unwrap_or_else(|e| panic!("locking {}: {e}", path.display()));
     PortGuard {
@@ -54,16 +69,53 @@ fn lock_port_8883() -> PortGuard {
     }
 }
 
+/// Runs one scenario test on its own runtime while holding port 8883.
+///
+/// The guard is taken before the runtime is built and released after it is dropped, and
+/// dropping a runtime stops every task it spawned, the hub's 8883 listener included; so
+/// the next test (or process) never finds the port still bound, even after a panic. With
+/// `#[tokio::test]` the guard lived in the test's future, which a panic drops *before*
+/// the runtime: the lock was free while the listener still ran.
+fn on_port_8883(test: impl Future<Output = ()>) {
+    let _guard = lock_port_8883();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(test);
+}
+
 async fn start_hub() -> Hub {
-    let config = HubConfig {
-        mqtt_port: 8883,
-        https_port: 0,
-        state_dir: common::unique_dir("py"),
-        ..HubConfig::default()
-    };
-    Hub::start(config)
-        .await
-        .expect("start emulator on port 8883 (is another process using it?)")
+    // The lock keeps this checkout's tests and benches apart, not a test run in another
+    // checkout (another target dir) or a `tether demo`: wait a while for them to let go of
+    // the port instead of failing at once.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let state_dir = common::unique_dir("py");
+    let mut said = false;
+    loop {
+        let config = HubConfig {
+            mqtt_port: 8883,
+            https_port: 0,
+            state_dir: state_dir.clone(),
+            ..HubConfig::default()
+        };
+        match Hub::start(config).await {
+            Ok(hub) => return hub,
+            Err(HubError::Bind { addr, source })
+                if addr.port() == 8883
+                    && source.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                if !said {
+                    eprintln!("port 8883 is in use by another process; waiting up to 60 s");
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("start emulator on port 8883 (is another process using it?): {e}"),
+        }
+    }
 }
 
 /// Runs one Python scenario with `extra` merged into its configuration.
@@ -102,93 +154,97 @@ async fn run_scenario(hub: &Hub, name: &str, extra: Value) {
 }
 
 /// Starts a hub on 8883 with one device and runs a device scenario against it.
-async fn device_scenario(name: &str) {
-    let _guard = lock_port_8883();
-    let hub = start_hub().await;
-    let device = hub.create_device("py-dev-1").expect("create device");
-    run_scenario(
-        &hub,
-        name,
-        json!({ "device_id": device.device_id, "device_cs": device.connection_string }),
-    )
-    .await;
-    common::stop(hub).await;
+fn device_scenario(name: &str) {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        let device = hub.create_device("py-dev-1").expect("create device");
+        run_scenario(
+            &hub,
+            name,
+            json!({ "device_id": device.device_id, "device_cs": device.connection_string }),
+        )
+        .await;
+        common::stop(hub).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_device_connects_with_sas() {
-    device_scenario("connect").await;
+#[test]
+fn sdk_device_connects_with_sas() {
+    device_scenario("connect");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_telemetry_with_properties() {
-    device_scenario("telemetry").await;
+#[test]
+fn sdk_telemetry_with_properties() {
+    device_scenario("telemetry");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_twin_get_reported_and_desired() {
-    device_scenario("twin").await;
+#[test]
+fn sdk_twin_get_reported_and_desired() {
+    device_scenario("twin");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_direct_method_via_service_rest() {
-    device_scenario("method").await;
+#[test]
+fn sdk_direct_method_via_service_rest() {
+    device_scenario("method");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_c2d_via_control_api() {
-    device_scenario("c2d").await;
+#[test]
+fn sdk_c2d_via_control_api() {
+    device_scenario("c2d");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_sas_renewal_with_short_ttl() {
-    device_scenario("sas_renewal").await;
+#[test]
+fn sdk_sas_renewal_with_short_ttl() {
+    device_scenario("sas_renewal");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_mqtt_over_websocket() {
-    device_scenario("websocket").await;
+#[test]
+fn sdk_mqtt_over_websocket() {
+    device_scenario("websocket");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_registry_crud() {
-    let _guard = lock_port_8883();
-    let hub = start_hub().await;
-    run_scenario(&hub, "registry", json!({})).await;
-    common::stop(hub).await;
+#[test]
+fn sdk_registry_crud() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        run_scenario(&hub, "registry", json!({})).await;
+        common::stop(hub).await;
+    });
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_dps_individual_enrollment() {
-    let _guard = lock_port_8883();
-    let hub = start_hub().await;
-    let enrollment = Enrollment::Individual {
-        registration_id: "py-reg-1".into(),
-        device_id: Some("py-provisioned-1".into()),
-        primary_key: None,
-        secondary_key: None,
-    };
-    let info = hub.add_enrollment(enrollment).expect("add enrollment");
-    run_scenario(&hub, "dps_individual", json!({ "registration_id": "py-reg-1", "enrollment_key": info.primary_key, "expected_device_id": "py-provisioned-1" })).await;
-    common::stop(hub).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sdk_dps_group_enrollment() {
-    let _guard = lock_port_8883();
-    let hub = start_hub().await;
-    let info = hub
-        .add_enrollment(Enrollment::Group {
-            group_id: "py-group".into(),
+#[test]
+fn sdk_dps_individual_enrollment() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        let enrollment = Enrollment::Individual {
+            registration_id: "py-reg-1".into(),
+            device_id: Some("py-provisioned-1".into()),
             primary_key: None,
             secondary_key: None,
-        })
-        .expect("add group");
-    run_scenario(
-        &hub,
-        "dps_group",
-        json!({ "registration_id": "py-group-member-7", "group_key": info.primary_key }),
-    )
-    .await;
-    common::stop(hub).await;
+        };
+        let info = hub.add_enrollment(enrollment).expect("add enrollment");
+        run_scenario(&hub, "dps_individual", json!({ "registration_id": "py-reg-1", "enrollment_key": info.primary_key, "expected_device_id": "py-provisioned-1" })).await;
+        common::stop(hub).await;
+    });
+}
+
+#[test]
+fn sdk_dps_group_enrollment() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        let info = hub
+            .add_enrollment(Enrollment::Group {
+                group_id: "py-group".into(),
+                primary_key: None,
+                secondary_key: None,
+            })
+            .expect("add group");
+        run_scenario(
+            &hub,
+            "dps_group",
+            json!({ "registration_id": "py-group-member-7", "group_key": info.primary_key }),
+        )
+        .await;
+        common::stop(hub).await;
+    });
 }

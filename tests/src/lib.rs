@@ -168,9 +168,29 @@ pub fn python() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A port nobody listens on right now.
+/// A port nobody listens on right now. Someone else may take it before the caller binds
+/// it (another test binding port 0, a client's source port): programs started on it must
+/// be checked to have got it (see [`Mosquitto::start`]). For a port that must refuse
+/// connections, use [`ClosedPort`].
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A port on 127.0.0.1 that refuses connections for as long as this value lives: bound,
+/// so that nothing else can take it meanwhile, but not listening (a [`free_port`] could
+/// be listened on by another test's server by the time it is connected to).
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> anyhow::Result<ClosedPort> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let port = socket.local_addr()?.port();
+        Ok(ClosedPort { _socket: socket, port })
+    }
 }
 
 /// Waits until something accepts TCP connections on `port`.
@@ -199,35 +219,89 @@ pub struct Mosquitto {
     _dir: tempfile::TempDir,
 }
 
+/// Why a broker did not start.
+#[derive(Debug)]
+enum BrokerStart {
+    /// Someone else took the port between [`free_port`] and mosquitto binding it.
+    PortTaken(anyhow::Error),
+    Failed(anyhow::Error),
+}
+
 impl Mosquitto {
     /// Starts mosquitto (Debian package, installed by scripts/setup.sh) with anonymous
-    /// access, plain or with `tls`.
+    /// access, plain or with `tls`, on a free port.
     pub async fn start(tls: Option<&TlsFiles>) -> anyhow::Result<Mosquitto> {
-        Self::start_on(free_port(), tls).await
+        // A free port can be taken by another test before mosquitto binds it; then it
+        // exits at once and another port does it.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match Self::try_start_on(free_port(), tls).await {
+                Ok(broker) => return Ok(broker),
+                Err(BrokerStart::PortTaken(e)) if attempts < 5 => eprintln!("{e:#}; trying another port"),
+                Err(BrokerStart::PortTaken(e) | BrokerStart::Failed(e)) => return Err(e),
+            }
+        }
     }
 
     /// Like [`Mosquitto::start`] on a given port (to restart a broker where it was).
     pub async fn start_on(port: u16, tls: Option<&TlsFiles>) -> anyhow::Result<Mosquitto> {
-        let dir = tempfile::tempdir()?;
+        Self::try_start_on(port, tls).await.map_err(|(BrokerStart::PortTaken(e) | BrokerStart::Failed(e))| e)
+    }
+
+    /// Starts mosquitto on `port` and waits until it says it runs, which it does only once
+    /// its listener is open. (Waiting for the port to accept connections was not enough:
+    /// when another process had taken the port, that process answered and the test went
+    /// on with a broker that had exited.)
+    async fn try_start_on(port: u16, tls: Option<&TlsFiles>) -> Result<Mosquitto, BrokerStart> {
+        let failed = |e: anyhow::Error| BrokerStart::Failed(e);
+        let dir = tempfile::tempdir().map_err(|e| failed(e.into()))?;
         // No cap on the QoS 1/2 messages queued for a slow subscriber (default 1000): a
-        // host that stops reading must find them all there when it reads again.
-        let mut conf = format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n");
+        // host that stops reading must find them all there when it reads again. The log
+        // goes to stderr (unbuffered, unlike stdout into a pipe), errors and start-up only,
+        // so the "running" line can be waited for.
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\nlog_dest stderr\nlog_type error\nlog_type information\n"
+        );
         if let Some(t) = tls {
             conf += &format!("cafile {}\ncertfile {}\nkeyfile {}\n", t.ca.display(), t.cert.display(), t.key.display());
         }
         let conf_path = dir.path().join("mosquitto.conf");
-        std::fs::write(&conf_path, conf)?;
+        std::fs::write(&conf_path, conf).map_err(|e| failed(e.into()))?;
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"].into_iter().find(|p| Path::new(p).exists()).unwrap_or("mosquitto");
-        let child = Command::new(binary)
+        let mut child = Command::new(binary)
             .arg("-c")
             .arg(&conf_path)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
-            .context("cannot start mosquitto; run scripts/setup.sh --with-test-deps")?;
+            .context("cannot start mosquitto; run scripts/setup.sh --with-test-deps")
+            .map_err(failed)?;
+        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+        if let Some(stderr) = child.stderr.take() {
+            // Reads to the end, also after start-up, so that mosquitto never blocks on a
+            // full pipe; the lines go nowhere once nobody waits for them.
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                    let _ = tx.send(line);
+                }
+            });
+        }
         let broker = Mosquitto { child, port, _dir: dir };
-        wait_for_port(port, Duration::from_secs(10)).await?;
-        Ok(broker)
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut seen = Vec::new();
+        loop {
+            match tokio::time::timeout_at(deadline, lines.recv()).await {
+                Ok(Some(line)) if line.contains(" running") => return Ok(broker),
+                Ok(Some(line)) => seen.push(line),
+                // End of its stderr: mosquitto exited.
+                Ok(None) => {
+                    let error = anyhow::anyhow!("mosquitto did not start on port {port}: {}", seen.join(" | "));
+                    return Err(if seen.iter().any(|l| l.contains("Address already in use")) { BrokerStart::PortTaken(error) } else { failed(error) });
+                }
+                Err(_) => return Err(failed(anyhow::anyhow!("mosquitto not running on port {port} after 30 s: {}", seen.join(" | ")))),
+            }
+        }
     }
 
     /// Stops the broker now.

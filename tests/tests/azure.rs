@@ -146,9 +146,14 @@ async fn token_refresh_keeps_twin_and_methods_working() -> anyhow::Result<()> {
     assert_eq!(az.call("/connect", &[]).await?, "connected 0");
     assert_eq!(az.call("/enable", &[("f", "twin")]).await?, "done 0");
     assert_eq!(az.call("/enable", &[("f", "methods")]).await?, "done 0");
-    // Calls made just after the refresh starts (9 s after connecting) are queued, then
-    // served; a slow CONNACK keeps the refresh under way long enough to see it.
-    az.hub.control().delay_connack("dev5", Duration::from_millis(500));
+    // Calls made just after the refresh starts are queued, then served; a slow CONNACK
+    // keeps the refresh under way long enough to see it. The refresh is due one second
+    // before the token's `se`, which is in whole seconds: it starts 9 s after "connected",
+    // or 8 s when a second boundary fell between making the token and the CONNACK (a few
+    // percent of runs, more on a loaded machine). A 2 s delay keeps the refresh going at
+    // the probe's 9.1 s in both cases (0.5 s did only in the first), and stays well inside
+    // the client's 5 s connect timeout.
+    az.hub.control().delay_connack("dev5", Duration::from_secs(2));
     assert_eq!(az.call("/probe-later", &[("after", "9.1")]).await?, "scheduled");
     let filter = EventFilter { device_id: Some("dev5".into()), kind: Some("connected".into()) };
     let connects = az.hub.control().events(0, &filter).len();

@@ -635,7 +635,19 @@ async fn tether_serve_and_the_agents_cli() -> anyhow::Result<()> {
         .kill_on_drop(true)
         .spawn()?;
     let mut lines = tokio::io::BufReader::new(logs.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).lines();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Deploy once the follower shows a1's recent lines (its start), not after a fixed
+    // pause: then the reload line reaches it live, as the test means, and not from the
+    // backlog of a follower that was slow to connect.
+    let following = tokio::time::timeout(WAIT, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.contains("probe started") {
+                return true;
+            }
+        }
+        false
+    })
+    .await?;
+    anyhow::ensure!(following, "the log follower ended before showing a1's log");
     let echo = build_agent("http-echo")?;
     let (code, stdout, stderr) = cli(&["deploy", "a1", &echo.display().to_string()], TOKEN_A)?;
     assert_eq!(code, 0, "{stderr}");

@@ -78,8 +78,9 @@ async fn client_operations_report_imp_codes() -> anyhow::Result<()> {
     // Refused at once while not connected, as imp throws.
     assert_eq!(get(&u("/mqtt/pub?topic=a&msg=x")).await, "refused NotConnected -3");
     assert_eq!(get(&u("/mqtt/connect?url=http://nope")).await, "refused InvalidArgument -1");
-    let closed = tether_tests::free_port();
-    assert_eq!(get(&u(&format!("/mqtt/connect?url=tcp://127.0.0.1:{closed}"))).await, "connect -1");
+    // Held until the connect is refused: no other test's server can be listening there.
+    let closed = tether_tests::ClosedPort::new()?;
+    assert_eq!(get(&u(&format!("/mqtt/connect?url=tcp://127.0.0.1:{}", closed.port))).await, "connect -1");
 
     assert_eq!(get(&u(&format!("/mqtt/connect?url=tcp://127.0.0.1:{}", broker.port))).await, "connect 0");
     assert_eq!(get(&u("/mqtt/connected")).await, "true");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tether_host::{AgentStatus, LoadError, Level};
-use tether_tests::{TestHost, free_port};
+use tether_tests::{ClosedPort, TestHost};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -61,8 +61,9 @@ async fn outgoing_http_reaches_a_real_server_and_reports_refusal_as_curl_7() -> 
     let (status, body) = get(&t.url("echo", &format!("/fetch?url=http://{server_addr}/data"))).await;
     assert_eq!((status, body.as_str()), (200, "200 served by the test"));
 
-    let closed = free_port();
-    let (_, body) = get(&t.url("echo", &format!("/fetch?url=http://127.0.0.1:{closed}/"))).await;
+    // Held until the request is refused: no other test's server can be listening there.
+    let closed = ClosedPort::new()?;
+    let (_, body) = get(&t.url("echo", &format!("/fetch?url=http://127.0.0.1:{}/", closed.port))).await;
     assert!(body.starts_with("error 7 "), "{body}");
     let (_, body) = get(&t.url("echo", "/fetch?url=notaurl")).await;
     assert!(body.starts_with("error 3 "), "{body}");

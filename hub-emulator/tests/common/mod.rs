@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -14,12 +15,34 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
+/// A new, empty directory in the temp dir that no other test (in this process or another)
+/// can be using.
+///
+/// The clock alone does not make a name unique: tests run in parallel threads, and two
+/// that start within one tick of the clock got the same directory. Two hubs starting in
+/// one state directory race on `hub.json` (both write `hub.json.tmp`, the first rename
+/// takes it, the second fails with "hub.json: No such file or directory") and on the TLS
+/// files, and the first test's `stop` deletes the other's files. So: a per-process
+/// counter for threads, the pid for other processes, and `create_dir` (which fails if the
+/// directory exists) for leftovers of an earlier run with the same pid.
 pub fn unique_dir(tag: &str) -> std::path::PathBuf {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    std::env::temp_dir().join(format!("tether-hub-{tag}-{}-{n}", std::process::id()))
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = std::env::temp_dir().join(format!(
+            "tether-hub-{tag}-{}-{n}-{nanos}",
+            std::process::id()
+        ));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return dir,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => panic!("creating {}: {e}", dir.display()),
+        }
+    }
 }
 
 pub async fn start_hub() -> Hub {
@@ -68,7 +91,10 @@ pub struct Client {
     buf: BytesMut,
 }
 
-pub const WAIT: Duration = Duration::from_secs(5);
+/// How long a test waits for something the hub should do at once (a packet, a close, an
+/// event). Generous (it was 5 s) because a loaded 2-core CI machine can stall a test
+/// thread for seconds; a wait returns as soon as the thing happens.
+pub const WAIT: Duration = Duration::from_secs(10);
 
 impl Client {
     pub async fn open(hub: &Hub) -> Client {
