@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod azure;
 pub mod bench;
+pub mod faults;
 pub mod tether_run;
 
 use anyhow::{Context, bail};

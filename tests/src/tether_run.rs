@@ -1,6 +1,8 @@
-//! A real `tether run` process, for the tests that must kill it (`kill -9`) or see what it
-//! prints: its agent's URL, and every log line, kept for the test to read.
+//! A real `tether` process (`tether run`, `tether hub`), for the tests that must kill it
+//! (`kill -9`) or see what it prints: every line, kept for the test to read, and for
+//! `tether run` its agent's URL.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -11,10 +13,10 @@ use tokio::task::JoinHandle;
 
 use crate::build_bin;
 
-/// A running `tether run`; killed when dropped.
+/// A running `tether` process; killed when dropped.
 pub struct TetherRun {
     child: tokio::process::Child,
-    /// The agent's URL.
+    /// The agent's URL (`tether run` only).
     pub url: String,
     lines: Arc<Mutex<Vec<String>>>,
     /// Readers of stdout (the log) and stderr (a failed start's one-line error).
@@ -25,11 +27,17 @@ impl TetherRun {
     /// Starts `tether run agent --config config` (whose host listens on port 0) and waits
     /// until it names the agent's URL.
     pub async fn start(agent: &Path, config: &Path, timeout: Duration) -> anyhow::Result<TetherRun> {
+        let args = [OsStr::new("run"), agent.as_os_str(), OsStr::new("--config"), config.as_os_str()];
+        let mut run = TetherRun::spawn(&args, "agent URL: ", timeout).await?;
+        let named = run.lines().iter().find_map(|l| Some(l.split("agent URL: ").nth(1)?.split_whitespace().next()?.to_owned()));
+        run.url = named.ok_or_else(|| anyhow::anyhow!("tether run did not start: {:?}", run.lines()))?;
+        Ok(run)
+    }
+
+    /// Starts `tether` with `args` and waits until it prints `ready` (or fails to start).
+    pub async fn spawn(args: &[&OsStr], ready: &str, timeout: Duration) -> anyhow::Result<TetherRun> {
         let mut child = tokio::process::Command::new(build_bin("tether-host", "tether")?)
-            .arg("run")
-            .arg(agent)
-            .arg("--config")
-            .arg(config)
+            .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
@@ -51,10 +59,11 @@ impl TetherRun {
         let stdout = child.stdout.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
         let stderr = child.stderr.take().map(|s| Box::new(s) as Box<dyn AsyncRead + Send + Unpin>);
         let readers = vec![keep(stdout), keep(stderr)];
-        let mut run = TetherRun { child, url: String::new(), lines, readers };
-        run.wait_until("agent URL", timeout, |lines| lines.iter().any(|l| l.contains("agent URL: ") || l.starts_with("error:"))).await?;
-        let named = run.lines().iter().find_map(|l| Some(l.split("agent URL: ").nth(1)?.split_whitespace().next()?.to_owned()));
-        run.url = named.ok_or_else(|| anyhow::anyhow!("tether run did not start: {:?}", run.lines()))?;
+        let run = TetherRun { child, url: String::new(), lines, readers };
+        run.wait_until(ready, timeout, |lines| lines.iter().any(|l| l.contains(ready) || l.starts_with("error:"))).await?;
+        if let Some(error) = run.lines().iter().find(|l| l.starts_with("error:")) {
+            anyhow::bail!("tether {:?} did not start: {error}", args);
+        }
         Ok(run)
     }
 
@@ -69,7 +78,7 @@ impl TetherRun {
         while !done(&lock(&self.lines)) {
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "tether run: no {what} within {timeout:?}; last lines: {:?}",
+                "tether: no {what} within {timeout:?}; last lines: {:?}",
                 lock(&self.lines).iter().rev().take(10).collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -82,7 +91,7 @@ impl TetherRun {
         self.child.start_kill()?;
         let status = self.child.wait().await?;
         use std::os::unix::process::ExitStatusExt;
-        anyhow::ensure!(status.signal() == Some(9), "tether run ended otherwise: {status}");
+        anyhow::ensure!(status.signal() == Some(9), "tether ended otherwise: {status}");
         // The pipes end with the process: the readers have every line once they return.
         for reader in &mut self.readers {
             let _ = tokio::time::timeout(Duration::from_secs(10), reader).await;

@@ -309,3 +309,19 @@ async fn dps_waits_out_429_as_retry_after_says() -> anyhow::Result<()> {
     assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
     Ok(())
 }
+
+#[tokio::test]
+async fn an_oversize_message_is_refused_before_sending_and_the_connection_stays() -> anyhow::Result<()> {
+    let mut az = AzureEnv::start().await?;
+    az.new_client("big", &[("qos", "1")]).await?;
+    assert_eq!(az.call("/connect", &[]).await?, "connected 0");
+    // IoT Hub counts the body and the properties against 256 KB: the body alone fits.
+    let size = (256 * 1024 - 4).to_string();
+    assert_eq!(az.call("/send", &[("size", size.as_str()), ("props", "unit:C")]).await?, "sent [1006]");
+    az.t.logs.wait_for("az", "over IoT Hub's 262144; not sent", WAIT).await?;
+    assert_eq!(az.call("/connected", &[]).await?, "true", "the connection is untouched");
+    assert_eq!(az.call("/send", &[("body", "small")]).await?, "sent [0]");
+    let size = (256 * 1024 - 6).to_string();
+    assert_eq!(az.call("/send", &[("size", size.as_str()), ("props", "a:b")]).await?, "sent [0]", "at the limit it goes");
+    Ok(())
+}

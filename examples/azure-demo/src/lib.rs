@@ -7,15 +7,21 @@
 //!
 //! Config: `dps_scope`, `dps_registration_id`, `dps_key`, optional `dps_endpoint` (default
 //! Azure's global endpoint) and `hub_port` (default 8883); or `connection_string`.
+//!
+//! The client runs with `ClientOptions::resilient()`: it reconnects by itself and keeps
+//! telemetry in a durable outbox, so a reading taken while the hub is unreachable, or
+//! just before the agent crashes, still arrives once the hub is back.
 
 use std::cell::RefCell;
 
 use serde_json::{Map, Value, json};
 use tether_guest::azure_iot_hub::{Client, ClientOptions, DirectMethodResponse, Dps, ERROR_NOT_REGISTERED, Message, MethodReply};
-use tether_guest::{config, device, imp, server};
+use tether_guest::{config, device, server};
 
 thread_local! {
     static CLIENT: RefCell<Option<Client>> = const { RefCell::new(None) };
+    /// Features stay enabled across the client's own reconnects: enable them once.
+    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 fn client() -> Option<Client> {
@@ -26,7 +32,8 @@ fn start() {
     device::on_connect(|info| server::log(format!("device {} connected (firmware {})", info.id, info.firmware)));
     device::on_disconnect(|reason| server::log(format!("device disconnected: {reason}")));
     device::on("temperature", |celsius: f64| {
-        let Some(client) = client().filter(Client::is_connected) else { return };
+        // The outbox takes it whether or not the hub is reachable now.
+        let Some(client) = client() else { return };
         let body = json!({ "temperature": celsius }).to_string();
         let message = Message::with_properties(body, [("$.ct", "application/json"), ("$.ce", "utf-8")]);
         client.send_message(message, move |err, _| match err {
@@ -71,32 +78,38 @@ fn provision() {
 
 fn connect(connection_string: &str) {
     let port = config("hub_port").and_then(|p| p.parse().ok()).unwrap_or(8883);
-    let client = Client::new(connection_string, on_connected, on_disconnected, ClientOptions { port, ..ClientOptions::default() });
+    let client = Client::new(connection_string, on_connected, on_disconnected, ClientOptions { port, ..ClientOptions::resilient() });
     CLIENT.with_borrow_mut(|c| *c = Some(client.clone()));
     client.connect();
 }
 
 fn on_connected(err: i32) {
+    let Some(client) = client() else { return };
     if err != 0 {
-        server::error(format!("connecting to IoT Hub failed: {err}; retrying in 5 s"));
-        return retry();
+        // Transient failures are retried by the client; this one will not heal.
+        let cause = client.last_disconnect_cause().unwrap_or_default();
+        return server::error(format!("cannot connect to IoT Hub: {err} {cause}; check the device's key and that it is enabled"));
     }
     server::log("connected to IoT Hub");
-    let Some(client) = client() else { return };
+    if ENABLED.replace(true) {
+        return retrieve_desired(&client);
+    }
     let c = client.clone();
-    client.enable_twin(apply_desired, move |err| {
-        if err != 0 {
-            return server::error(format!("enabling the twin failed: {err}"));
-        }
-        // Apply what was desired while we were away.
-        c.retrieve_twin_properties(|err, _, desired| match (err, desired) {
-            (0, Some(Value::Object(desired))) => apply_desired(desired),
-            (0, _) => {}
-            (err, _) => server::error(format!("retrieving the twin failed: {err}")),
-        });
+    client.enable_twin(apply_desired, move |err| match err {
+        0 => retrieve_desired(&c),
+        err => server::error(format!("enabling the twin failed: {err}")),
     });
     client.enable_direct_methods(on_method, |err| report("direct methods", err));
     client.enable_incoming_messages(on_c2d, |err| report("cloud-to-device messages", err));
+}
+
+/// Applies what was desired while the agent was away.
+fn retrieve_desired(client: &Client) {
+    client.retrieve_twin_properties(|err, _, desired| match (err, desired) {
+        (0, Some(Value::Object(desired))) => apply_desired(desired),
+        (0, _) => {}
+        (err, _) => server::error(format!("retrieving the twin failed: {err}")),
+    });
 }
 
 fn report(feature: &str, err: i32) {
@@ -108,17 +121,9 @@ fn report(feature: &str, err: i32) {
 
 fn on_disconnected(err: i32) {
     if err != 0 {
-        server::error(format!("disconnected from IoT Hub: {err}; reconnecting in 5 s"));
-        retry();
+        let cause = client().and_then(|c| c.last_disconnect_cause()).unwrap_or_default();
+        server::error(format!("disconnected from IoT Hub: {err} {cause}; the client reconnects by itself"));
     }
-}
-
-fn retry() {
-    imp::wakeup(5.0, || {
-        if let Some(c) = client() {
-            c.connect()
-        }
-    });
 }
 
 /// A desired `interval` (seconds) goes to the device and is reported back.

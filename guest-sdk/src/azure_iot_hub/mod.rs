@@ -40,6 +40,36 @@
 //! | options `qos`, `keepAlive`, `twinsTimeout`, `dMethodsTimeout`, `maxPendingTwinRequests`, `maxPendingSendRequests`, `tokenTTL`, `tokenAutoRefresh` | [`ClientOptions`] `qos`, `keep_alive`, `twins_timeout`, `d_methods_timeout`, `max_pending_twin_requests`, `max_pending_send_requests`, `token_ttl`, `token_auto_refresh` (+ `port`) |
 //! | `AZURE_CLIENT_ERROR_*`, `AZURE_DPS_ERROR_NOT_REGISTERED`, `AZURE_ERROR_GENERAL` | [`ERROR_NOT_CONNECTED`] ... [`ERROR_GENERAL`] |
 //!
+//!
+//! # Beyond 5.1.0
+//!
+//! Added beside the mirror, off unless asked for, so that 5.1.0's documented behaviour
+//! stays the default:
+//!
+//! | what | Rust | 5.1.0 |
+//! |---|---|---|
+//! | Reconnect by itself, backoff with jitter, features enabled again | [`ClientOptions::reconnect`] ([`Reconnect`]) | lost connection reported (1100), the agent decides |
+//! | Durable outbox: accepted = kept until IoT Hub acknowledges it, across crashes and host restarts; a `$.mid` per message | [`ClientOptions::outbox`], [`Client::outbox_len`] | messages in flight are lost |
+//! | The recommended settings: QoS 1, reconnect, outbox | [`ClientOptions::resilient`] | - |
+//! | Body plus properties checked against 256 KB before sending | 1006 [`ERROR_MESSAGE_TOO_LARGE`] | IoT Hub closes the connection |
+//! | Outbox quota used up | 1007 [`ERROR_OUTBOX_FULL`] | - |
+//! | Why the connection failed or was lost, in words | [`Client::last_disconnect_cause`] | a code only |
+//!
+//! ```no_run
+//! use tether_guest::azure_iot_hub::{Client, ClientOptions, Message};
+//! use tether_guest::server;
+//!
+//! let client = Client::new(
+//!     "HostName=myhub.azure-devices.net;DeviceId=dev1;SharedAccessKey=a2V5",
+//!     |err| server::log(format!("connected: {err}")),
+//!     |err| server::log(format!("disconnected: {err}")),
+//!     ClientOptions::resilient(),
+//! );
+//! client.connect();
+//! // Accepted at once, connected or not; sent when the hub is reachable, never lost.
+//! client.send_message(Message::new("22.5"), |err, _| if err != 0 { server::error(format!("not accepted: {err}")) });
+//! ```
+//!
 //! Optional callbacks are closures that may ignore their arguments (`|_, _| ()`).
 //! Where the library threw on an argument of the wrong type, Rust's types rule it out.
 //!
@@ -76,7 +106,7 @@ mod message;
 mod registry;
 mod shared_access_signature;
 
-pub use client::{Client, ClientOptions, MethodReply};
+pub use client::{Client, ClientOptions, MethodReply, Reconnect};
 pub use connection_string::ConnectionString;
 pub use device::Device;
 pub use direct_method_response::DirectMethodResponse;

@@ -112,7 +112,9 @@ fn handle(req: IncomingRequest, res: HttpResponse) {
             let props: Vec<(String, String)> = q("props").unwrap_or_default().split(',').filter_map(|p| p.split_once(':')).map(|(k, v)| (k.into(), v.into())).collect();
             let codes = Rc::new(RefCell::new(Vec::new()));
             for i in 0..n {
-                let body = q("body").unwrap_or_else(|| format!("message {i}"));
+                // `size`: a body of that many bytes, too long for a query.
+                let sized = q("size").and_then(|n| n.parse().ok()).map(|n: usize| "x".repeat(n));
+                let body = sized.or_else(|| q("body")).unwrap_or_else(|| format!("message {i}"));
                 let (codes, s) = (codes.clone(), s.clone());
                 c.send_message(Message::with_properties(body, props.clone()), move |code, _| {
                     codes.borrow_mut().push(code);

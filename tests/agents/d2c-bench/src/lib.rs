@@ -101,6 +101,7 @@ fn handle(req: IncomingRequest, res: HttpResponse) {
                 qos: num("qos", 0) as u8,
                 max_pending_send_requests: num("max_send", 3) as usize,
                 port: num("port", 8883) as u16,
+                outbox: q("outbox"),
                 ..ClientOptions::default()
             };
             let on_connected = |code: i32| {
