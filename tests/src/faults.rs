@@ -292,10 +292,22 @@ pub async fn hub_kill_9() -> anyhow::Result<Report> {
     let agent = build_agent("az-sender")?;
     let dir = tempfile::tempdir()?;
     let state = dir.path().join("hub");
-    let (mqtt_port, https_port) = (crate::free_port(), crate::free_port());
+    // The ports must stay the same across the restart, so they are chosen here; another
+    // process may take a free port first, and then the next pair is tried.
+    let mut attempts = 0;
+    let (hub, mqtt_port, https_port) = loop {
+        let (mqtt_port, https_port) = (crate::free_port(), crate::free_port());
+        match Hub::start(HubConfig { mqtt_port, https_port, state_dir: state.clone(), persist: true, ..HubConfig::default() }).await {
+            Ok(hub) => break (hub, mqtt_port, https_port),
+            Err(e) if attempts < 5 => {
+                attempts += 1;
+                eprintln!("ports {mqtt_port}/{https_port} taken ({e}); trying others");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     // The device, kept in the hub's state for the processes that follow.
     let (cs, ca) = {
-        let hub = Hub::start(HubConfig { mqtt_port, https_port, state_dir: state.clone(), persist: true, ..HubConfig::default() }).await?;
         let cs = hub.create_device("sender")?.connection_string;
         let ca = hub.ca_cert_path().to_owned();
         hub.shutdown().await;
