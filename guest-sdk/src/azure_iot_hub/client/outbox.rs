@@ -71,12 +71,16 @@ impl Outbox {
             let Some(last) = batch.last() else { return Ok(self.items.len()) };
             after = last.id;
             for entry in batch {
-                let payload = decode(&entry.payload).map_or_else(
-                    // Written by this module only; an entry it cannot read would block the
-                    // outbox for good, so it is sent as it is, as a body without properties.
-                    || Payload::Restored { bag: String::new(), body: entry.payload.clone() },
-                    |(bag, body)| Payload::Restored { bag: bag.to_owned(), body: body.to_vec() },
-                );
+                let payload = match decode(&entry.payload) {
+                    Some((bag, body)) => Payload::Restored { bag: bag.to_owned(), body: body.to_vec() },
+                    // Written by this module only. Dropping an entry it cannot read would
+                    // lose it, and keeping it unsent would block the outbox: it is sent as
+                    // it is, as a body without properties, and said so.
+                    None => {
+                        crate::server::error(format!("[AzureIoTHubMQTTClient] outbox: entry {} is not in the outbox's format; sending it as a plain body", entry.id));
+                        Payload::Restored { bag: String::new(), body: entry.payload }
+                    }
+                };
                 self.items.insert(entry.id, Item { payload, in_flight: false });
             }
         }
