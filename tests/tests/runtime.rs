@@ -150,8 +150,10 @@ async fn a_busy_agent_runs_in_the_slow_lane_until_it_quiets_down() -> anyhow::Re
     t.spawn("quiet", "probe", &[])?;
     let lane = |id: &str| t.host.agent(id).map(|r| r.slow_lane);
     assert_eq!(lane("busy"), Some(false));
-    // From now on "busy" makes a million host calls per event, one event after another.
-    assert_eq!(get(&t.url("busy", "/noise?kind=calls&n=1000000")).await, (200, "noise started".into()));
+    // From now on "busy" makes 200,000 host calls per event, one event after another: each
+    // event runs for many ticks, but well inside its 1 s of CPU even in a debug build on a
+    // loaded machine (a million came close to it and crashed the agent there).
+    assert_eq!(get(&t.url("busy", "/noise?kind=calls&n=200000")).await, (200, "noise started".into()));
     let deadline = std::time::Instant::now() + WAIT;
     while lane("busy") != Some(true) {
         assert!(std::time::Instant::now() < deadline, "busy agent never moved to the slow lane");
