@@ -104,7 +104,9 @@ impl Queue {
         Ok(wit::append(&self.name, payload)?)
     }
 
-    /// Removes entry `id`; false if it was not in this queue.
+    /// Removes entry `id`; false if it was not in this queue. The removal is written with
+    /// the next append or when the current event ends: a host killed in between keeps the
+    /// entry, and the agent sees it again (an outbox resends it, as a duplicate).
     pub fn remove(&self, id: u64) -> Result<bool, QueueError> {
         Ok(wit::remove(&self.name, id)?)
     }

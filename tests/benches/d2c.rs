@@ -3,7 +3,8 @@
 //! rumqttc client send the same messages to the same hub emulator, side by side.
 //!
 //! Run: `cargo bench -p tether-tests --bench d2c [-- --messages N --window W --devices K
-//! --rounds R --no-python]` (defaults 20000, 100, 100, 3).
+//! --rounds R --no-python --only TEXT]` (defaults 20000, 100, 100, 3; `--only` keeps the
+//! rows whose label contains TEXT, for profiling one sender).
 //!
 //! The emulator runs in this process on MQTT port 8883 (azure-iot-device only connects
 //! there), holding `target/hub-emulator-8883.lock` like the Python conformance tests. Every
@@ -115,10 +116,11 @@ struct Args {
     devices: usize,
     rounds: usize,
     python: bool,
+    only: Option<String>,
 }
 
 impl Args {
-    /// `--messages N --window W --devices K --rounds R --no-python`; other arguments (cargo adds
+    /// `--messages N --window W --devices K --rounds R --no-python --only TEXT`; other arguments (cargo adds
     /// `--bench`) are ignored.
     fn parse() -> Args {
         let args: Vec<String> = std::env::args().collect();
@@ -129,6 +131,7 @@ impl Args {
             devices: num("--devices", 100).max(2),
             rounds: num("--rounds", 3).max(1),
             python: !args.iter().any(|a| a == "--no-python"),
+            only: args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned(),
         }
     }
 }
@@ -438,6 +441,9 @@ async fn parent(args: Args) -> anyhow::Result<()> {
     }
     if python.is_some() {
         specs.push(Spec { sender: Sender::Python, qos: 1, window: w, outbox: false, label: format!("Python azure-iot-device 2.14.0 (asyncio), {w} concurrent sends") });
+    }
+    if let Some(only) = &args.only {
+        specs.retain(|s| s.label.contains(only.as_str()));
     }
     // Rounds outside, senders inside, so drift in machine load spreads over all of them.
     let mut runs: Vec<Vec<Outcome>> = specs.iter().map(|_| Vec::new()).collect();

@@ -166,7 +166,9 @@ async fn run_instance(
     let instance: Agent = module.pre.instantiate_async(&mut store).await?;
     arm(&mut store);
     let t = Instant::now();
-    instance.call_start(&mut store).await?;
+    let started = instance.call_start(&mut store).await;
+    store.data().ctx.event_done();
+    started?;
     agent.parts.handles.metrics.event(t.elapsed(), store.data_mut().clock.finish());
     agent.set_status(AgentStatus::Running);
     loop {
@@ -188,7 +190,9 @@ async fn run_instance(
         let Some(event) = store.data_mut().ctx.prepare(envelope.event) else { continue };
         arm(&mut store);
         let t = Instant::now();
-        instance.call_on_event(&mut store, &event).await?;
+        let handled = instance.call_on_event(&mut store, &event).await;
+        store.data().ctx.event_done();
+        handled?;
         agent.parts.handles.metrics.event(t.elapsed(), store.data_mut().clock.finish());
     }
 }

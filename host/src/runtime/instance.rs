@@ -75,6 +75,11 @@ impl AgentCtx {
         }
     }
 
+    /// The agent's event (or `start`) ended, whether it returned or trapped.
+    pub(crate) fn event_done(&self) {
+        self.queues.settle();
+    }
+
     /// Turns a queued event into the WIT event to deliver, or `None` when it no longer
     /// applies (a cancelled timer).
     pub(crate) fn prepare(&mut self, event: HostEvent) -> Option<Event> {

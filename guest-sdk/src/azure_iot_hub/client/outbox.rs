@@ -25,8 +25,9 @@ const MESSAGE_ID: &str = "$.mid";
 
 /// A message in the outbox.
 enum Payload {
-    /// Accepted by this client: the agent's callback gets the message back.
-    Accepted(Message, OnSent),
+    /// Accepted by this client: the agent's callback gets the message back. The property
+    /// bag is kept as encoded for the queue, to be published as it is.
+    Accepted { message: Message, on_sent: OnSent, bag: String },
     /// Left by an earlier instance: sent without a callback.
     Restored { bag: String, body: Vec<u8> },
 }
@@ -49,6 +50,9 @@ pub(super) struct Outbox {
     queue: Queue,
     /// Not yet acknowledged, by queue id: the order they were accepted in.
     items: BTreeMap<u64, Item>,
+    /// Every item below this id is being published: the search for the next one starts
+    /// here, not at the oldest of up to `max_pending_send_requests` in flight.
+    unsent_from: u64,
     /// Message ids are `{prefix}-{n}`; the prefix is random per client, so that ids stay
     /// unique across restarts without being stored.
     prefix: String,
@@ -59,7 +63,7 @@ impl Outbox {
     /// The outbox in queue `name`, with what earlier instances left there; also returns
     /// how many that was, or why they could not be read.
     pub(super) fn open(name: &str, random: u64) -> (Outbox, Result<usize, QueueError>) {
-        let mut outbox = Outbox { queue: Queue::open(name), items: BTreeMap::new(), prefix: format!("{random:016x}"), next: 0 };
+        let mut outbox = Outbox { queue: Queue::open(name), items: BTreeMap::new(), unsent_from: 0, prefix: format!("{random:016x}"), next: 0 };
         let loaded = outbox.load();
         (outbox, loaded)
     }
@@ -92,10 +96,10 @@ impl Outbox {
             self.next += 1;
             message.set_property(MESSAGE_ID, format!("{}-{}", self.prefix, self.next));
         }
-        let entry = encode(&topics::encode_properties(message.properties()), message.body());
-        match self.queue.append(&entry) {
+        let bag = topics::encode_properties(message.properties());
+        match self.queue.append(&encode(&bag, message.body())) {
             Ok(id) => {
-                self.items.insert(id, Item { payload: Payload::Accepted(message, on_sent), in_flight: false });
+                self.items.insert(id, Item { payload: Payload::Accepted { message, on_sent, bag }, in_flight: false });
                 Ok(())
             }
             Err(cause) => {
@@ -108,10 +112,11 @@ impl Outbox {
     /// The oldest message not being published, now marked as being published: its id,
     /// property bag and body.
     pub(super) fn next_to_send(&mut self) -> Option<(u64, String, Vec<u8>)> {
-        let (id, item) = self.items.iter_mut().find(|(_, item)| !item.in_flight)?;
+        let (id, item) = self.items.range_mut(self.unsent_from..).find(|(_, item)| !item.in_flight)?;
         item.in_flight = true;
+        self.unsent_from = *id + 1;
         let (bag, body) = match &item.payload {
-            Payload::Accepted(message, _) => (topics::encode_properties(message.properties()), message.body().to_vec()),
+            Payload::Accepted { message, bag, .. } => (bag.clone(), message.body().to_vec()),
             Payload::Restored { bag, body } => (bag.clone(), body.clone()),
         };
         Some((*id, bag, body))
@@ -128,7 +133,7 @@ impl Outbox {
     pub(super) fn acked(&mut self, id: u64) -> (Option<(Message, OnSent)>, Result<bool, QueueError>) {
         let removed = self.queue.remove(id);
         let done = match self.items.remove(&id).map(|item| item.payload) {
-            Some(Payload::Accepted(message, on_sent)) => Some((message, on_sent)),
+            Some(Payload::Accepted { message, on_sent, .. }) => Some((message, on_sent)),
             _ => None,
         };
         (done, removed)
@@ -138,6 +143,7 @@ impl Outbox {
     pub(super) fn failed(&mut self, id: u64) {
         if let Some(item) = self.items.get_mut(&id) {
             item.in_flight = false;
+            self.unsent_from = self.unsent_from.min(id);
         }
     }
 
@@ -146,6 +152,7 @@ impl Outbox {
         for item in self.items.values_mut() {
             item.in_flight = false;
         }
+        self.unsent_from = 0;
     }
 
     /// Messages not yet acknowledged.

@@ -33,12 +33,16 @@ pub(crate) trait Backend: Send + Sync {
     /// Appends `payload` to queue `name`; durable when it returns. Ids increase across
     /// all of the agent's queues and are never reused.
     fn append(&self, name: &str, payload: &[u8]) -> Result<u64, QueueError>;
-    /// Removes entry `id` of queue `name`; false if it was not there.
+    /// Removes entry `id` of queue `name`; false if it was not there. The removal may be
+    /// written later, by [`Backend::settle`] at the latest: until then a host that dies
+    /// keeps the entry, which comes back when the queue is read again.
     fn remove(&self, name: &str, id: u64) -> Result<bool, QueueError>;
     /// Up to `max` entries of queue `name` with an id over `after`, oldest first.
     fn entries(&self, name: &str, after: u64, max: u32) -> Result<Vec<Entry>, QueueError>;
     /// Entries and payload bytes over all the queues, and the quota.
     fn stats(&self) -> Result<QueueStats, QueueError>;
+    /// Writes the removals not yet written; called when the agent's event ends.
+    fn settle(&self) -> Result<(), QueueError>;
     /// Where the queues are kept, for log lines.
     fn location(&self) -> String;
 }

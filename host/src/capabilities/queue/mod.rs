@@ -28,6 +28,14 @@ impl Queues {
         Queues { backend, log, blocking }
     }
 
+    /// Writes what the agent removed during the event that just ended, so that a host that
+    /// dies later does not send it again.
+    pub fn settle(&self) {
+        if let Err(e) = self.blocking.run(|| self.backend.settle()) {
+            self.refusal(e);
+        }
+    }
+
     /// The agent's answer to `e`; the host's own failures are logged, as the agent only
     /// learns that there was one.
     fn refusal(&self, e: QueueError) -> wit::QueueError {
