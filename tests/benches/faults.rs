@@ -25,6 +25,8 @@ fn main() -> anyhow::Result<()> {
         reports.push(faults::agent_crash().await?);
         reports.push(faults::kill_9(true, 60).await?);
         reports.push(faults::kill_9(false, 50).await?);
+        eprintln!("faults: serial line unplugged ...");
+        reports.push(faults::serial_replug(Duration::from_secs(5)).await?);
         anyhow::Ok(reports)
     })?;
     println!("Numbered telemetry at 20 messages/s through ClientOptions::resilient() (outbox + reconnect), real tether run, hub emulator on loopback\n");

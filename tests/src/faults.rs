@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tether_hub_emulator::{EventFilter, Hub, HubConfig};
 
-use crate::build_agent;
 use crate::tether_run::TetherRun;
+use crate::{DeviceSim, build_agent};
 
 /// How long any step may take.
 pub const WAIT: Duration = Duration::from_secs(90);
@@ -49,19 +49,30 @@ pub struct Rig {
     pub device: String,
     config: PathBuf,
     agent: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Rig {
     /// `count` messages, one every `interval` seconds.
     pub async fn start(count: u64, interval: f64) -> anyhow::Result<Rig> {
+        Rig::start_with(count, interval, Source::Timer).await
+    }
+
+    /// `count` messages from `source`, one every `interval` seconds.
+    pub async fn start_with(count: u64, interval: f64, source: Source) -> anyhow::Result<Rig> {
         let agent = build_agent("az-sender")?;
         let dir = tempfile::tempdir()?;
         let hub = Hub::start(HubConfig { mqtt_port: 0, https_port: 0, state_dir: dir.path().join("hub"), ..HubConfig::default() }).await?;
         let device = "sender".to_owned();
         let cs = hub.create_device(&device)?.connection_string;
-        let config = write_config(dir.path(), &cs, hub.ca_cert_path(), hub.mqtt_addr().port(), count, interval)?;
-        Ok(Rig { hub, device, config, agent, _dir: dir })
+        let serial = matches!(source, Source::Serial).then(|| dir.path().join("ttyBOARD"));
+        let config = write_config(dir.path(), &cs, hub.ca_cert_path(), hub.mqtt_addr().port(), count, interval, serial.as_deref())?;
+        Ok(Rig { hub, device, config, agent, dir })
+    }
+
+    /// The stable path of the board's serial line (with [`Source::Serial`]).
+    pub fn serial_path(&self) -> PathBuf {
+        self.dir.path().join("ttyBOARD")
     }
 
     /// Starts a `tether run` of the agent (again: it goes on where the last one stopped).
@@ -119,16 +130,31 @@ fn tally(accepted: &BTreeSet<u64>, arrived: &BTreeMap<u64, Vec<String>>, acked: 
     }
 }
 
+/// Where the agent's numbers come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    /// Its own timer.
+    Timer,
+    /// Readings from a board on a serial line (`device-sim --readings`), at
+    /// [`Rig::serial_path`].
+    Serial,
+}
+
 /// Writes the `tether run` configuration of `az-sender` in `dir`: `count` messages, one
-/// every `interval` seconds, to the device of `cs` on a hub trusting `ca`.
-fn write_config(dir: &Path, cs: &str, ca: &Path, port: u16, count: u64, interval: f64) -> anyhow::Result<PathBuf> {
+/// every `interval` seconds, to the device of `cs` on a hub trusting `ca`; numbered by the
+/// board on `serial` if given.
+fn write_config(dir: &Path, cs: &str, ca: &Path, port: u16, count: u64, interval: f64, serial: Option<&Path>) -> anyhow::Result<PathBuf> {
     let config = dir.join("tether.toml");
     let path = |p: &str| dir.join(p).display().to_string();
+    let (source, device) = match serial {
+        Some(line) => ("source = \"device\"\n", format!("\n[agent.device]\npath = {:?}\n", line.display().to_string())),
+        None => ("", String::new()),
+    };
     std::fs::write(
         &config,
         format!(
             "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = {:?}\ncache_dir = {:?}\ntrusted_ca_files = [{:?}]\n\n\
-             [agent]\nid = \"az\"\n\n[agent.config]\ncs = {cs:?}\nport = \"{port}\"\ncount = \"{count}\"\ninterval = \"{interval}\"\n",
+             [agent]\nid = \"az\"\n\n[agent.config]\ncs = {cs:?}\nport = \"{port}\"\ncount = \"{count}\"\ninterval = \"{interval}\"\n{source}{device}",
             path("store"),
             path("cache"),
             ca.display().to_string(),
@@ -262,6 +288,32 @@ pub async fn agent_crash() -> anyhow::Result<Report> {
     Ok(Report { fault: "agent panic, outbox full".into(), tally: rig.tally(&sent), recovery: Some(recovery), depth: Some(depth) })
 }
 
+/// The board's serial line unplugged for `outage` after 20 of 150 readings (one every
+/// 50 ms), then plugged back in on a new pty at the same path. The board keeps the readings
+/// it takes meanwhile and sends each until the agent says it has it; every one of the 150
+/// must reach the hub.
+pub async fn serial_replug(outage: Duration) -> anyhow::Result<Report> {
+    const READINGS: u64 = 150;
+    let rig = Rig::start_with(READINGS, 0.05, Source::Serial).await?;
+    let line = rig.serial_path();
+    let line_arg = line.display().to_string();
+    let mut board = DeviceSim::start(&["--link", &line_arg, "--readings", &READINGS.to_string(), "--interval", "0.05", "--control"])?;
+    let run = rig.run().await?;
+    run.wait_until("20 accepted", WAIT, count_accepted(20)).await?;
+    board.command("unplug")?;
+    tokio::time::sleep(outage).await;
+    board.command("replug")?;
+    let ends = Instant::now();
+    let since = rig.hub.control().last_event_seq();
+    let depth = depth(&run).await?;
+    let recovery = rig.first_message_after(since).await?.saturating_duration_since(ends);
+    let sent = finish(&rig, &run).await?;
+    let taken: BTreeSet<u64> = (1..=READINGS).collect();
+    anyhow::ensure!(sent == taken, "the agent accepted {} readings of the board's {READINGS}", sent.len());
+    rig.wait_arrived(&taken).await?;
+    Ok(Report { fault: format!("serial line unplugged {} s", outage.as_secs()), tally: rig.tally(&taken), recovery: Some(recovery), depth: Some(depth) })
+}
+
 /// `kill -9` of tether after `before` of 150 messages, during a 6 s hub outage if
 /// `outage`; a new `tether run` over the same store sends what the first one accepted.
 pub async fn kill_9(outage: bool, before: usize) -> anyhow::Result<Report> {
@@ -324,7 +376,7 @@ pub async fn hub_kill_9() -> anyhow::Result<Report> {
         TetherRun::spawn(&args, "emulator running", WAIT).await
     };
     let hub = start_hub().await?;
-    let config = write_config(dir.path(), &cs, &ca, mqtt_port, 150, 0.05)?;
+    let config = write_config(dir.path(), &cs, &ca, mqtt_port, 150, 0.05, None)?;
     let run = TetherRun::start(&agent, &config, WAIT).await?;
     run.wait_until("20 accepted", WAIT, count_accepted(20)).await?;
     let lines_before = run.lines().len();

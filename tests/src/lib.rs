@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::io::BufRead;
+use std::io::{BufRead, Write as _};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -336,7 +336,9 @@ impl DeviceSim {
     /// and reads the pty path from its first line of output.
     pub fn start(args: &[&str]) -> anyhow::Result<DeviceSim> {
         let binary = build_bin("device-sim", "device-sim")?;
-        let mut child = Command::new(binary).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot start device-sim")?;
+        // Stdin is the simulator's control line (`--control`).
+        let mut child =
+            Command::new(binary).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot start device-sim")?;
         let mut line = String::new();
         if let Some(out) = child.stdout.take() {
             std::io::BufReader::new(out).read_line(&mut line)?;
@@ -347,6 +349,13 @@ impl DeviceSim {
             bail!("device-sim printed no pty path (got {line:?})");
         }
         Ok(DeviceSim { child, pty })
+    }
+
+    /// Sends a command (`unplug`, `replug`) to a simulator started with `--control`.
+    pub fn command(&mut self, command: &str) -> anyhow::Result<()> {
+        let stdin = self.child.stdin.as_mut().context("device-sim has no stdin")?;
+        writeln!(stdin, "{command}").context("cannot command device-sim")?;
+        Ok(stdin.flush()?)
     }
 
     /// Kills the simulator now: the device is "unplugged".

@@ -1,7 +1,8 @@
 //! Nothing lost: numbered telemetry from the `az-sender` agent, in a real `tether run`,
 //! through the AzureIoTHub client's durable outbox with reconnect on
 //! (`ClientOptions::resilient`), across every fault the hub emulator injects, a crash of
-//! the agent and `kill -9` of tether. Each test counts at the hub: the messages
+//! the agent, `kill -9` of tether, and the serial line to the board that numbers them
+//! unplugged and plugged back in. Each test counts at the hub: the messages
 //! `send_message` accepted, those lost (must be 0), the duplicates by message id (a message
 //! published again because its PUBACK was lost: allowed, counted), and the time from the
 //! fault's end to the first new message. Rates are modest: these are correctness tests;
@@ -55,4 +56,9 @@ async fn kill_9_of_tether_while_sending_loses_nothing() -> anyhow::Result<()> {
 #[tokio::test]
 async fn kill_9_of_the_hub_and_a_restart_with_persist_lose_nothing() -> anyhow::Result<()> {
     check(faults::hub_kill_9().await?)
+}
+
+#[tokio::test]
+async fn a_serial_line_unplugged_for_five_seconds_loses_no_reading() -> anyhow::Result<()> {
+    check(faults::serial_replug(Duration::from_secs(5)).await?)
 }

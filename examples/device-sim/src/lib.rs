@@ -9,17 +9,26 @@
 //! - `seq` {n} → ack, counting gaps and repeats; `get-seq` → reply {received, errors, next}
 //! - `burst` {count, size, ack} → ack, then sends `count` messages `seq` {n, pad: size bytes}
 //!   as fast as flow control allows, then `burst-done` {sent, acked, failed}
+//!
+//! With [`Options::readings`] it takes numbered readings, one per interval whether or not
+//! it is connected, and sends each as `reading` {n} until the agent replies `true` (taken),
+//! oldest first: a board that loses nothing across a lost line. With [`Options::control`]
+//! the lines `unplug` and `replug` on stdin take it off the line (the pty closes and the
+//! link path goes, as `/dev/serial/by-id/...` does) and put it back on a new pty.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, ErrorKind, Read as _, Write as _};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use device_link::link::OwnedEvent;
-use device_link::{Agent, Config, Link, NackReason, Value};
+use device_link::{Agent, Config, Link, MsgId, NackReason, Value};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{SetArg, cfmakeraw, tcgetattr, tcsetattr};
@@ -225,6 +234,40 @@ struct Board {
     /// `sink` messages taken (the benchmark's target).
     sunk: i64,
     burst: Option<Burst>,
+    readings: Option<Readings>,
+}
+
+/// Numbered readings kept until the agent has taken them.
+#[derive(Debug)]
+struct Readings {
+    /// How many to take in all.
+    total: u64,
+    /// Taken so far (the last one's number).
+    made: u64,
+    /// When the next one is due, ms since start.
+    next_at: u64,
+    /// Not yet taken by the agent, oldest first.
+    waiting: VecDeque<u64>,
+    /// The one sent and not yet answered: its message id and number.
+    in_flight: Option<(MsgId, u64)>,
+    /// After a refusal, not before this time (ms since start).
+    retry_at: u64,
+}
+
+impl Readings {
+    /// The answer to message `id`: `taken` or not.
+    fn answered(&mut self, id: MsgId, taken: bool, now: u64) {
+        if let Some((sent, n)) = self.in_flight
+            && sent == id
+        {
+            self.in_flight = None;
+            if taken && self.waiting.front() == Some(&n) {
+                self.waiting.pop_front();
+            } else if !taken {
+                self.retry_at = now + 200;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -248,20 +291,56 @@ pub struct Options {
     pub noise_ms: u64,
     /// Log what happens on stderr.
     pub verbose: bool,
+    /// Numbered readings to take and deliver, one per interval (0: temperatures instead).
+    pub readings: u64,
+    /// Obey `unplug` and `replug` lines on stdin.
+    pub control: bool,
+    /// The stable path kept pointing at the current pty.
+    pub link: Option<PathBuf>,
 }
 
 fn get_i64(v: &Value, key: &str) -> Option<i64> {
     v.get(key).and_then(Value::as_i64)
 }
 
-/// Runs the board on `pty` until the pty fails (or forever).
-pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
+/// The board on one pty: what an unplug takes away.
+struct Line<B: AsRef<[u8]> + AsMut<[u8]>> {
+    agent: Agent<PtyIo, B>,
+    /// A second handle on the master, to sleep until it has something for us.
+    waiter: PtyIo,
+    /// Held so that reading the master does not fail while no host has the slave open.
+    _slave: OwnedFd,
+}
+
+fn plug_in(pty: Pty, options: &Options, board: &Rc<RefCell<Board>>, say: impl Fn(String) + Clone + 'static) -> anyhow::Result<Line<Vec<u8>>> {
     let config = Config::new(&options.device_id, "sim-1.0");
     let tx = device_link::framing::max_encoded_len(MAX_FRAME) * 2 + device_link::link::CONTROL_RESERVE;
     let link = Link::new(&config, vec![0u8; MAX_FRAME], vec![0u8; tx]).map_err(|e| anyhow::anyhow!("{e}"))?;
-    // A second handle on the master, to sleep until it has something for us.
     let waiter = PtyIo::new(pty.master.try_clone()?, 0);
     let mut agent = Agent::new(PtyIo::new(pty.master, options.noise_ms), link);
+    install_handlers(&mut agent, board, say);
+    Ok(Line { agent, waiter, _slave: pty._slave })
+}
+
+/// Whether the board should be on the line, as the `unplug`/`replug` lines on stdin say.
+fn stdin_control() -> Arc<AtomicBool> {
+    let plugged = Arc::new(AtomicBool::new(true));
+    let flag = plugged.clone();
+    std::thread::spawn(move || {
+        for line in io::stdin().lines() {
+            match line.as_deref().map(str::trim) {
+                Ok("unplug") => flag.store(false, Ordering::SeqCst),
+                Ok("replug") => flag.store(true, Ordering::SeqCst),
+                Ok(other) => eprintln!("device-sim: unknown command {other:?} (unplug, replug)"),
+                Err(_) => return,
+            }
+        }
+    });
+    plugged
+}
+
+/// Runs the board on `pty` until the pty fails (or forever).
+pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
     let board = Rc::new(RefCell::new(Board {
         interval_ms: (options.interval_s * 1000.0) as u64,
         led: false,
@@ -271,6 +350,7 @@ pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
         seq_errors: 0,
         sunk: 0,
         burst: None,
+        readings: (options.readings > 0).then(|| Readings { total: options.readings, made: 0, next_at: 0, waiting: VecDeque::new(), in_flight: None, retry_at: 0 }),
     }));
     let verbose = options.verbose;
     let say = move |s: String| {
@@ -278,22 +358,71 @@ pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
             eprintln!("device-sim: {s}")
         }
     };
-    install_handlers(&mut agent, &board, say);
+    let plugged = options.control.then(stdin_control);
+    let mut line = Some(plug_in(pty, options, &board, say)?);
 
     let start = Instant::now();
     let mut next_reading = 0u64;
     loop {
         let now = start.elapsed().as_millis() as u64;
+        take_readings(&board, now);
+        let want_in = plugged.as_ref().is_none_or(|p| p.load(Ordering::SeqCst));
+        let Some(l) = line.as_mut().filter(|_| want_in) else {
+            if line.take().is_some() {
+                // Unplugged: the pty closes and the stable path goes.
+                if let Some(link) = &options.link {
+                    let _ = std::fs::remove_file(link);
+                }
+                if let Some(r) = &mut board.borrow_mut().readings {
+                    r.in_flight = None;
+                }
+                say("unplugged".into());
+            } else if want_in {
+                let pty = Pty::open()?;
+                if let Some(link) = &options.link {
+                    pty.symlink(link)?;
+                }
+                line = Some(plug_in(pty, options, &board, say)?);
+                say("replugged".into());
+            } else {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            continue;
+        };
+        let agent = &mut l.agent;
         while let Some(event) = agent.poll(now)?.map(|e| e.to_owned()) {
             match event {
                 OwnedEvent::Connected(peer) => say(format!("connected to {}", peer.device_id())),
-                OwnedEvent::Disconnected(r) => say(format!("disconnected: {r:?}")),
+                OwnedEvent::Disconnected(r) => {
+                    say(format!("disconnected: {r:?}"));
+                    if let Some(r) = &mut board.borrow_mut().readings {
+                        r.in_flight = None;
+                    }
+                }
                 OwnedEvent::Message { id, wants_ack: true, name, .. } => {
                     say(format!("no handler for {name:?}"));
                     let _ = agent.link_mut().nack(id, NackReason::NoHandler);
                 }
-                OwnedEvent::Acked(_) | OwnedEvent::Reply(..) => count_burst(&board, true),
-                OwnedEvent::Nacked(..) | OwnedEvent::TimedOut(_) => count_burst(&board, false),
+                OwnedEvent::Reply(id, payload) => {
+                    let taken = Value::decode(&payload).ok().and_then(|v| v.as_bool()) == Some(true);
+                    if let Some(r) = &mut board.borrow_mut().readings {
+                        r.answered(id, taken, now);
+                    }
+                    count_burst(&board, true);
+                }
+                OwnedEvent::Acked(id) => {
+                    // Only a reply says the reading was taken.
+                    if let Some(r) = &mut board.borrow_mut().readings {
+                        r.answered(id, false, now);
+                    }
+                    count_burst(&board, true);
+                }
+                OwnedEvent::Nacked(id, _) | OwnedEvent::TimedOut(id) => {
+                    if let Some(r) = &mut board.borrow_mut().readings {
+                        r.answered(id, false, now);
+                    }
+                    count_burst(&board, false);
+                }
                 _ => {}
             }
         }
@@ -302,18 +431,51 @@ pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
             board.borrow_mut().burst = None;
         }
         let interval = board.borrow().interval_ms;
-        if agent.is_connected() && interval > 0 && now >= next_reading {
+        let readings = board.borrow().readings.is_some();
+        if readings {
+            send_reading(agent, &board, now);
+        } else if agent.is_connected() && interval > 0 && now >= next_reading {
             let t = now as f64 / 1000.0;
             let celsius = (2000.0 + 150.0 * (t / 30.0).sin()).round() / 100.0;
             let _ = agent.send("temperature", &Value::Float(celsius));
             next_reading = now + interval;
         }
-        let bursting = send_burst(&mut agent, &board);
-        let wake = agent.link().next_deadline().min(if interval > 0 { next_reading } else { u64::MAX });
+        let bursting = send_burst(agent, &board);
+        let mut wake = agent.link().next_deadline().min(if interval > 0 { next_reading } else { u64::MAX });
+        if readings || plugged.is_some() {
+            // Readings are due and commands come whether or not the line is busy.
+            wake = wake.min(now + 20);
+        }
         let now = start.elapsed().as_millis() as u64;
         let timeout = if bursting { 1 } else { wake.saturating_sub(now).max(1) };
         let want_write = !agent.link_mut().poll_transmit().is_empty();
-        waiter.wait(timeout, want_write)?;
+        l.waiter.wait(timeout, want_write)?;
+    }
+}
+
+/// Takes the readings that are due, connected or not.
+fn take_readings(board: &Rc<RefCell<Board>>, now: u64) {
+    let mut b = board.borrow_mut();
+    let interval = b.interval_ms.max(1);
+    let Some(r) = &mut b.readings else { return };
+    while r.made < r.total && now >= r.next_at {
+        r.made += 1;
+        r.waiting.push_back(r.made);
+        r.next_at += interval;
+    }
+}
+
+/// Sends the oldest reading not yet taken, if none is waiting for its answer.
+fn send_reading<B: AsRef<[u8]> + AsMut<[u8]>>(agent: &mut Agent<PtyIo, B>, board: &Rc<RefCell<Board>>, now: u64) {
+    let mut b = board.borrow_mut();
+    let Some(r) = &mut b.readings else { return };
+    if !agent.is_connected() || r.in_flight.is_some() || now < r.retry_at {
+        return;
+    }
+    let Some(&n) = r.waiting.front() else { return };
+    let payload = Value::Map([("n".to_owned(), Value::Int(n as i64))].into_iter().collect()).encode();
+    if let Ok(id) = agent.send_cbor("reading", &payload, true) {
+        r.in_flight = Some((id, n));
     }
 }
 

@@ -27,6 +27,13 @@ struct Args {
     /// Log events on stderr.
     #[arg(long, short)]
     verbose: bool,
+    /// Take N numbered readings, one per interval, and deliver each as `reading` {n} until
+    /// the agent replies `true`, keeping them across a lost line (instead of temperatures).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    readings: u64,
+    /// Obey `unplug` and `replug` lines on stdin (for tests of a lost serial line).
+    #[arg(long)]
+    control: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +46,14 @@ fn main() -> anyhow::Result<()> {
     writeln!(out, "{}", pty.slave_path.display())?;
     out.flush()?;
     drop(out);
-    let options = device_sim::Options { device_id: args.device_id, interval_s: args.interval, noise_ms: args.noise, verbose: args.verbose };
+    let options = device_sim::Options {
+        device_id: args.device_id,
+        interval_s: args.interval,
+        noise_ms: args.noise,
+        verbose: args.verbose,
+        readings: args.readings,
+        control: args.control,
+        link: args.link,
+    };
     device_sim::run(pty, &options)
 }
