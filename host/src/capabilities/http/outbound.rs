@@ -28,9 +28,18 @@ pub(crate) struct Clients {
 }
 
 impl Clients {
-    /// Clients trusting `tls`'s roots.
+    /// Clients trusting `tls`'s roots. Neither follows redirects: a 3xx goes back to the
+    /// agent with its `location`, and a request for that is checked as any other is. A
+    /// client that followed them would reach whatever the first server names, past the
+    /// agent's allowed hosts and the public-address rule (hyper does not resolve an IP
+    /// literal, so the resolver would not see it either).
     pub fn new(tls: &TlsTrust) -> reqwest::Result<Clients> {
-        let client = || reqwest::Client::builder().use_preconfigured_tls(tls.base()).user_agent(concat!("tether/", env!("CARGO_PKG_VERSION")));
+        let client = || {
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls.base())
+                .user_agent(concat!("tether/", env!("CARGO_PKG_VERSION")))
+                .redirect(reqwest::redirect::Policy::none())
+        };
         Ok(Clients {
             any: client().build()?,
             public: client()
