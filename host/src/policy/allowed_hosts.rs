@@ -157,12 +157,19 @@ impl AllowedHosts {
     }
 }
 
-/// Whether an address is on the public internet: not loopback, private, link-local (which
-/// holds the cloud metadata service 169.254.169.254), shared, multicast or unspecified.
+/// Whether an address is on the public internet. Refused: the ranges of IANA's
+/// special-purpose registries that are not globally reachable (loopback, private,
+/// link-local with the cloud metadata service 169.254.169.254, shared, benchmarking,
+/// reserved, documentation, IETF assignments, multicast, unspecified), all of IPv6 outside
+/// global unicast 2000::/3, and Teredo. An IPv6 address that carries an IPv4 one (mapped,
+/// compatible, NAT64 64:ff9b::/96, 6to4 2002::/16) is judged by that IPv4 address.
+///
+/// Written here rather than taken from a crate: std's `is_global` is unstable, and the
+/// crates that copy it are unmaintained and do not unwrap NAT64 or 6to4.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+        IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => is_public_v4(v4),
             None => is_public_v6(v6),
         },
@@ -170,24 +177,52 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 fn is_public_v4(ip: Ipv4Addr) -> bool {
-    let [a, b, ..] = ip.octets();
+    let [a, b, c, _] = ip.octets();
     let shared = a == 100 && (64..128).contains(&b); // 100.64.0.0/10, carrier-grade NAT
+    let ietf = a == 192 && b == 0 && c == 0; // 192.0.0.0/24
+    let benchmarking = a == 198 && (b & 0xfe) == 18; // 198.18.0.0/15
+    let relay = a == 192 && b == 88 && c == 99; // 192.88.99.0/24, the retired 6to4 relays
+    let reserved = a >= 240; // 240.0.0.0/4 and the broadcast address
     !(ip.is_loopback()
         || ip.is_private()
         || ip.is_link_local()
         || ip.is_unspecified()
-        || ip.is_broadcast()
         || ip.is_multicast()
         || ip.is_documentation()
         || shared
+        || ietf
+        || benchmarking
+        || relay
+        || reserved
         || a == 0)
 }
 
+/// The IPv4 address that `ip` stands for, if it is one of the forms that carry one.
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = ip.segments();
+    let v4 = |hi: u16, lo: u16| Some(Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo)));
+    match s {
+        // ::ffff:a.b.c.d
+        [0, 0, 0, 0, 0, 0xffff, hi, lo] => v4(hi, lo),
+        // ::a.b.c.d (deprecated "compatible"); :: and ::1 are IPv6's own.
+        [0, 0, 0, 0, 0, 0, hi, lo] if (hi, lo) > (0, 1) => v4(hi, lo),
+        // 64:ff9b::a.b.c.d, the well-known NAT64 prefix
+        [0x64, 0xff9b, 0, 0, 0, 0, hi, lo] => v4(hi, lo),
+        // 2002:aabb:ccdd::/48, 6to4
+        [0x2002, hi, lo, ..] => v4(hi, lo),
+        _ => None,
+    }
+}
+
 fn is_public_v6(ip: Ipv6Addr) -> bool {
-    let first = ip.segments()[0];
-    let unique_local = first & 0xfe00 == 0xfc00;
-    let link_local = first & 0xffc0 == 0xfe80;
-    !(ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() || unique_local || link_local)
+    let s = ip.segments();
+    let global_unicast = s[0] & 0xe000 == 0x2000; // 2000::/3
+    // 2001::/23: IETF protocol assignments, Teredo (2001::/32) among them; the few that
+    // are globally reachable are not what an agent calls.
+    let ietf = s[0] == 0x2001 && s[1] < 0x200;
+    let documentation = (s[0] == 0x2001 && s[1] == 0xdb8) || (s[0] == 0x3fff && s[1] < 0x1000); // 2001:db8::/32, 3fff::/20
+    let nat64_local = s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1; // 64:ff9b:1::/48
+    global_unicast && !ietf && !documentation && !nat64_local
 }
 
 /// Marks the resolver's refusal, so that the HTTP backend reports `not-allowed` rather
@@ -252,10 +287,45 @@ mod tests {
 
     #[test]
     fn non_public_addresses() {
-        for ip in ["127.0.0.1", "10.0.0.1", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1"] {
+        let refused = [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "192.0.0.8",
+            "192.0.2.1",
+            "198.18.0.1",
+            "198.19.255.254",
+            "192.88.99.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "ff02::1",
+            "100::1",
+            "::ffff:127.0.0.1",
+            "::127.0.0.1",
+            "::169.254.169.254",
+            "64:ff9b::7f00:1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "2001::1",
+            "2001:db8::1",
+            "3fff::1",
+        ];
+        for ip in refused {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        assert!(is_public("8.8.8.8".parse().unwrap()));
-        assert!(is_public("2606:4700::1111".parse().unwrap()));
+        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::8.8.8.8", "2002:808:808::1"] {
+            assert!(is_public(ip.parse().unwrap()), "{ip}");
+        }
     }
 }
