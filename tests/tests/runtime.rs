@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use tether_host::{AgentStatus, LoadError, Level};
-use tether_tests::{ClosedPort, TestHost};
+use tether_tests::tether_run::TetherRun;
+use tether_tests::{ClosedPort, TestHost, build_agent};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -258,5 +259,27 @@ async fn compiled_components_are_cached_by_content_hash() -> anyhow::Result<()> 
     assert_eq!(first.digest, second.digest);
     assert_eq!(std::fs::read_dir(t.dir.path().join("cache"))?.count(), 1);
     t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agent_cannot_forge_host_log_lines_or_flood_one_line() -> anyhow::Result<()> {
+    let agent = build_agent("probe")?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("tether.toml");
+    let (store, cache) = (dir.path().join("store").display().to_string(), dir.path().join("cache").display().to_string());
+    std::fs::write(&config, format!("[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = {store:?}\ncache_dir = {cache:?}\n\n[agent]\nid = \"probe\"\n"))?;
+    let run = TetherRun::start(&agent, &config, WAIT).await?;
+    // What a line of tether's own log looks like, for another agent, after a newline.
+    let forged = "ok%0D%0A2026-12-02T00:00:00.000000Z%20ERROR%20agent%20crashed%20agent%3Dvictim";
+    assert_eq!(get(&format!("{}/log?text={forged}", run.url)).await, (200, "logged".to_owned()));
+    assert_eq!(get(&format!("{}/log?bytes=5000000", run.url)).await, (200, "logged".to_owned()));
+    run.wait_until("the long line", WAIT, |lines| lines.iter().any(|l| l.contains("xxxx"))).await?;
+    let lines = run.lines();
+    let crashed: Vec<&String> = lines.iter().filter(|l| l.contains("agent crashed")).collect();
+    assert_eq!(crashed.len(), 1, "{lines:#?}");
+    assert!(crashed[0].contains(r"ok\r\n2026-12-02") && crashed[0].contains("agent=probe"), "{}", crashed[0]);
+    let long = lines.iter().find(|l| l.contains("xxxx")).map_or(0, String::len);
+    assert!(long < 17 * 1024, "a 5 MB line reached the host log as {long} bytes");
     Ok(())
 }

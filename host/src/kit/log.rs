@@ -14,9 +14,11 @@ use crate::policy::rate::{Rate, TokenBucket};
 
 /// An agent's recent lines kept for a log stream that starts later: at most this many...
 const RECENT_LINES: usize = 100;
-/// ...and this much text, so that 10,000 agents keep at most ~160 MiB. A longer line is
-/// cut to it (and marked) for subscribers too; tracing gets it whole.
+/// ...and this much text, so that 10,000 agents keep at most ~160 MiB.
 const RECENT_BYTES: usize = 16 * 1024;
+
+/// The longest line, bytes, in every sink: a longer one is cut and marked.
+const MAX_LINE_BYTES: usize = RECENT_BYTES;
 
 /// Numbers every line, across agents, in the order written.
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -100,20 +102,12 @@ impl Logger {
         self.write(level, text);
     }
 
+    /// Writes a line to every sink, made safe first by [`one_line`].
     pub fn write(&self, level: Level, text: &str) {
+        let text = one_line(text);
         match level {
             Level::Info => tracing::info!(agent = %self.agent, "{text}"),
             Level::Error => tracing::error!(agent = %self.agent, "{text}"),
-        }
-        let mut text = text.to_owned();
-        const MARK: &str = " … (truncated)";
-        if text.len() > RECENT_BYTES {
-            let mut cut = RECENT_BYTES - MARK.len();
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            text.truncate(cut);
-            text.push_str(MARK);
         }
         let line = {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
@@ -132,9 +126,47 @@ impl Logger {
     }
 }
 
+/// `text` as one line of at most [`MAX_LINE_BYTES`]: line breaks and other control
+/// characters escaped (`\n`, `\r`, `\u{1b}`), so that an agent cannot write what looks
+/// like a host line about another agent, or drive a terminal; the tail of a longer text
+/// cut and marked.
+fn one_line(text: &str) -> String {
+    const MARK: &str = " … (truncated)";
+    let unsafe_char = |c: char| c.is_control() && c != '\t';
+    if text.len() <= MAX_LINE_BYTES && !text.chars().any(unsafe_char) {
+        return text.to_owned();
+    }
+    let mut line = String::with_capacity(text.len().min(MAX_LINE_BYTES));
+    for c in text.chars() {
+        // The longest escape is `\u{10ffff}`.
+        let needs = if unsafe_char(c) { 10 } else { c.len_utf8() };
+        if line.len() + needs > MAX_LINE_BYTES - MARK.len() {
+            line.push_str(MARK);
+            break;
+        }
+        match c {
+            '\n' => line.push_str("\\n"),
+            '\r' => line.push_str("\\r"),
+            c if unsafe_char(c) => line.extend(c.escape_unicode()),
+            c => line.push(c),
+        }
+    }
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_stays_one_line_within_its_size() {
+        assert_eq!(one_line("plain\ttext é"), "plain\ttext é");
+        assert_eq!(one_line("a\n2026-12-02T00:00:00Z INFO agent=other\r\x1b[2J"), "a\\n2026-12-02T00:00:00Z INFO agent=other\\r\\u{1b}[2J");
+        let long = one_line(&"é".repeat(MAX_LINE_BYTES));
+        assert!(long.ends_with(" … (truncated)") && long.len() <= MAX_LINE_BYTES, "{}", long.len());
+        let escapes = one_line(&"\n".repeat(MAX_LINE_BYTES));
+        assert!(escapes.len() <= MAX_LINE_BYTES && escapes.starts_with("\\n\\n"), "{}", escapes.len());
+    }
 
     #[test]
     fn recent_lines_keep_the_newest_within_their_limits() {
