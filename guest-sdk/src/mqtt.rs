@@ -65,6 +65,10 @@ pub enum MqttError {
     /// The host does not allow this agent to reach that broker.
     #[error("destination not allowed")]
     NotAllowed,
+    /// The agent has as many clients open as its host allows (`limits.mqtt_connections`);
+    /// disconnect one first. Beyond imp.
+    #[error("too many MQTT clients open")]
+    TooManyConnections,
 }
 
 impl MqttError {
@@ -86,6 +90,7 @@ impl From<host::MqttError> for MqttError {
             host::MqttError::QueueFull => MqttError::QueueFull,
             host::MqttError::TooLarge => MqttError::TooLarge,
             host::MqttError::NotAllowed => MqttError::NotAllowed,
+            host::MqttError::TooManyConnections => MqttError::TooManyConnections,
         }
     }
 }

@@ -156,15 +156,16 @@ async fn a_tenant_sees_and_changes_only_its_own_agents() -> anyhow::Result<()> {
         ("POST", "/api/agents/b1/deploy"),
         ("GET", "/api/agents/b1/logs"),
     ] {
+        // The same answer as for an agent that does not exist: ids are not disclosed.
         let (status, body) = s.call(method, path, TOKEN_A, b"x".to_vec()).await;
-        assert_eq!(status, 403, "{method} {path}: {body}");
+        assert_eq!((status, body.as_str()), (404, r#"{"error":"no agent \"b1\""}"#), "{method} {path}");
     }
     for token in ["", "not-a-token"] {
         let (status, _) = s.call("GET", "/api/agents", token, vec![]).await;
         assert_eq!(status, 401);
     }
-    let (status, _) = s.call("GET", "/api/agents/nobody", TOKEN_A, vec![]).await;
-    assert_eq!(status, 404);
+    let (status, body) = s.call("GET", "/api/agents/nobody", TOKEN_A, vec![]).await;
+    assert_eq!((status, body.as_str()), (404, r#"{"error":"no agent \"nobody\""}"#));
 
     let (status, metrics) = s.call("GET", "/metrics", TOKEN_B, vec![]).await;
     assert_eq!(status, 200);
@@ -372,6 +373,81 @@ async fn destinations_are_denied_unless_allowed_also_after_resolving() -> anyhow
     let (_, body) = s.agent_get("wild", "/mqtt/connect?url=tcp://localhost:1883").await;
     assert_eq!(body, "connect -1");
     s.logs.wait_for("wild", "mqtt: localhost resolves only to non-public addresses", WAIT).await?;
+    s.stop().await;
+    Ok(())
+}
+
+/// A server that counts the requests it gets: a destination the agent was not given.
+async fn counting_server(bind: &str, hits: Arc<std::sync::atomic::AtomicUsize>) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback(move || {
+        hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { "secret" }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+/// A server whose `/N` answers 302 to `targets[N]`.
+async fn redirecting_server(targets: Vec<String>) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut app = axum::Router::new();
+    for (i, target) in targets.into_iter().enumerate() {
+        app = app.route(&format!("/{i}"), axum::routing::get(move || async move { (axum::http::StatusCode::FOUND, [(axum::http::header::LOCATION, target)], "") }));
+    }
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(addr)
+}
+
+#[tokio::test]
+async fn a_redirect_goes_back_to_the_agent_and_is_not_followed() -> anyhow::Result<()> {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut forbidden = vec![format!("http://127.0.0.1:{}/secret", counting_server("127.0.0.1:0", hits.clone()).await?.port())];
+    // IPv6 loopback too, where the machine has it.
+    if let Ok(v6) = counting_server("[::1]:0", hits.clone()).await {
+        forbidden.push(format!("http://[::1]:{}/secret", v6.port()));
+    }
+    let redirector = redirecting_server(forbidden.clone()).await?;
+    let entries = probe_entry("open", "a", &format!("allowed_hosts = [\"http://127.0.0.1:{}\"]", redirector.port()))?;
+    let s = Served::start(&entries, "").await?;
+    s.wait_running(&["open"]).await?;
+    for (i, target) in forbidden.iter().enumerate() {
+        // The agent sees the redirect itself (status 302, empty body)...
+        let answer = s.agent_get("open", &format!("/fetch?url=http://127.0.0.1:{}/{i}", redirector.port())).await;
+        assert_eq!(answer, (200, "302 ".to_owned()), "redirect to {target}");
+        // ...and asking for where it points is refused like any destination not given.
+        let (_, body) = s.agent_get("open", &format!("/fetch?url={target}")).await;
+        assert!(denied(&body), "{target}: {body}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "a server the agent was not given was reached");
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn mqtt_connections_stop_at_the_agents_limit_and_its_neighbour_keeps_answering() -> anyhow::Result<()> {
+    // A "broker" that accepts and never answers: every client stays connecting.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let entries = probe_entry("hoarder", "a", &format!("allowed_hosts = [\"mqtt://127.0.0.1:{port}\"]\nlimits = {{ mqtt_connections = 3 }}"))?
+        + &probe_entry("victim", "b", "")?;
+    let mut s = Served::start(&entries, "").await?;
+    s.wait_running(&["hoarder", "victim"]).await?;
+    let hoard = format!("/mqtt/hoard?n=10&url=tcp://127.0.0.1:{port}");
+    assert_eq!(s.agent_get("hoarder", &hoard).await, (200, "opened 3 refused TooManyConnections".to_owned()));
+    assert_eq!(s.agent_get("hoarder", &hoard).await, (200, "opened 0 refused TooManyConnections".to_owned()));
+    s.logs.wait_for("hoarder", "clients open, the most limits.mqtt_connections allows", WAIT).await?;
+    assert_eq!(s.agent_get("victim", "/ping").await, (200, "pong".to_owned()));
+    let (_, metrics) = s.call("GET", "/metrics", TOKEN_A, vec![]).await;
+    assert!(metrics.contains("tether_agent_limit_refusals_total{agent=\"hoarder\",tenant=\"a\"} 2"), "{metrics}");
     s.stop().await;
     Ok(())
 }
@@ -622,7 +698,7 @@ async fn tether_serve_and_the_agents_cli() -> anyhow::Result<()> {
     }
     let (code, _, stderr) = cli(&["stop", "b1"], TOKEN_A)?;
     assert_eq!(code, 1);
-    assert!(stderr.contains("403") && stderr.contains("another tenant"), "{stderr}");
+    assert!(stderr.contains("404") && stderr.contains("no agent"), "{stderr}");
     let (code, _, stderr) = cli(&["deploy", "a1", &path.display().to_string()], TOKEN_A)?;
     assert_eq!(code, 1);
     assert!(stderr.contains("400") && stderr.contains("not a WebAssembly component"), "{stderr}");

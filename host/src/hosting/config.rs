@@ -83,6 +83,9 @@ pub struct Limits {
     pub inbound_timeout_secs: u32,
     /// Largest MQTT message in either direction, bytes (imp: 256 KiB).
     pub mqtt_message_bytes: usize,
+    /// MQTT clients an agent may have open (connecting or connected) at once; past it,
+    /// `connect` fails with `too-many-connections`.
+    pub mqtt_connections: usize,
     /// Restarts in a row (none lasting `healthy_after_secs`) before an agent is marked failed.
     pub max_restarts: u32,
     /// An instance that ran this long resets the restart count, s.
@@ -104,6 +107,7 @@ impl Default for Limits {
             http_timeout_secs: 60,
             inbound_timeout_secs: 60,
             mqtt_message_bytes: 256 * 1024,
+            mqtt_connections: 16,
             max_restarts: 8,
             healthy_after_secs: 60,
             http_rate: None,
@@ -181,6 +185,9 @@ impl Limits {
             if rate.is_some_and(|r| r.burst == 0 || !r.per_sec.is_finite() || r.per_sec <= 0.0) {
                 return Err(ConfigError::Invalid(format!("limits.{name} needs burst >= 1 and per_sec > 0")));
             }
+        }
+        if self.mqtt_connections == 0 {
+            return Err(ConfigError::Invalid("limits.mqtt_connections must be at least 1".into()));
         }
         if self.cpu_ms_per_event < crate::runtime::sched::TICK.as_millis() as u32 {
             return Err(ConfigError::Invalid(format!(

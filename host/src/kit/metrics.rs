@@ -21,6 +21,7 @@ pub struct AgentMetrics {
     log_dropped: AtomicU64,
     http_requests: AtomicU64,
     http_refused: AtomicU64,
+    limit_refused: AtomicU64,
     mqtt_messages: AtomicU64,
     mqtt_pauses: AtomicU64,
     device_messages: AtomicU64,
@@ -39,6 +40,8 @@ pub struct MetricsSnapshot {
     pub http_requests: u64,
     /// Outgoing requests refused: not allowed or over the rate.
     pub http_refused: u64,
+    /// Calls refused at one of the agent's limits (`limits.mqtt_connections`, ...).
+    pub limit_refused: u64,
     pub mqtt_messages: u64,
     /// Times an MQTT connection stopped reading because the agent had too many messages
     /// waiting (the broker then holds the rest).
@@ -53,6 +56,7 @@ pub(crate) enum Count {
     LogDropped,
     HttpRequest,
     HttpRefused,
+    LimitRefused,
     MqttMessage,
     MqttPause,
     DeviceMessage,
@@ -77,6 +81,7 @@ impl AgentMetrics {
             Count::LogDropped => &self.log_dropped,
             Count::HttpRequest => &self.http_requests,
             Count::HttpRefused => &self.http_refused,
+            Count::LimitRefused => &self.limit_refused,
             Count::MqttMessage => &self.mqtt_messages,
             Count::MqttPause => &self.mqtt_pauses,
             Count::DeviceMessage => &self.device_messages,
@@ -98,6 +103,7 @@ impl AgentMetrics {
             log_dropped: self.log_dropped.load(Relaxed),
             http_requests: self.http_requests.load(Relaxed),
             http_refused: self.http_refused.load(Relaxed),
+            limit_refused: self.limit_refused.load(Relaxed),
             mqtt_messages: self.mqtt_messages.load(Relaxed),
             mqtt_pauses: self.mqtt_pauses.load(Relaxed),
             device_messages: self.device_messages.load(Relaxed),

@@ -244,7 +244,7 @@ impl Host {
             limits.http_body_bytes,
             Duration::from_secs(limits.http_timeout_secs.into()),
         );
-        let mqtt = mqtt::Policy::new(host.mqtt_network.clone(), policy.allowed_hosts, limits.mqtt_message_bytes);
+        let mqtt = mqtt::Policy::new(host.mqtt_network.clone(), policy.allowed_hosts, limits.mqtt_message_bytes, limits.mqtt_connections);
         let parts = AgentParts {
             info: Arc::new(AgentInfo { id: id.to_owned(), url: self.agent_url(id), config: settings.config }),
             handles,

@@ -18,6 +18,7 @@ use crate::bindings::events::Event;
 use crate::bindings::mqtt::{self as wit, ConnectOptions, MqttError};
 use crate::kit::Handles;
 use crate::kit::events::Events;
+use crate::kit::log::Level;
 use crate::kit::metrics::Count;
 use crate::kit::tasks::TaskGuard;
 use crate::policy::allowed_hosts::AllowedHosts;
@@ -64,11 +65,13 @@ pub(crate) struct Policy {
     allowed_hosts: AllowedHosts,
     /// Largest message in either direction, bytes (imp: 256 KiB).
     message_bytes: usize,
+    /// Clients open at once, each a socket and a task of the host's.
+    max_connections: usize,
 }
 
 impl Policy {
-    pub fn new(network: Arc<Network>, allowed_hosts: AllowedHosts, message_bytes: usize) -> Policy {
-        Policy { network, allowed_hosts, message_bytes }
+    pub fn new(network: Arc<Network>, allowed_hosts: AllowedHosts, message_bytes: usize, max_connections: usize) -> Policy {
+        Policy { network, allowed_hosts, message_bytes, max_connections }
     }
 }
 
@@ -91,11 +94,13 @@ pub(crate) struct Clients {
     connections: HashMap<u32, Connection>,
     /// Why recent clients failed to connect or lost their connection, oldest first.
     causes: VecDeque<(u32, String)>,
+    /// Whether the log has said that `limits.mqtt_connections` was reached.
+    said_full: bool,
 }
 
 impl Clients {
     pub fn new(policy: Arc<Policy>, handles: Handles, events: Events<Report>) -> Clients {
-        Clients { policy, handles, events, next_client: 0, next_op: 0, connections: HashMap::new(), causes: VecDeque::new() }
+        Clients { policy, handles, events, next_client: 0, next_op: 0, connections: HashMap::new(), causes: VecDeque::new(), said_full: false }
     }
 
     /// Maps a connection's event to the WIT event; a connection that ended is forgotten.
@@ -173,6 +178,15 @@ fn queue_error(e: ClientError) -> MqttError {
 
 impl wit::Host for Clients {
     fn connect(&mut self, options: ConnectOptions) -> Result<u32, MqttError> {
+        if self.connections.len() >= self.policy.max_connections {
+            self.handles.metrics.add(Count::LimitRefused);
+            // Said once per instance: an agent retrying in a loop would flood its log.
+            if !std::mem::replace(&mut self.said_full, true) {
+                let n = self.policy.max_connections;
+                self.handles.log.write(Level::Error, &format!("mqtt: connect refused: {n} clients open, the most limits.mqtt_connections allows"));
+            }
+            return Err(MqttError::TooManyConnections);
+        }
         let mqtt_options = options::mqtt_options(&self.policy, &self.handles.log, &options)?;
         // Names allowed by a wildcard must resolve to public addresses: checked at connect
         // time by the connect guard, which such connections go through.

@@ -25,6 +25,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
 use super::manifest::{Access, ManageConfig};
@@ -95,8 +96,6 @@ impl ManageServer {
 enum ApiError {
     #[error("missing or unknown bearer token")]
     Unauthorized,
-    #[error("agent {0:?} belongs to another tenant")]
-    Forbidden(String),
     #[error("no agent {0:?}")]
     NotFound(String),
     #[error("{0}")]
@@ -111,7 +110,6 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -140,22 +138,31 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
 }
 
 impl Api {
-    /// The tenant the request's bearer token acts for.
+    /// The tenant the request's bearer token acts for. Every token is compared, each in
+    /// constant time, so that the time to answer says nothing about how close a guess was.
     fn tenant(&self, headers: &HeaderMap) -> Result<&str, ApiError> {
         let token = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized)?;
-        self.access.tokens.get(token.trim()).map(String::as_str).ok_or(ApiError::Unauthorized)
+            .ok_or(ApiError::Unauthorized)?
+            .trim()
+            .as_bytes();
+        let mut found = None;
+        for (known, tenant) in &self.access.tokens {
+            if bool::from(known.as_bytes().ct_eq(token)) {
+                found = Some(tenant.as_str());
+            }
+        }
+        found.ok_or(ApiError::Unauthorized)
     }
 
-    /// Checks that agent `id` exists and is `tenant`'s.
+    /// Checks that agent `id` exists and is `tenant`'s. Another tenant's agent is "no
+    /// agent" too, so that a token cannot learn which ids exist.
     fn owned(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
         match self.access.owners.get(id) {
             Some(owner) if owner == tenant => Ok(()),
-            Some(_) => Err(ApiError::Forbidden(id.to_owned())),
-            None => Err(ApiError::NotFound(id.to_owned())),
+            _ => Err(ApiError::NotFound(id.to_owned())),
         }
     }
 
@@ -306,7 +313,7 @@ async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Resp
 /// The Prometheus text exposition of `agents`' counters.
 fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
     type Field = fn(&AgentReport) -> f64;
-    let simple: [(&str, &str, &str, Field); 12] = [
+    let simple: [(&str, &str, &str, Field); 13] = [
         ("tether_agent_up", "gauge", "1 while the agent runs", |r| f64::from(u8::from(r.status == AgentStatus::Running))),
         ("tether_agent_slow_lane", "gauge", "1 while the agent runs behind lighter ones (long event, heavy CPU use)", |r| f64::from(u8::from(r.slow_lane))),
         ("tether_agent_restarts_total", "counter", "Crashes that restarted the agent", |r| r.restarts.into()),
@@ -317,6 +324,7 @@ fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
         ("tether_agent_log_dropped_total", "counter", "Log lines dropped over the log rate", |r| r.metrics.log_dropped as f64),
         ("tether_agent_http_requests_total", "counter", "Outgoing HTTP requests sent", |r| r.metrics.http_requests as f64),
         ("tether_agent_http_refused_total", "counter", "Outgoing HTTP requests refused (not allowed, rate)", |r| r.metrics.http_refused as f64),
+        ("tether_agent_limit_refusals_total", "counter", "Calls refused at a per-agent limit (MQTT connections)", |r| r.metrics.limit_refused as f64),
         ("tether_agent_messages_total", "counter", "MQTT and device messages received", |r| (r.metrics.mqtt_messages + r.metrics.device_messages) as f64),
         ("tether_agent_mqtt_pauses_total", "counter", "MQTT connections paused while the agent had too many messages waiting", |r| r.metrics.mqtt_pauses as f64),
     ];

@@ -23,6 +23,8 @@ struct State {
 
 thread_local! {
     static HOARD: RefCell<Vec<Vec<u8>>> = RefCell::default();
+    /// Clients opened by `/mqtt/hoard`, kept open.
+    static CLIENTS: RefCell<Vec<mqtt::Client>> = RefCell::default();
     /// Milliseconds each MQTT message keeps the agent busy (`/mqtt/slow?ms=N`).
     static SLOW_MS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
     static CLIENT: mqtt::Client = {
@@ -67,6 +69,26 @@ fn mqtt_request(req: IncomingRequest, res: HttpResponse) {
             .create_message(&q("topic"), q("msg"), MessageOptions { qos, retain: false })
             .send_async(move |code| answer(format!("pub {code}"))),
         "/mqtt/disconnect" => client.disconnect(move || answer("disconnected".into())),
+        "/mqtt/hoard" => {
+            // `n` more clients connecting to `url`: `opened K` and the first refusal.
+            let mut opened = 0;
+            let mut refusal = String::new();
+            for _ in 0..q("n").parse::<u32>().unwrap_or(0) {
+                let extra = mqtt::create_client();
+                match extra.connect(&q("url"), &format!("hoard-{opened}"), &ConnectOptions::default()) {
+                    Ok(()) => {
+                        opened += 1;
+                        CLIENTS.with_borrow_mut(|c| c.push(extra));
+                    }
+                    Err(e) => {
+                        refusal = format!(" refused {e:?}");
+                        break;
+                    }
+                }
+            }
+            answer(format!("opened {opened}{refusal}"));
+            Ok(())
+        }
         "/mqtt/slow" => {
             SLOW_MS.set(q("ms").parse().unwrap_or(0));
             answer(format!("slow {} ms", SLOW_MS.get()));
@@ -128,6 +150,13 @@ fn start() {
         let number = |k: &str| req.query.get(k).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
         let url = req.query.get("url").cloned().unwrap_or_default();
         match req.path.as_str() {
+            "/log" => {
+                // `text` as given, or `bytes` of 'x'.
+                let text = req.query.get("text").cloned().unwrap_or_else(|| "x".repeat(number("bytes") as usize));
+                server::log(text);
+                let _ = res.send(200, "logged");
+                return;
+            }
             "/fetch" => {
                 return http::get(&url, &[]).send_async(move |r| {
                     let answer = match r.error {
