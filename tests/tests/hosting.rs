@@ -2,6 +2,7 @@
 //! per-tenant tokens, deploys, allowed destinations and rates, a noisy neighbour, the
 //! dashboard in headless Chromium.
 
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -614,7 +615,9 @@ fn chromium() -> anyhow::Result<PathBuf> {
 fn dump_dom(url: &str) -> anyhow::Result<String> {
     let profile = tempfile::tempdir()?;
     // `timeout`: a page that never lets virtual time run out must not hang the suite.
-    let output = std::process::Command::new("timeout")
+    // A group of its own, so that what Chromium leaves behind can be killed with it.
+    let child = std::process::Command::new("timeout")
+        .process_group(0)
         .arg("60")
         .arg(chromium()?)
         .args([
@@ -630,7 +633,13 @@ fn dump_dom(url: &str) -> anyhow::Result<String> {
         ])
         .arg(format!("--user-data-dir={}", profile.path().display()))
         .arg(url)
-        .output()?;
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let group = child.id();
+    let output = child.wait_with_output();
+    kill_group(group);
+    let output = output?;
     anyhow::ensure!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
@@ -761,7 +770,9 @@ impl Browser {
             .find(|p| Path::new(p).exists())
             .ok_or_else(|| anyhow::anyhow!("no chromedriver; run scripts/setup.sh --with-test-deps"))?;
         let port = tether_tests::free_port();
+        // A group of its own: Chromium inherits it, so killing the group ends both.
         let driver = std::process::Command::new(binary)
+            .process_group(0)
             .arg(format!("--port={port}"))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -833,9 +844,15 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        let _ = self.driver.kill();
+        kill_group(self.driver.id());
         let _ = self.driver.wait();
     }
+}
+
+/// Kills process group `group` (a child started with `process_group(0)`, and whatever it
+/// started): killing the child alone would leave Chromium running.
+fn kill_group(group: u32) {
+    let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).stderr(std::process::Stdio::null()).status();
 }
 
 #[tokio::test]
