@@ -19,10 +19,35 @@ pub struct Timer(u64);
 /// let t = tether_guest::imp::wakeup(0.5, || tether_guest::server::log("tick"));
 /// tether_guest::imp::cancel_wakeup(t);
 /// ```
+///
+/// When the agent already has as many timers pending as its host allows
+/// (`limits.timers`), nothing is scheduled, as imp returns null, and the host's log says
+/// so; [`try_wakeup`] reports it instead.
 pub fn wakeup(seconds: f64, callback: impl FnOnce() + 'static) -> Timer {
-    let id = timers::wakeup(seconds);
+    try_wakeup(seconds, callback).unwrap_or(Timer(0))
+}
+
+/// Why [`try_wakeup`] scheduled nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TimerError {
+    /// The agent has as many timers pending as its host allows (`limits.timers`); cancel
+    /// some, or let them fire, first.
+    #[error("too many timers pending")]
+    TooManyTimers,
+}
+
+/// Like [`wakeup`], but says when nothing was scheduled (beyond imp).
+///
+/// ```no_run
+/// match tether_guest::imp::try_wakeup(1.0, || ()) {
+///     Ok(_timer) => {}
+///     Err(e) => tether_guest::server::error(format!("no timer: {e}")),
+/// }
+/// ```
+pub fn try_wakeup(seconds: f64, callback: impl FnOnce() + 'static) -> Result<Timer, TimerError> {
+    let id = timers::wakeup(seconds).map_err(|timers::TimerError::TooManyTimers| TimerError::TooManyTimers)?;
     PENDING.with_borrow_mut(|p| p.insert(id, Box::new(callback)));
-    Timer(id)
+    Ok(Timer(id))
 }
 
 /// Cancels a wakeup; no effect if it has fired already.

@@ -454,6 +454,22 @@ async fn mqtt_connections_stop_at_the_agents_limit_and_its_neighbour_keeps_answe
 }
 
 #[tokio::test]
+async fn timers_stop_at_the_agents_limit_and_its_neighbour_keeps_answering() -> anyhow::Result<()> {
+    let entries = probe_entry("hoarder", "a", "limits = { timers = 50 }")? + &probe_entry("victim", "b", "")?;
+    let mut s = Served::start(&entries, "").await?;
+    s.wait_running(&["hoarder", "victim"]).await?;
+    assert_eq!(s.agent_get("hoarder", "/timers?n=40").await, (200, "scheduled 40".to_owned()));
+    assert_eq!(s.agent_get("hoarder", "/timers?n=40").await, (200, "scheduled 10 refused TooManyTimers".to_owned()));
+    assert_eq!(s.agent_get("hoarder", "/timers?n=1").await, (200, "scheduled 0 refused TooManyTimers".to_owned()));
+    s.logs.wait_for("hoarder", "timers pending, the most limits.timers allows", WAIT).await?;
+    assert_eq!(s.agent_get("victim", "/timers?n=100").await, (200, "scheduled 100".to_owned()), "another agent's timers are its own");
+    let (_, metrics) = s.call("GET", "/metrics", TOKEN_A, vec![]).await;
+    assert!(metrics.contains("tether_agent_limit_refusals_total{agent=\"hoarder\",tenant=\"a\"} 2"), "{metrics}");
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn http_and_log_rates_are_enforced_per_agent() -> anyhow::Result<()> {
     let server = local_server().await?;
     let entries = probe_entry(

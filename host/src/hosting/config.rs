@@ -86,6 +86,9 @@ pub struct Limits {
     /// MQTT clients an agent may have open (connecting or connected) at once; past it,
     /// `connect` fails with `too-many-connections`.
     pub mqtt_connections: usize,
+    /// Timers an agent may have pending (scheduled, or fired and not yet delivered); past
+    /// it, a wakeup is refused.
+    pub timers: usize,
     /// Restarts in a row (none lasting `healthy_after_secs`) before an agent is marked failed.
     pub max_restarts: u32,
     /// An instance that ran this long resets the restart count, s.
@@ -108,6 +111,7 @@ impl Default for Limits {
             inbound_timeout_secs: 60,
             mqtt_message_bytes: 256 * 1024,
             mqtt_connections: 16,
+            timers: 1024,
             max_restarts: 8,
             healthy_after_secs: 60,
             http_rate: None,
@@ -186,8 +190,8 @@ impl Limits {
                 return Err(ConfigError::Invalid(format!("limits.{name} needs burst >= 1 and per_sec > 0")));
             }
         }
-        if self.mqtt_connections == 0 {
-            return Err(ConfigError::Invalid("limits.mqtt_connections must be at least 1".into()));
+        if self.mqtt_connections == 0 || self.timers == 0 {
+            return Err(ConfigError::Invalid("limits.mqtt_connections and limits.timers must be at least 1".into()));
         }
         if self.cpu_ms_per_event < crate::runtime::sched::TICK.as_millis() as u32 {
             return Err(ConfigError::Invalid(format!(

@@ -40,7 +40,7 @@ pub struct MetricsSnapshot {
     pub http_requests: u64,
     /// Outgoing requests refused: not allowed or over the rate.
     pub http_refused: u64,
-    /// Calls refused at one of the agent's limits (`limits.mqtt_connections`, ...).
+    /// Calls refused at one of the agent's limits (`limits.mqtt_connections`, `limits.timers`).
     pub limit_refused: u64,
     pub mqtt_messages: u64,
     /// Times an MQTT connection stopped reading because the agent had too many messages

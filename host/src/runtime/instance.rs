@@ -63,7 +63,7 @@ impl AgentCtx {
         AgentCtx {
             info: agent_info::Info(agent.info.clone()),
             log: log::Log::new(handles.log.clone()),
-            timers: timers::Timers::new(handles.io.clone(), events(agent, generation)),
+            timers: timers::Timers::new(handles.clone(), events(agent, generation), agent.limits.timers),
             http: http::Http {
                 outbound: http::outbound::Outbound::new(agent.http.clone(), handles.clone(), events(agent, generation)),
                 inbound: http::inbound::Inbound::default(),

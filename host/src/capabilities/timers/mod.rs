@@ -6,8 +6,11 @@ use std::time::Duration;
 use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::events::Event;
-use crate::bindings::timers as wit;
+use crate::bindings::timers::{self as wit, TimerError};
+use crate::kit::Handles;
 use crate::kit::events::Events;
+use crate::kit::log::Level;
+use crate::kit::metrics::Count;
 use crate::kit::tasks::TaskGuard;
 
 /// imp's largest wakeup interval, s.
@@ -18,15 +21,20 @@ pub(crate) struct Fired(pub u64);
 
 /// An instance's pending timers; dropping it cancels them all.
 pub(crate) struct Timers {
-    io: tokio::runtime::Handle,
+    handles: Handles,
     events: Events<Fired>,
     next_id: u64,
+    /// Scheduled, or fired and not yet delivered: each a task and memory of the host's.
     active: HashMap<u64, TaskGuard>,
+    /// `limits.timers`.
+    max: usize,
+    /// Whether the log has said that `max` was reached.
+    said_full: bool,
 }
 
 impl Timers {
-    pub fn new(io: tokio::runtime::Handle, events: Events<Fired>) -> Timers {
-        Timers { io, events, next_id: 0, active: HashMap::new() }
+    pub fn new(handles: Handles, events: Events<Fired>, max: usize) -> Timers {
+        Timers { handles, events, next_id: 0, active: HashMap::new(), max, said_full: false }
     }
 
     /// The event to deliver for a fired timer: `None` if it was cancelled after it fired
@@ -37,18 +45,27 @@ impl Timers {
 }
 
 impl wit::Host for Timers {
-    fn wakeup(&mut self, seconds: f64) -> u64 {
+    fn wakeup(&mut self, seconds: f64) -> Result<u64, TimerError> {
+        if self.active.len() >= self.max {
+            self.handles.metrics.add(Count::LimitRefused);
+            // Said once per instance: an agent retrying in a loop would flood its log.
+            if !std::mem::replace(&mut self.said_full, true) {
+                let n = self.max;
+                self.handles.log.write(Level::Error, &format!("timers: wakeup refused: {n} timers pending, the most limits.timers allows"));
+            }
+            return Err(TimerError::TooManyTimers);
+        }
         // NaN and negative intervals mean "now", as imp clamps them.
         let seconds = if seconds.is_finite() { seconds.clamp(0.0, MAX_SECONDS) } else if seconds > 0.0 { MAX_SECONDS } else { 0.0 };
         self.next_id += 1;
         let id = self.next_id;
         let events = self.events.clone();
-        let task = TaskGuard::spawn(&self.io, async move {
+        let task = TaskGuard::spawn(&self.handles.io, async move {
             tokio::time::sleep(Duration::from_secs_f64(seconds)).await;
             events.post(Fired(id));
         });
         self.active.insert(id, task);
-        id
+        Ok(id)
     }
 
     fn cancel(&mut self, id: u64) -> bool {

@@ -324,7 +324,7 @@ fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
         ("tether_agent_log_dropped_total", "counter", "Log lines dropped over the log rate", |r| r.metrics.log_dropped as f64),
         ("tether_agent_http_requests_total", "counter", "Outgoing HTTP requests sent", |r| r.metrics.http_requests as f64),
         ("tether_agent_http_refused_total", "counter", "Outgoing HTTP requests refused (not allowed, rate)", |r| r.metrics.http_refused as f64),
-        ("tether_agent_limit_refusals_total", "counter", "Calls refused at a per-agent limit (MQTT connections)", |r| r.metrics.limit_refused as f64),
+        ("tether_agent_limit_refusals_total", "counter", "Calls refused at a per-agent limit (MQTT connections, timers)", |r| r.metrics.limit_refused as f64),
         ("tether_agent_messages_total", "counter", "MQTT and device messages received", |r| (r.metrics.mqtt_messages + r.metrics.device_messages) as f64),
         ("tether_agent_mqtt_pauses_total", "counter", "MQTT connections paused while the agent had too many messages waiting", |r| r.metrics.mqtt_pauses as f64),
     ];

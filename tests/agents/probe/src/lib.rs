@@ -200,6 +200,21 @@ fn start() {
         }
         let answer = match req.path.as_str() {
             "/ping" => "pong".to_owned(),
+            "/timers" => {
+                // `n` timers a day away: `scheduled K` and the first refusal.
+                let mut scheduled = 0;
+                let mut refusal = String::new();
+                for _ in 0..number("n") {
+                    match tether_guest::imp::try_wakeup(86_400.0, || {}) {
+                        Ok(_) => scheduled += 1,
+                        Err(e) => {
+                            refusal = format!(" refused {e:?}");
+                            break;
+                        }
+                    }
+                }
+                format!("scheduled {scheduled}{refusal}")
+            }
             // N cheap host calls in one event, for the guest->host call benchmark.
             "/host-calls" => {
                 let n = number("n");
