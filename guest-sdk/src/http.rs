@@ -9,9 +9,14 @@ use crate::server;
 
 pub use host::TransportError;
 
+/// What runs when a response arrives.
+type OnResponse = Box<dyn FnOnce(Response)>;
+/// The agent's handler of incoming requests.
+type OnRequest = Rc<dyn Fn(IncomingRequest, HttpResponse)>;
+
 thread_local! {
-    static PENDING: RefCell<HashMap<u64, Box<dyn FnOnce(Response)>>> = RefCell::default();
-    static ON_REQUEST: RefCell<Option<Rc<dyn Fn(IncomingRequest, HttpResponse)>>> = const { RefCell::new(None) };
+    static PENDING: RefCell<HashMap<u64, OnResponse>> = RefCell::default();
+    static ON_REQUEST: RefCell<Option<OnRequest>> = const { RefCell::new(None) };
 }
 
 /// An outgoing request, built by [`get`], [`post`], [`put`], [`delete`] or [`request`],

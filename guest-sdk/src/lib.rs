@@ -34,6 +34,8 @@
 //! | MessageManager `mm.send(name, data, {onAck, onReply, onFail, onTimeout}, timeout)` | [`device::request`]`(name, data).on_ack(..).on_reply(..).on_fail(..).on_timeout(..).timeout(s).send()` |
 //! | (beyond imp) a durable FIFO, e.g. an outbox | [`queue::Queue::open`], [`queue::Queue::append`], [`queue::Queue::entries`], [`queue::Queue::remove`], [`queue::stats`] |
 
+// The generated import of `connect-options` takes one argument per field.
+#[allow(clippy::too_many_arguments)]
 mod bindings {
     wit_bindgen::generate!({
         path: "../wit",

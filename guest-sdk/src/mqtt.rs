@@ -145,6 +145,11 @@ pub struct MessageOptions {
 
 type Handler<T> = RefCell<Option<Rc<dyn Fn(T)>>>;
 
+/// Callbacks waiting for their operation's outcome, by operation id.
+type Waiting<F> = RefCell<HashMap<u64, F>>;
+/// What a subscribe's caller gets: the result code and the granted QoS per filter.
+type OnSubscribed = Box<dyn FnOnce(i32, Vec<u8>)>;
+
 #[derive(Default)]
 struct Inner {
     handle: Cell<Option<u32>>,
@@ -153,9 +158,9 @@ struct Inner {
     on_connect: Handler<i32>,
     on_connection_lost: Handler<i32>,
     on_message: Handler<ReceivedMessage>,
-    published: RefCell<HashMap<u64, Box<dyn FnOnce(i32)>>>,
-    subscribed: RefCell<HashMap<u64, Box<dyn FnOnce(i32, Vec<u8>)>>>,
-    unsubscribed: RefCell<HashMap<u64, Box<dyn FnOnce(i32)>>>,
+    published: Waiting<Box<dyn FnOnce(i32)>>,
+    subscribed: Waiting<OnSubscribed>,
+    unsubscribed: Waiting<Box<dyn FnOnce(i32)>>,
     on_disconnected: RefCell<Option<Box<dyn FnOnce()>>>,
 }
 

@@ -54,10 +54,10 @@ impl Registry {
             return Err(early("the connection string needs HostName, SharedAccessKeyName and SharedAccessKey"));
         }
         let now = imp::time();
-        if let Some((token, expiry)) = &*self.token.borrow() {
-            if now < *expiry {
-                return Ok(token.clone());
-            }
+        if let Some((token, expiry)) = &*self.token.borrow()
+            && now < *expiry
+        {
+            return Ok(token.clone());
         }
         let expiry = now + 3600;
         let sas = SharedAccessSignature::new(&self.host, Some(&self.key_name), &self.key, expiry).map_err(|e| early(&e.to_string()))?;

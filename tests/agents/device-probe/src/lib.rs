@@ -5,6 +5,7 @@
 //!   `acked A failed F` when all are answered
 //! - `/burst?count=N&size=S` → asks the device for N `seq` messages; the log gets
 //!   `device seq: received R out-of-order O` and `burst done: ...` when they are in
+//!
 //! Logs connection changes and temperature readings.
 
 use std::cell::{Cell, RefCell};

@@ -103,10 +103,10 @@ fn mqtt_request(req: IncomingRequest, res: HttpResponse) {
             Ok(())
         }
     };
-    if let Err(e) = started {
-        if let Some(res) = slot.borrow_mut().take() {
-            let _ = res.send(200, format!("refused {e:?} {}", e.code()));
-        }
+    if let Err(e) = started
+        && let Some(res) = slot.borrow_mut().take()
+    {
+        let _ = res.send(200, format!("refused {e:?} {}", e.code()));
     }
 }
 
@@ -187,10 +187,10 @@ fn start() {
                             _ => t.0.2 += 1,
                         }
                         let (ok, limited, other) = t.0;
-                        if ok + limited + other == n {
-                            if let Some(res) = t.1.take() {
-                                let _ = res.send(200, format!("ok={ok} limited={limited} other={other}"));
-                            }
+                        if ok + limited + other == n
+                            && let Some(res) = t.1.take()
+                        {
+                            let _ = res.send(200, format!("ok={ok} limited={limited} other={other}"));
                         }
                     });
                 }
