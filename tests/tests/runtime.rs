@@ -283,3 +283,98 @@ async fn an_agent_cannot_forge_host_log_lines_or_flood_one_line() -> anyhow::Res
     assert!(long < 17 * 1024, "a 5 MB line reached the host log as {long} bytes");
     Ok(())
 }
+
+/// What the peer sends back on `stream` until it closes, or `None` if it did not close
+/// within 10 s.
+async fn until_closed(stream: &mut tokio::net::TcpStream) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    });
+    read.await.ok().map(|()| String::from_utf8_lossy(&got).into_owned())
+}
+
+/// Sends one request on `stream` and reads its whole answer (by its content-length),
+/// keeping the connection open.
+async fn keep_alive_request(stream: &mut tokio::net::TcpStream) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    stream.write_all(b"GET /echo/held HTTP/1.1\r\nHost: t\r\n\r\n").await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:")?.trim().parse::<usize>().ok());
+            if length.is_some_and(|n| body.len() >= n) {
+                return Ok(text);
+            }
+        }
+        let n = tokio::time::timeout(WAIT, stream.read(&mut buf)).await??;
+        anyhow::ensure!(n > 0, "closed after {text:?}");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn agent_urls_cut_off_slow_headers_and_slow_bodies() -> anyhow::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let t = TestHost::start(|c| {
+        c.http_header_timeout_secs = 1;
+        c.limits.inbound_timeout_secs = 1;
+    })
+    .await?;
+    t.spawn("echo", "http-echo", &[])?;
+    assert_eq!(get(&t.url("echo", "/x")).await.0, 200);
+
+    // Headers that never end: the connection is closed after the header timeout.
+    let mut slow = tokio::net::TcpStream::connect(t.host.http_addr()).await?;
+    slow.write_all(b"GET /echo/x HTTP/1.1\r\nHost: t\r\nX-Slow: 1\r\n").await?;
+    let started = std::time::Instant::now();
+    let answer = until_closed(&mut slow).await;
+    assert!(answer.is_some(), "a slowloris client was never cut off");
+    assert!(started.elapsed() < Duration::from_secs(8), "cut off after {:?}", started.elapsed());
+
+    // A body that never arrives in full: 408 once the agent's answer time is up.
+    let mut slow = tokio::net::TcpStream::connect(t.host.http_addr()).await?;
+    slow.write_all(b"POST /echo/x HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n0123456789").await?;
+    let answer = until_closed(&mut slow).await.unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+
+    assert_eq!(get(&t.url("echo", "/x")).await.0, 200, "the agent still answers");
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn agent_urls_close_connections_over_the_cap_and_take_new_ones_once_below() -> anyhow::Result<()> {
+    const CAP: usize = 4;
+    let t = TestHost::start(|c| c.http_max_connections = CAP).await?;
+    t.spawn("echo", "http-echo", &[])?;
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        let mut stream = tokio::net::TcpStream::connect(t.host.http_addr()).await?;
+        // Retried until the agent has started; a refused try is a closed connection.
+        let deadline = std::time::Instant::now() + WAIT;
+        while !keep_alive_request(&mut stream).await.is_ok_and(|a| a.starts_with("HTTP/1.1 200")) {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "the agent does not answer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream = tokio::net::TcpStream::connect(t.host.http_addr()).await?;
+        }
+        held.push(stream);
+    }
+    let mut over = tokio::net::TcpStream::connect(t.host.http_addr()).await?;
+    assert!(keep_alive_request(&mut over).await.is_err(), "a connection over the cap was served");
+
+    held.pop();
+    let deadline = std::time::Instant::now() + WAIT;
+    while get(&t.url("echo", "/x")).await.0 != 200 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no connection taken after one closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t.stop().await;
+    Ok(())
+}

@@ -40,6 +40,10 @@ pub struct HostConfig {
     pub trusted_ca_files: Vec<PathBuf>,
     /// How many agents the instance pool is sized for.
     pub max_agents: u32,
+    /// Connections to the agents' URLs open at once; over it, a new one is closed at once.
+    pub http_max_connections: usize,
+    /// How long a client of an agent URL may take to send a request's headers, s.
+    pub http_header_timeout_secs: u64,
     /// Whether a queue append waits for an fsync. Without it an appended entry survives a
     /// crash of the host (kill -9 included) but the last ones may be lost in a power loss
     /// or a kernel crash; with it they survive those too, for a disk flush per append.
@@ -57,6 +61,8 @@ impl Default for HostConfig {
             cache_dir: PathBuf::from("tether-data/cache"),
             trusted_ca_files: Vec::new(),
             max_agents: 100,
+            http_max_connections: 4096,
+            http_header_timeout_secs: 10,
             queue_fsync: false,
             limits: Limits::default(),
         }

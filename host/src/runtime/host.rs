@@ -18,7 +18,7 @@ use super::sched::SlowLane;
 use crate::capabilities::agent_info::AgentInfo;
 use crate::capabilities::device::{self, SerialLine};
 use crate::capabilities::http::inbound::{self, Door, Doors};
-use crate::capabilities::http::outbound;
+use crate::capabilities::http::{outbound, server};
 use crate::capabilities::mqtt;
 use crate::capabilities::queue::SqliteQueues;
 use crate::capabilities::store::FileStore;
@@ -150,15 +150,9 @@ impl Host {
             shutdown: watch::channel(false).0,
         });
         let router = inbound::router(shared.clone());
-        let mut stop = shared.shutdown.subscribe();
-        let server = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                let _ = stop.changed().await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("agent HTTP server stopped: {e}");
-            }
-        });
+        let (max_connections, header_timeout) = (shared.config.http_max_connections, Duration::from_secs(shared.config.http_header_timeout_secs));
+        let stop = shared.shutdown.subscribe();
+        let server = tokio::spawn(server::serve(listener, router, stop, max_connections, header_timeout));
         Ok(Host { shared, http_addr, tasks: std::sync::Mutex::new(vec![server]) })
     }
 

@@ -100,9 +100,12 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
         .iter()
         .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
-    let body = match axum::body::to_bytes(req.into_body(), door.body_bytes).await {
-        Ok(body) => body.to_vec(),
-        Err(_) => return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response(),
+    // The body has the agent's answer time to arrive: a client trickling it in holds a
+    // connection and a buffer no longer than that.
+    let body = match tokio::time::timeout(door.timeout, axum::body::to_bytes(req.into_body(), door.body_bytes)).await {
+        Ok(Ok(body)) => body.to_vec(),
+        Ok(Err(_)) => return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response(),
+        Err(_) => return (StatusCode::REQUEST_TIMEOUT, "request body not received in time\n").into_response(),
     };
     let request = IncomingRequest { id: 0, method, path: format!("/{rest}"), query, headers, body };
     let (reply, answer) = oneshot::channel();

@@ -3,6 +3,7 @@
 
 pub(crate) mod inbound;
 pub(crate) mod outbound;
+pub(crate) mod server;
 
 use wasmtime::component::{HasSelf, Linker};
 

@@ -1,0 +1,62 @@
+//! The listener of the agents' URLs: hyper's HTTP/1 server with what a port open to
+//! anyone needs. A client has `http_header_timeout_secs` to send a request's headers (a
+//! slowloris peer is cut off), and at most `http_max_connections` connections are open at
+//! once (over it a new one is closed at once, so the host keeps file descriptors for its
+//! agents' own connections). The body deadline is the handler's (see `inbound`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+/// How long open connections get to finish when the host stops.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// How often the log may say that connections are being refused.
+const SAY_FULL_EVERY: Duration = Duration::from_secs(10);
+
+/// Serves `router` on `listener` until `stop` changes.
+pub(crate) async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>, max_connections: usize, header_timeout: Duration) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut said_full: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.changed() => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors, most likely: waiting beats spinning.
+                tracing::warn!("agent URLs: cannot accept a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if said_full.is_none_or(|at| at.elapsed() >= SAY_FULL_EVERY) {
+                tracing::warn!("agent URLs: {max_connections} connections open (http_max_connections); closing new ones");
+                said_full = Some(Instant::now());
+            }
+            continue;
+        };
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            // A peer that goes away or breaks the protocol ends only its own connection.
+            let _ = connection.await;
+            drop(slot);
+        });
+    }
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        tracing::debug!("agent URLs: connections still open after {} s; leaving them", DRAIN.as_secs());
+    }
+}
