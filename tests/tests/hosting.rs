@@ -470,6 +470,49 @@ async fn timers_stop_at_the_agents_limit_and_its_neighbour_keeps_answering() -> 
 }
 
 #[tokio::test]
+async fn requests_waiting_for_a_busy_agent_stop_at_its_backlog_and_its_neighbour_keeps_answering() -> anyhow::Result<()> {
+    // Bodies of 50,000 bytes against a backlog of 200,000: at most 3 wait at a time.
+    let limits = "limits = { inbound_queue_bytes = 200000, http_body_bytes = 100000, cpu_ms_per_event = 2000, inbound_timeout_secs = 10 }";
+    let entries = probe_entry("busy", "a", limits)? + &probe_entry("victim", "b", "")?;
+    let mut s = Served::start(&entries, "").await?;
+    s.wait_running(&["busy", "victim"]).await?;
+    let url = s.host.agent_url("busy");
+    // Keeps the agent busy for 2 s of CPU, then it is stopped and restarts.
+    let spin = tokio::spawn(reqwest::get(format!("{url}/spin")));
+    let mut posts = Vec::new();
+    for _ in 0..10 {
+        let (http, url) = (s.http.clone(), url.clone());
+        posts.push(tokio::spawn(async move {
+            match http.post(format!("{url}/echo")).body(vec![b'x'; 50_000]).send().await {
+                Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+                Err(e) => (0, e.to_string()),
+            }
+        }));
+    }
+    let mut refused = 0;
+    for post in posts {
+        let (status, body) = post.await?;
+        if status == 503 && body.contains("too many requests waiting") {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 3, "only {refused} of 10 requests were refused at a backlog of 3");
+    s.logs.wait_for("busy", "the most limits.inbound_queue_bytes allows", WAIT).await?;
+    assert_eq!(s.agent_get("victim", "/ping").await, (200, "pong".to_owned()));
+    let _ = spin.await;
+    // Once it is back, the agent answers again: nothing was left holding its backlog.
+    let deadline = Instant::now() + WAIT;
+    while s.agent_get("busy", "/ping").await != (200, "pong".to_owned()) {
+        anyhow::ensure!(Instant::now() < deadline, "the busy agent never answered again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, metrics) = s.call("GET", "/metrics", TOKEN_A, vec![]).await;
+    assert!(metrics.contains(&format!("tether_agent_limit_refusals_total{{agent=\"busy\",tenant=\"a\"}} {refused}")), "{metrics}");
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn http_and_log_rates_are_enforced_per_agent() -> anyhow::Result<()> {
     let server = local_server().await?;
     let entries = probe_entry(

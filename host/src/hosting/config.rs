@@ -87,6 +87,9 @@ pub struct Limits {
     pub http_timeout_secs: u32,
     /// How long an incoming request waits for the agent's answer, s.
     pub inbound_timeout_secs: u32,
+    /// Bytes the requests waiting for the agent may hold (their bodies, and 1 KiB plus the
+    /// head of each); past it, a request gets 503 before its body is read.
+    pub inbound_queue_bytes: usize,
     /// Largest MQTT message in either direction, bytes (imp: 256 KiB).
     pub mqtt_message_bytes: usize,
     /// MQTT clients an agent may have open (connecting or connected) at once; past it,
@@ -115,6 +118,7 @@ impl Default for Limits {
             http_body_bytes: 4 * 1024 * 1024,
             http_timeout_secs: 60,
             inbound_timeout_secs: 60,
+            inbound_queue_bytes: 16 * 1024 * 1024,
             mqtt_message_bytes: 256 * 1024,
             mqtt_connections: 16,
             timers: 1024,
@@ -195,6 +199,12 @@ impl Limits {
             if rate.is_some_and(|r| r.burst == 0 || !r.per_sec.is_finite() || r.per_sec <= 0.0) {
                 return Err(ConfigError::Invalid(format!("limits.{name} needs burst >= 1 and per_sec > 0")));
             }
+        }
+        if self.inbound_queue_bytes < self.http_body_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "limits.inbound_queue_bytes ({}) must be at least limits.http_body_bytes ({}), or a largest body could never wait",
+                self.inbound_queue_bytes, self.http_body_bytes
+            )));
         }
         if self.mqtt_connections == 0 || self.timers == 0 {
             return Err(ConfigError::Invalid("limits.mqtt_connections and limits.timers must be at least 1".into()));

@@ -66,6 +66,10 @@ impl Doors for HostShared {
             requests: Events::any_instance(agent.parts.queue.clone()),
             body_bytes: agent.parts.limits.http_body_bytes,
             timeout: Duration::from_secs(agent.parts.limits.inbound_timeout_secs.into()),
+            backlog: agent.parts.backlog.clone(),
+            backlog_bytes: agent.parts.limits.inbound_queue_bytes,
+            log: agent.parts.handles.log.clone(),
+            metrics: agent.parts.handles.metrics.clone(),
         })
     }
 }
@@ -250,6 +254,7 @@ impl Host {
             queues: Arc::new(SqliteQueues::new(&host.config.store_dir, id, limits.queue_bytes as u64, host.config.queue_fsync)),
             limits,
             slow: Arc::default(),
+            backlog: Arc::default(),
         };
         let agent = Arc::new(AgentShared {
             id: id.to_owned(),

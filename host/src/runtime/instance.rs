@@ -36,6 +36,8 @@ pub(crate) struct AgentParts {
     pub limits: Limits,
     /// Set while the agent belongs in the slow lane (see `sched`).
     pub slow: Arc<std::sync::atomic::AtomicBool>,
+    /// Requests to the agent's URL not yet delivered, and what they hold.
+    pub backlog: Arc<http::inbound::Backlog>,
 }
 
 /// Every capability's state in one instance.

@@ -2,8 +2,9 @@
 //! the agent answers with `http.respond`, during that event or any later one.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -14,6 +15,8 @@ use tokio::sync::oneshot;
 use crate::bindings::events::Event;
 use crate::bindings::http::{Headers, IncomingRequest, RespondError};
 use crate::kit::events::Events;
+use crate::kit::log::{Level, Logger};
+use crate::kit::metrics::{AgentMetrics, Count};
 
 /// Where the agent's answer goes.
 type Reply<T> = oneshot::Sender<T>;
@@ -29,6 +32,50 @@ pub(crate) struct Answer {
 pub(crate) struct Pending {
     request: IncomingRequest,
     reply: Reply<Answer>,
+    /// Its share of the agent's backlog, given back when it is delivered or dropped.
+    _held: Held,
+}
+
+/// What an agent's requests hold before the agent takes them: bodies read and queued,
+/// against `limits.inbound_queue_bytes`. Nothing else bounds them while the agent is busy
+/// or waiting to restart, and their clients need no credentials.
+#[derive(Default)]
+pub(crate) struct Backlog {
+    bytes: AtomicUsize,
+    /// When the log last said that requests were refused.
+    said_at: Mutex<Option<Instant>>,
+}
+
+/// What one request counts besides its body: its head, the queue entry, the reply.
+const REQUEST_OVERHEAD: usize = 1024;
+
+impl Backlog {
+    /// Takes `bytes` of the `max`, or nothing if they do not fit.
+    fn hold(self: &Arc<Self>, bytes: usize, max: usize) -> Option<Held> {
+        self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| held.checked_add(bytes).filter(|total| *total <= max)).ok()?;
+        Some(Held { backlog: self.clone(), bytes })
+    }
+}
+
+/// Bytes of a [`Backlog`], given back on drop.
+pub(crate) struct Held {
+    backlog: Arc<Backlog>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Keeps `bytes` of what is held (never more).
+    fn shrink_to(&mut self, bytes: usize) {
+        let freed = self.bytes.saturating_sub(bytes);
+        self.backlog.bytes.fetch_sub(freed, Ordering::AcqRel);
+        self.bytes -= freed;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.backlog.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 impl Pending {
@@ -48,7 +95,10 @@ pub(crate) struct Inbound {
 impl Inbound {
     /// The event to deliver for a request: it gets an id the agent answers by.
     pub fn prepare(&mut self, pending: Pending) -> Option<Event> {
-        // Requests whose clients gave up can never be answered.
+        // Requests whose clients gave up can never be answered: not delivered at all.
+        if pending.reply.is_closed() {
+            return None;
+        }
         self.open.retain(|_, reply| !reply.is_closed());
         self.next_id += 1;
         let mut request = pending.request;
@@ -76,6 +126,26 @@ pub(crate) struct Door {
     pub body_bytes: usize,
     /// How long a request waits for the agent's answer.
     pub timeout: Duration,
+    /// The agent's requests waiting for it, and how many bytes they may hold.
+    pub backlog: Arc<Backlog>,
+    pub backlog_bytes: usize,
+    pub log: Logger,
+    pub metrics: Arc<AgentMetrics>,
+}
+
+impl Door {
+    /// 503 for a request that does not fit the agent's backlog, said in its log at most
+    /// every 10 s.
+    fn busy(&self) -> Response {
+        self.metrics.add(Count::LimitRefused);
+        let mut said = self.backlog.said_at.lock().unwrap_or_else(|p| p.into_inner());
+        if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+            *said = Some(Instant::now());
+            let max = self.backlog_bytes;
+            self.log.write(Level::Error, &format!("http: requests refused with 503: those waiting hold {max} bytes, the most limits.inbound_queue_bytes allows"));
+        }
+        (StatusCode::SERVICE_UNAVAILABLE, "too many requests waiting for this agent\n").into_response()
+    }
 }
 
 /// Serves every agent's URL until the host shuts down.
@@ -95,11 +165,25 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
         .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default();
     let method = req.method().as_str().to_owned();
-    let headers = req
+    let headers: Headers = req
         .headers()
         .iter()
         .map(|(n, v)| (n.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
+    // Held before the body is read: its declared length, or the most a body may be when
+    // it comes in chunks; what it turns out to be once read.
+    let declared = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let chunked = req.headers().contains_key(axum::http::header::TRANSFER_ENCODING);
+    let body_max = match declared {
+        Some(n) if n > door.body_bytes => return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response(),
+        Some(n) => n,
+        None if chunked => door.body_bytes,
+        None => 0,
+    };
+    let head = REQUEST_OVERHEAD + headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() + path.len();
+    let Some(mut held) = door.backlog.hold(head + body_max, door.backlog_bytes) else {
+        return door.busy();
+    };
     // The body has the agent's answer time to arrive: a client trickling it in holds a
     // connection and a buffer no longer than that.
     let body = match tokio::time::timeout(door.timeout, axum::body::to_bytes(req.into_body(), door.body_bytes)).await {
@@ -107,9 +191,10 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
         Ok(Err(_)) => return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response(),
         Err(_) => return (StatusCode::REQUEST_TIMEOUT, "request body not received in time\n").into_response(),
     };
+    held.shrink_to(head + body.len());
     let request = IncomingRequest { id: 0, method, path: format!("/{rest}"), query, headers, body };
     let (reply, answer) = oneshot::channel();
-    if !door.requests.try_post(Pending { request, reply }) {
+    if !door.requests.try_post(Pending { request, reply, _held: held }) {
         return (StatusCode::SERVICE_UNAVAILABLE, "agent stopped\n").into_response();
     }
     match tokio::time::timeout(door.timeout, answer).await {
