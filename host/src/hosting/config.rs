@@ -138,7 +138,7 @@ pub struct AgentPolicy {
 }
 
 /// One agent's identity and configuration values.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AgentSettings {
     /// The agent id; `tether run` derives one from the module's file name when unset.
@@ -147,6 +147,18 @@ pub struct AgentSettings {
     pub config: BTreeMap<String, String>,
     /// The agent's device, if it has one: the serial port it is attached to.
     pub device: Option<DeviceBinding>,
+}
+
+// By hand: `config` holds the manifest's secrets too, and a debug print (a log line, a
+// panic message) must not carry them. Keys are shown, values are not.
+impl std::fmt::Debug for AgentSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentSettings")
+            .field("id", &self.id)
+            .field("config", &self.config.keys().map(|k| (k, "<redacted>")).collect::<BTreeMap<_, _>>())
+            .field("device", &self.device)
+            .finish()
+    }
 }
 
 /// Where an agent's device is attached: a serial port, 8N1.

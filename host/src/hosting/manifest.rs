@@ -81,10 +81,17 @@ impl Default for ManageConfig {
 }
 
 /// A tenant and the bearer token that acts for it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Tenant {
     pub name: String,
     pub token: String,
+}
+
+// By hand, so that a debug print never carries the token.
+impl std::fmt::Debug for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tenant").field("name", &self.name).field("token", &"<redacted>").finish()
+    }
 }
 
 /// Where an agent's module comes from.
@@ -341,6 +348,14 @@ id = "a2"
 tenant = "acme"
 module = "sha256:0000000000000000000000000000000000000000000000000000000000000000"
 "#;
+
+    #[test]
+    fn a_debug_print_carries_no_token_and_no_secret() {
+        let m = Manifest::parse(GOOD, Path::new("/m")).unwrap();
+        let printed = format!("{m:?}");
+        assert!(!printed.contains("acme-token") && !printed.contains("hidden"), "{printed}");
+        assert!(printed.contains("acme") && printed.contains("\"s\""), "names and keys stay: {printed}");
+    }
 
     #[test]
     fn parses_agents_with_defaults_and_overrides() {
