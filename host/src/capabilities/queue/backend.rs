@@ -10,10 +10,21 @@ const MAX_ENTRY_BYTES: u64 = 1024 * 1024;
 /// The longest queue name, bytes.
 const MAX_NAME_BYTES: usize = 64;
 
+/// Quota bytes per entry an agent may keep: an entry costs the host a row whatever its
+/// payload, so empty entries are not free. 262,144 entries at 16 MiB.
+pub(crate) const QUOTA_BYTES_PER_ENTRY: u64 = 64;
+
+/// The entries a quota allows: one per [`QUOTA_BYTES_PER_ENTRY`], and at least 16 so that
+/// a small quota still holds a few small entries.
+pub(crate) fn max_entries(quota: u64) -> u64 {
+    (quota / QUOTA_BYTES_PER_ENTRY).max(16)
+}
+
 /// Why a queue operation failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueueError {
-    /// The agent's queues would exceed its quota; nothing was appended.
+    /// The agent's queues would exceed its quota of bytes, or of entries
+    /// ([`max_entries`]); nothing was appended.
     #[error("the queues would exceed their quota of {quota} bytes")]
     QuotaExceeded { quota: u64 },
     /// One entry over [`largest_entry`]; nothing was appended.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::backend::{Backend, QueueError, check_name, largest_entry};
+use super::backend::{Backend, QueueError, check_name, largest_entry, max_entries};
 use crate::bindings::queue::{Entry, QueueStats};
 
 /// The layout's version, in `PRAGMA user_version`. Version 0 with a table `entry` is the
@@ -203,7 +203,7 @@ impl Backend for SqliteQueues {
             return Err(QueueError::TooLarge { len: payload.len(), max });
         }
         self.with_db(|db| {
-            if db.bytes.saturating_add(len) > self.quota {
+            if db.bytes.saturating_add(len) > self.quota || db.entries >= max_entries(self.quota) {
                 return Err(QueueError::QuotaExceeded { quota: self.quota });
             }
             let id = db.next_id;
@@ -374,6 +374,21 @@ mod tests {
         assert_eq!(usage(&q)?, (1, 6, 10));
         q.append("c", b"cccc")?;
         assert_eq!(usage(&q)?, (2, 10, 10));
+        Ok(())
+    }
+
+    #[test]
+    fn empty_entries_are_not_free() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let q = SqliteQueues::new(dir.path(), "agent", 64 * 20, false);
+        for _ in 0..20 {
+            q.append("a", b"")?;
+        }
+        assert!(matches!(q.append("a", b""), Err(QueueError::QuotaExceeded { .. })), "one entry per 64 bytes of quota");
+        assert_eq!(usage(&q)?, (20, 0, 64 * 20));
+        let first = q.entries("a", 0, 1)?[0].id;
+        assert!(q.remove("a", first)?);
+        q.append("a", b"")?;
         Ok(())
     }
 
