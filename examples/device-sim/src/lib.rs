@@ -473,7 +473,7 @@ fn send_reading<B: AsRef<[u8]> + AsMut<[u8]>>(agent: &mut Agent<PtyIo, B>, board
         return;
     }
     let Some(&n) = r.waiting.front() else { return };
-    let payload = Value::Map([("n".to_owned(), Value::Int(n as i64))].into_iter().collect()).encode();
+    let payload = Value::Map([("n".to_owned(), Value::Int(i64::try_from(n).unwrap_or(i64::MAX)))].into_iter().collect()).encode();
     if let Ok(id) = agent.send_cbor("reading", &payload, true) {
         r.in_flight = Some((id, n));
     }

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::broadcast;
 
@@ -102,6 +103,15 @@ impl Logger {
         self.write(level, text);
     }
 
+    /// A call refused at one of the agent's limits: counted, and said in the log when
+    /// `quiet` allows, as an agent (or a peer) can repeat it in a loop.
+    pub fn limit_refused(&self, quiet: &Quiet, text: impl FnOnce() -> String) {
+        self.limit.metrics.add(Count::LimitRefused);
+        if quiet.due() {
+            self.write(Level::Error, &text());
+        }
+    }
+
     /// Writes a line to every sink, made safe first by [`one_line`].
     pub fn write(&self, level: Level, text: &str) {
         let text = one_line(text);
@@ -123,6 +133,24 @@ impl Logger {
         };
         // No subscriber is the normal case outside tests and the management API.
         let _ = self.subscribers.send(line);
+    }
+}
+
+/// Lets something repeated be said at most once every [`Quiet::EVERY`].
+#[derive(Default)]
+pub(crate) struct Quiet(Mutex<Option<Instant>>);
+
+impl Quiet {
+    const EVERY: Duration = Duration::from_secs(10);
+
+    /// Whether to say it now; if so, the next time is `EVERY` away.
+    pub fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let due = last.is_none_or(|at| at.elapsed() >= Self::EVERY);
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
     }
 }
 

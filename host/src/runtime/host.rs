@@ -69,7 +69,6 @@ impl Doors for HostShared {
             backlog: agent.parts.backlog.clone(),
             backlog_bytes: agent.parts.limits.inbound_queue_bytes,
             log: agent.parts.handles.log.clone(),
-            metrics: agent.parts.handles.metrics.clone(),
         })
     }
 }

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -15,8 +15,7 @@ use tokio::sync::oneshot;
 use crate::bindings::events::Event;
 use crate::bindings::http::{Headers, IncomingRequest, RespondError};
 use crate::kit::events::Events;
-use crate::kit::log::{Level, Logger};
-use crate::kit::metrics::{AgentMetrics, Count};
+use crate::kit::log::{Logger, Quiet};
 
 /// Where the agent's answer goes.
 type Reply<T> = oneshot::Sender<T>;
@@ -43,7 +42,7 @@ pub(crate) struct Pending {
 pub(crate) struct Backlog {
     bytes: AtomicUsize,
     /// When the log last said that requests were refused.
-    said_at: Mutex<Option<Instant>>,
+    full: Quiet,
 }
 
 /// What one request counts besides its body: its head, the queue entry, the reply.
@@ -130,20 +129,13 @@ pub(crate) struct Door {
     pub backlog: Arc<Backlog>,
     pub backlog_bytes: usize,
     pub log: Logger,
-    pub metrics: Arc<AgentMetrics>,
 }
 
 impl Door {
-    /// 503 for a request that does not fit the agent's backlog, said in its log at most
-    /// every 10 s.
+    /// 503 for a request that does not fit the agent's backlog.
     fn busy(&self) -> Response {
-        self.metrics.add(Count::LimitRefused);
-        let mut said = self.backlog.said_at.lock().unwrap_or_else(|p| p.into_inner());
-        if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
-            *said = Some(Instant::now());
-            let max = self.backlog_bytes;
-            self.log.write(Level::Error, &format!("http: requests refused with 503: those waiting hold {max} bytes, the most limits.inbound_queue_bytes allows"));
-        }
+        let max = self.backlog_bytes;
+        self.log.limit_refused(&self.backlog.full, || format!("http: requests refused with 503: those waiting hold {max} bytes, the most limits.inbound_queue_bytes allows"));
         (StatusCode::SERVICE_UNAVAILABLE, "too many requests waiting for this agent\n").into_response()
     }
 }

@@ -5,7 +5,7 @@
 //! agents' own connections). The body deadline is the handler's (see `inbound`).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -13,17 +13,16 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
+use crate::kit::log::Quiet;
+
 /// How long open connections get to finish when the host stops.
 const DRAIN: Duration = Duration::from_secs(5);
-
-/// How often the log may say that connections are being refused.
-const SAY_FULL_EVERY: Duration = Duration::from_secs(10);
 
 /// Serves `router` on `listener` until `stop` changes.
 pub(crate) async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>, max_connections: usize, header_timeout: Duration) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let graceful = GracefulShutdown::new();
-    let mut said_full: Option<Instant> = None;
+    let full = Quiet::default();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -39,9 +38,8 @@ pub(crate) async fn serve(listener: TcpListener, router: axum::Router, mut stop:
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            if said_full.is_none_or(|at| at.elapsed() >= SAY_FULL_EVERY) {
+            if full.due() {
                 tracing::warn!("agent URLs: {max_connections} connections open (http_max_connections); closing new ones");
-                said_full = Some(Instant::now());
             }
             continue;
         };

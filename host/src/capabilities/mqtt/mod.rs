@@ -18,7 +18,7 @@ use crate::bindings::events::Event;
 use crate::bindings::mqtt::{self as wit, ConnectOptions, MqttError};
 use crate::kit::Handles;
 use crate::kit::events::Events;
-use crate::kit::log::Level;
+use crate::kit::log::Quiet;
 use crate::kit::metrics::Count;
 use crate::kit::tasks::TaskGuard;
 use crate::policy::allowed_hosts::AllowedHosts;
@@ -94,13 +94,13 @@ pub(crate) struct Clients {
     connections: HashMap<u32, Connection>,
     /// Why recent clients failed to connect or lost their connection, oldest first.
     causes: VecDeque<(u32, String)>,
-    /// Whether the log has said that `limits.mqtt_connections` was reached.
-    said_full: bool,
+    /// When the log last said that `limits.mqtt_connections` was reached.
+    full: Quiet,
 }
 
 impl Clients {
     pub fn new(policy: Arc<Policy>, handles: Handles, events: Events<Report>) -> Clients {
-        Clients { policy, handles, events, next_client: 0, next_op: 0, connections: HashMap::new(), causes: VecDeque::new(), said_full: false }
+        Clients { policy, handles, events, next_client: 0, next_op: 0, connections: HashMap::new(), causes: VecDeque::new(), full: Quiet::default() }
     }
 
     /// Maps a connection's event to the WIT event; a connection that ended is forgotten.
@@ -179,12 +179,8 @@ fn queue_error(e: ClientError) -> MqttError {
 impl wit::Host for Clients {
     fn connect(&mut self, options: ConnectOptions) -> Result<u32, MqttError> {
         if self.connections.len() >= self.policy.max_connections {
-            self.handles.metrics.add(Count::LimitRefused);
-            // Said once per instance: an agent retrying in a loop would flood its log.
-            if !std::mem::replace(&mut self.said_full, true) {
-                let n = self.policy.max_connections;
-                self.handles.log.write(Level::Error, &format!("mqtt: connect refused: {n} clients open, the most limits.mqtt_connections allows"));
-            }
+            let n = self.policy.max_connections;
+            self.handles.log.limit_refused(&self.full, || format!("mqtt: connect refused: {n} clients open, the most limits.mqtt_connections allows"));
             return Err(MqttError::TooManyConnections);
         }
         let mqtt_options = options::mqtt_options(&self.policy, &self.handles.log, &options)?;

@@ -9,8 +9,7 @@ use crate::bindings::events::Event;
 use crate::bindings::timers::{self as wit, TimerError};
 use crate::kit::Handles;
 use crate::kit::events::Events;
-use crate::kit::log::Level;
-use crate::kit::metrics::Count;
+use crate::kit::log::Quiet;
 use crate::kit::tasks::TaskGuard;
 
 /// imp's largest wakeup interval, s.
@@ -28,13 +27,13 @@ pub(crate) struct Timers {
     active: HashMap<u64, TaskGuard>,
     /// `limits.timers`.
     max: usize,
-    /// Whether the log has said that `max` was reached.
-    said_full: bool,
+    /// When the log last said that `max` was reached.
+    full: Quiet,
 }
 
 impl Timers {
     pub fn new(handles: Handles, events: Events<Fired>, max: usize) -> Timers {
-        Timers { handles, events, next_id: 0, active: HashMap::new(), max, said_full: false }
+        Timers { handles, events, next_id: 0, active: HashMap::new(), max, full: Quiet::default() }
     }
 
     /// The event to deliver for a fired timer: `None` if it was cancelled after it fired
@@ -47,12 +46,8 @@ impl Timers {
 impl wit::Host for Timers {
     fn wakeup(&mut self, seconds: f64) -> Result<u64, TimerError> {
         if self.active.len() >= self.max {
-            self.handles.metrics.add(Count::LimitRefused);
-            // Said once per instance: an agent retrying in a loop would flood its log.
-            if !std::mem::replace(&mut self.said_full, true) {
-                let n = self.max;
-                self.handles.log.write(Level::Error, &format!("timers: wakeup refused: {n} timers pending, the most limits.timers allows"));
-            }
+            let n = self.max;
+            self.handles.log.limit_refused(&self.full, || format!("timers: wakeup refused: {n} timers pending, the most limits.timers allows"));
             return Err(TimerError::TooManyTimers);
         }
         // NaN and negative intervals mean "now", as imp clamps them.
