@@ -22,7 +22,7 @@ struct Served {
     manage: ManageServer,
     logs: LogWatch,
     http: reqwest::Client,
-    _dir: Option<tempfile::TempDir>,
+    tmp: Option<tempfile::TempDir>,
 }
 
 /// The manifest's head: host on free ports in `dir`, tenants `a` and `b`.
@@ -35,9 +35,11 @@ store_dir = "{store}"
 cache_dir = "{cache}"
 {extra_host}
 
+[host.modules]
+max_module_bytes = 1048576
+
 [manage]
 listen = "127.0.0.1:0"
-max_module_bytes = 1048576
 
 [[tenant]]
 name = "a"
@@ -62,7 +64,7 @@ impl Served {
     async fn start(entries: &str, extra_host: &str) -> anyhow::Result<Served> {
         let dir = tempfile::tempdir()?;
         let mut served = Served::start_in(dir.path(), entries, extra_host).await?;
-        served._dir = Some(dir);
+        served.tmp = Some(dir);
         Ok(served)
     }
 
@@ -75,8 +77,13 @@ impl Served {
         let logs = LogWatch::new(host.logs());
         manifest.spawn_agents(&host)?;
         let listen = manifest.manage.listen.ok_or_else(|| anyhow::anyhow!("no manage.listen"))?;
-        let manage = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen).await?;
-        Ok(Served { host, manage, logs, http: reqwest::Client::new(), _dir: None })
+        let manage = ManageServer::start(host.clone(), manifest.access(), listen).await?;
+        Ok(Served { host, manage, logs, http: reqwest::Client::new(), tmp: None })
+    }
+
+    /// Where the manifest, stores and cache are.
+    fn dir(&self) -> &Path {
+        self.tmp.as_ref().map_or(Path::new("."), |d| d.path())
     }
 
     fn api(&self, path: &str) -> String {
@@ -235,18 +242,25 @@ async fn bad_deploys_get_400_and_the_old_version_keeps_answering() -> anyhow::Re
     assert_eq!(s.agent_get("a1", "/count").await, (200, "1".into()));
 
     let oversized = vec![0u8; 2 << 20];
-    let cases: [(Vec<u8>, &str); 4] = [
+    // A compile bomb: cheap to send, slow to compile; refused by its shape.
+    let nested = format!("(component (core module (func {}{})))", "(loop ".repeat(301), ")".repeat(301));
+    let cases: [(Vec<u8>, &str); 5] = [
         (b"not wasm at all".to_vec(), "not a WebAssembly component"),
         (wat::parse_str("(module)")?, "core WebAssembly module"),
         (wat::parse_str("(component)")?, "not a tether:agent@0.1.0 agent"),
         (oversized, "too large"),
+        (wat::parse_str(&nested)?, "function 0's block nesting is 301, over modules.max_nesting = 300"),
     ];
+    let cache = s.dir().join("cache");
+    let artefacts = || std::fs::read_dir(&cache).map(|d| d.count()).unwrap_or(0);
+    let before = artefacts();
     for (bytes, reason) in cases {
         let (status, body) = s.call("POST", "/api/agents/a1/deploy", TOKEN_A, bytes).await;
         assert_eq!(status, 400, "{body}");
         assert!(body.contains(reason), "{reason}: {body}");
         assert_eq!(s.agent_get("a1", "/ping").await, (200, "pong".into()));
     }
+    assert_eq!(artefacts(), before, "nothing refused was cached");
 
     // A good version: swapped in, restarted over the kept store.
     let echo = std::fs::read(build_agent("http-echo")?)?;

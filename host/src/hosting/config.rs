@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::policy::allowed_hosts::AllowedHosts;
+pub use crate::runtime::shape::ModuleLimits;
 pub use crate::policy::rate::Rate;
 
 /// Errors reading a configuration file.
@@ -48,6 +49,13 @@ pub struct HostConfig {
     /// crash of the host (kill -9 included) but the last ones may be lost in a power loss
     /// or a kernel crash; with it they survive those too, for a disk flush per append.
     pub queue_fsync: bool,
+    /// Bytes the compile cache may hold; past it, the least recently used artefacts of
+    /// modules no agent runs are removed, MiB.
+    pub cache_max_mib: u64,
+    /// Modules compiled at once (deploys wait their turn); each compile may use every core.
+    pub compile_concurrency: usize,
+    /// Bounds on a module's shape, checked before it is compiled.
+    pub modules: ModuleLimits,
     /// Limits applied to every agent.
     pub limits: Limits,
 }
@@ -64,6 +72,9 @@ impl Default for HostConfig {
             http_max_connections: 4096,
             http_header_timeout_secs: 10,
             queue_fsync: false,
+            cache_max_mib: 1024,
+            compile_concurrency: 1,
+            modules: ModuleLimits::default(),
             limits: Limits::default(),
         }
     }

@@ -65,19 +65,12 @@ pub struct Manifest {
 }
 
 /// The management API's settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ManageConfig {
-    /// Where the management API and dashboard listen; not served when unset.
+    /// Where the management API and dashboard listen; not served when unset. (The
+    /// largest module a deploy may upload is `[host.modules] max_module_bytes`.)
     pub listen: Option<SocketAddr>,
-    /// Largest module a deploy may upload, bytes.
-    pub max_module_bytes: usize,
-}
-
-impl Default for ManageConfig {
-    fn default() -> Self {
-        ManageConfig { listen: None, max_module_bytes: 16 << 20 }
-    }
 }
 
 /// A tenant and the bearer token that acts for it.

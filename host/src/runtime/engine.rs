@@ -1,5 +1,5 @@
 //! The wasmtime engine shared by all agents: sandbox configuration, the epoch ticker that
-//! bounds CPU per event, and the on-disk cache of compiled components.
+//! bounds CPU per event, and loading modules: shape pre-check, compile, link, cache.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
+use super::cache::{CompileCache, Live};
 use super::instance::{self, AgentState};
+use super::shape::{ModuleLimits, ShapeError};
 use super::sched::TICK;
 use crate::bindings::AgentPre;
 use crate::hosting::config::HostConfig;
@@ -25,9 +27,12 @@ pub enum LoadError {
     /// A component, but not of the `tether:agent/agent` world.
     #[error("not a tether:agent@0.1.0 agent: {0}")]
     WrongWorld(String),
-    /// A module named by digest that this host never compiled.
+    /// A module named by digest that this host never compiled (or evicted since).
     #[error("no compiled module sha256:{0} in the cache")]
     NotCached(String),
+    /// Refused before compiling: past a `[host.modules]` limit, or undecodable.
+    #[error(transparent)]
+    Shape(#[from] ShapeError),
 }
 
 /// A compiled, linked agent module, ready to instantiate many times.
@@ -36,13 +41,16 @@ pub struct AgentModule {
     pub(crate) pre: AgentPre<AgentState>,
     /// SHA-256 of the module's bytes, hex.
     pub digest: String,
+    /// Keeps the module's cached artefact from eviction while the module is in use.
+    _live: Live,
 }
 
 /// The engine, linker and component cache.
 pub struct Runtime {
     pub(crate) engine: Engine,
     linker: Linker<AgentState>,
-    cache_dir: PathBuf,
+    cache: CompileCache,
+    modules: ModuleLimits,
 }
 
 impl Runtime {
@@ -88,7 +96,13 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         instance::link(&mut linker)?;
-        Ok(Arc::new(Runtime { engine, linker, cache_dir: config.cache_dir.clone() }))
+        let cache = CompileCache::new(&config.cache_dir, config.cache_max_mib << 20, &engine);
+        Ok(Arc::new(Runtime { engine, linker, cache, modules: config.modules.clone() }))
+    }
+
+    /// The bounds on a module's shape checked before compiling.
+    pub fn module_limits(&self) -> &ModuleLimits {
+        &self.modules
     }
 
     /// Loads a module from a file: see [`Runtime::load`].
@@ -98,23 +112,28 @@ impl Runtime {
         self.load(&bytes)
     }
 
-    /// Compiles (or takes from the cache) and links a module, checking that it is a
-    /// component of the agent world.
+    /// Checks a module's shape, compiles it (or takes it from the cache) and links it,
+    /// checking that it is a component of the agent world. Only a module that links is
+    /// cached.
     pub fn load(&self, bytes: &[u8]) -> Result<AgentModule, LoadError> {
+        if !wasmparser_is_component(bytes) {
+            return Err(LoadError::NotComponent(describe_non_component(bytes)));
+        }
         let digest = hex::encode(Sha256::digest(bytes));
-        let component = self.compile_cached(bytes, &digest)?;
-        self.link(&component, digest)
+        if let Some(component) = self.cache.get(&self.engine, &digest) {
+            return self.link(&component, digest);
+        }
+        self.modules.check(bytes)?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| LoadError::NotComponent(one_line(&e)))?;
+        let module = self.link(&component, digest)?;
+        self.cache.put(&module.digest, &component);
+        Ok(module)
     }
 
     /// Loads a module compiled earlier, by the SHA-256 (hex) of its bytes.
     pub fn load_cached(&self, digest: &str) -> Result<AgentModule, LoadError> {
-        let path = self.cache_path(digest);
-        let not_cached = || LoadError::NotCached(digest.to_owned());
-        if !digest.bytes().all(|b| b.is_ascii_hexdigit()) || !path.exists() {
-            return Err(not_cached());
-        }
-        // SAFETY: as in `compile_cached`.
-        let component = unsafe { Component::deserialize_file(&self.engine, &path) }.map_err(|_| not_cached())?;
+        let component = self.cache.get(&self.engine, digest).ok_or_else(|| LoadError::NotCached(digest.to_owned()))?;
         self.link(&component, digest.to_owned())
     }
 
@@ -124,47 +143,9 @@ impl Runtime {
             .instantiate_pre(component)
             .map_err(|e| LoadError::WrongWorld(one_line(&e)))?;
         let pre = AgentPre::new(pre).map_err(|e| LoadError::WrongWorld(one_line(&e)))?;
-        Ok(AgentModule { pre, digest })
+        let live = self.cache.hold(&digest);
+        Ok(AgentModule { pre, digest, _live: live })
     }
-
-    fn cache_path(&self, digest: &str) -> PathBuf {
-        // The engine's compatibility hash is part of the name: a host upgrade or other
-        // settings never load an incompatible artefact.
-        let mut hasher = std::hash::DefaultHasher::new();
-        std::hash::Hash::hash(&self.engine.precompile_compatibility_hash(), &mut hasher);
-        let engine_tag = std::hash::Hasher::finish(&hasher);
-        self.cache_dir.join(format!("{digest}-{engine_tag:016x}.cwasm"))
-    }
-
-    fn compile_cached(&self, bytes: &[u8], digest: &str) -> Result<Component, LoadError> {
-        if !wasmparser_is_component(bytes) {
-            return Err(LoadError::NotComponent(describe_non_component(bytes)));
-        }
-        let path = self.cache_path(digest);
-        if path.exists() {
-            // SAFETY: the cache directory holds only artefacts this host serialized itself
-            // for this engine configuration (checked again by wasmtime's header).
-            match unsafe { Component::deserialize_file(&self.engine, &path) } {
-                Ok(component) => return Ok(component),
-                Err(e) => tracing::warn!(path = %path.display(), "recompiling: cached component unusable: {e:#}"),
-            }
-        }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::NotComponent(one_line(&e)))?;
-        if let Err(e) = write_cache(&path, &component) {
-            tracing::warn!(path = %path.display(), "cannot cache compiled component: {e:#}");
-        }
-        Ok(component)
-    }
-}
-
-fn write_cache(path: &Path, component: &Component) -> anyhow::Result<()> {
-    let bytes = component.serialize()?;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    crate::atomic_file::write(path, &bytes)?;
-    Ok(())
 }
 
 /// A component's preamble is `\0asm` followed by a layer field of 1; a core module has 0.

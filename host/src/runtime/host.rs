@@ -51,6 +51,8 @@ pub(crate) struct HostShared {
     agents: RwLock<HashMap<String, Arc<AgentShared>>>,
     logs: broadcast::Sender<LogLine>,
     shutdown: watch::Sender<bool>,
+    /// Compiles running at once (`compile_concurrency`).
+    compile_gate: tokio::sync::Semaphore,
 }
 
 impl HostShared {
@@ -138,6 +140,7 @@ impl Host {
         let io = tokio::runtime::Handle::current();
         let connect_guard = ConnectGuard::start(&io).await.context("cannot start the MQTT connect guard")?;
         let mqtt_network = Arc::new(mqtt::Network { tls, guard: connect_guard.proxy() });
+        let compile_concurrency = config.compile_concurrency.max(1);
         let shared = Arc::new(HostShared {
             deployed,
             public_url: public_url.trim_end_matches('/').to_owned(),
@@ -151,6 +154,7 @@ impl Host {
             agents: RwLock::default(),
             logs: broadcast::channel(4096).0,
             shutdown: watch::channel(false).0,
+            compile_gate: tokio::sync::Semaphore::new(compile_concurrency),
         });
         let router = inbound::router(shared.clone());
         let (max_connections, header_timeout) = (shared.config.http_max_connections, Duration::from_secs(shared.config.http_header_timeout_secs));
@@ -296,8 +300,10 @@ impl Host {
     }
 
     /// Compiles (or takes from the cache) and links a module on a blocking thread, so
-    /// that a deploy does not stall the agents sharing this thread.
+    /// that a deploy does not stall the agents sharing this thread; at most
+    /// `compile_concurrency` at once, the others wait their turn.
     pub async fn compile(&self, bytes: Vec<u8>) -> Result<AgentModule, LoadError> {
+        let _turn = self.shared.compile_gate.acquire().await;
         let runtime = self.shared.runtime.clone();
         tokio::task::spawn_blocking(move || runtime.load(&bytes))
             .await

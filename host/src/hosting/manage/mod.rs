@@ -16,7 +16,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::body::{Body, Bytes};
@@ -28,7 +28,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
-use super::manifest::{Access, ManageConfig};
+use super::manifest::Access;
 use crate::kit::log::{Level, LogLine};
 use crate::kit::metrics::LATENCY_BUCKETS;
 use crate::runtime::agent::AgentStatus;
@@ -40,6 +40,9 @@ struct Api {
     host: Arc<Host>,
     access: Access,
     max_module_bytes: usize,
+    /// Tenants with a deploy compiling: one at a time each, so that one tenant cannot
+    /// hold every compile slot.
+    compiling: Mutex<HashSet<String>>,
     stop: watch::Receiver<bool>,
 }
 
@@ -52,11 +55,12 @@ pub struct ManageServer {
 
 impl ManageServer {
     /// Binds `listen` and serves the API for `host`.
-    pub async fn start(host: Arc<Host>, access: Access, config: &ManageConfig, listen: SocketAddr) -> std::io::Result<ManageServer> {
+    pub async fn start(host: Arc<Host>, access: Access, listen: SocketAddr) -> std::io::Result<ManageServer> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
-        let api = Arc::new(Api { host, access, max_module_bytes: config.max_module_bytes, stop: stop_rx.clone() });
+        let max_module_bytes = host.runtime().module_limits().max_module_bytes;
+        let api = Arc::new(Api { host, access, max_module_bytes, compiling: Mutex::default(), stop: stop_rx.clone() });
         let router = axum::Router::new()
             .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD) }))
             .route("/api/agents", get(list))
@@ -102,6 +106,9 @@ enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The tenant is at one of its limits; try again later.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -113,6 +120,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut response = json_response(status, &json!({ "error": self.to_string() }));
@@ -220,12 +228,34 @@ async fn deploy(State(api): State<Arc<Api>>, Path(id): Path<String>, request: Re
     if bytes.is_empty() {
         return Err(ApiError::BadRequest("empty body: send the component's bytes".into()));
     }
+    let _turn = CompileTurn::take(&api.compiling, tenant)?;
     let started = Instant::now();
     let module = api.host.compile(bytes.to_vec()).await.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
     let digest = module.digest.clone();
     api.host.deploy_kept(&id, module, &bytes)?;
     Ok(json_response(StatusCode::OK, &json!({ "id": id, "module": digest, "compile_ms": compile_ms })))
+}
+
+/// A tenant's one compile at a time; released when dropped.
+struct CompileTurn<'a> {
+    compiling: &'a Mutex<HashSet<String>>,
+    tenant: String,
+}
+
+impl<'a> CompileTurn<'a> {
+    fn take(compiling: &'a Mutex<HashSet<String>>, tenant: &str) -> Result<CompileTurn<'a>, ApiError> {
+        if !compiling.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_owned()) {
+            return Err(ApiError::Busy("another deploy of this tenant is compiling; send this one when it has finished".into()));
+        }
+        Ok(CompileTurn { compiling, tenant: tenant.to_owned() })
+    }
+}
+
+impl Drop for CompileTurn<'_> {
+    fn drop(&mut self) {
+        self.compiling.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.tenant);
+    }
 }
 
 async fn act(State(api): State<Arc<Api>>, headers: HeaderMap, Path((id, action)): Path<(String, String)>) -> Result<Response, ApiError> {
@@ -349,4 +379,21 @@ fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
         let _ = writeln!(out, "{name}_count{{{labels}}} {}", r.metrics.events);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tenant_compiles_one_deploy_at_a_time() {
+        let compiling = Mutex::default();
+        let first = CompileTurn::take(&compiling, "a").expect("free");
+        let again = CompileTurn::take(&compiling, "a").err().expect("a is compiling");
+        assert_eq!(again.into_response().status(), StatusCode::TOO_MANY_REQUESTS);
+        let other = CompileTurn::take(&compiling, "b");
+        assert!(other.is_ok(), "another tenant is not held up");
+        drop(first);
+        assert!(CompileTurn::take(&compiling, "a").is_ok(), "free again once the first is done");
+    }
 }
