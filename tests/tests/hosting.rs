@@ -40,6 +40,7 @@ max_module_bytes = 1048576
 
 [manage]
 listen = "127.0.0.1:0"
+max_log_streams = 4
 
 [[tenant]]
 name = "a"
@@ -77,7 +78,7 @@ impl Served {
         let logs = LogWatch::new(host.logs());
         manifest.spawn_agents(&host)?;
         let listen = manifest.manage.listen.ok_or_else(|| anyhow::anyhow!("no manage.listen"))?;
-        let manage = ManageServer::start(host.clone(), manifest.access(), listen).await?;
+        let manage = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen).await?;
         Ok(Served { host, manage, logs, http: reqwest::Client::new(), tmp: None })
     }
 
@@ -231,6 +232,46 @@ async fn stop_start_restart_and_logs_through_the_api() -> anyhow::Result<()> {
     assert_eq!(s.call("POST", "/api/agents/a1/restart", TOKEN_A, vec![]).await.0, 202);
     s.logs.wait_for("a1", "Agent restarted: restart", WAIT).await?;
     assert_eq!(s.call("POST", "/api/agents/a1/jump", TOKEN_A, vec![]).await.0, 400);
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn log_streams_are_per_tenant_and_capped() -> anyhow::Result<()> {
+    let noisy = "limits = { log_rate = { burst = 100000, per_sec = 100000.0 } }";
+    let s = Served::start(&(probe_entry("a1", "a", "")? + &probe_entry("b1", "b", noisy)?), "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    let open = async |path: &str, token: &str| s.http.get(s.api(path)).bearer_auth(token).send().await;
+
+    // Tenant a's stream is not read while b's agent writes more lines than a stream holds.
+    let mut quiet = open("/api/logs", TOKEN_A).await?;
+    assert_eq!(quiet.status(), 200);
+    assert_eq!(s.agent_get("b1", "/flood-logs?n=5000").await.0, 200);
+    assert_eq!(s.agent_get("a1", "/print").await.0, 200);
+    let mut seen = String::new();
+    while !seen.contains("to stdout") {
+        let chunk = tokio::time::timeout(WAIT, quiet.chunk()).await??.ok_or_else(|| anyhow::anyhow!("stream ended: {seen}"))?;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(!seen.contains("skipped") && !seen.contains("b1"), "another tenant's volume shows: {seen}");
+
+    // Four streams per tenant (this manifest's max_log_streams); the fifth is refused.
+    let mut held = vec![quiet];
+    for _ in 0..3 {
+        held.push(open("/api/agents/a1/logs", TOKEN_A).await?);
+    }
+    assert!(held.iter().all(|r| r.status() == 200));
+    let refused = open("/api/logs", TOKEN_A).await?;
+    assert_eq!(refused.status(), 429);
+    assert!(refused.text().await?.contains("manage.max_log_streams"));
+    assert_eq!(open("/api/logs", TOKEN_B).await?.status(), 200, "another tenant is not held up");
+    drop(held.pop());
+    // The slot is given back once the server sees the client gone.
+    let deadline = Instant::now() + WAIT;
+    while open("/api/logs", TOKEN_A).await?.status() != 200 {
+        anyhow::ensure!(Instant::now() < deadline, "a closed stream's slot never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.stop().await;
     Ok(())
 }

@@ -27,7 +27,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!("{} agents running; agent URLs under {}", manifest.agents.len(), host.agent_url(""));
     let manage = match manifest.manage.listen {
         Some(listen) => {
-            let server = ManageServer::start(host.clone(), manifest.access(), listen)
+            let server = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen)
                 .await
                 .with_context(|| format!("cannot serve the management API on {listen}"))?;
             tracing::info!("management API and dashboard: http://{}/", server.addr());

@@ -146,6 +146,9 @@ impl Default for Limits {
 pub struct AgentPolicy {
     pub limits: Limits,
     pub allowed_hosts: AllowedHosts,
+    /// The tenant the agent belongs to, if any: its lines go to that tenant's log stream,
+    /// which no other tenant's agents write to.
+    pub tenant: Option<String>,
 }
 
 /// One agent's identity and configuration values.

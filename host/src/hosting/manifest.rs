@@ -65,12 +65,21 @@ pub struct Manifest {
 }
 
 /// The management API's settings.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ManageConfig {
     /// Where the management API and dashboard listen; not served when unset. (The
     /// largest module a deploy may upload is `[host.modules] max_module_bytes`.)
     pub listen: Option<SocketAddr>,
+    /// Log streams (`/api/logs`, `/api/agents/{id}/logs`) one tenant may have open at
+    /// once; past it, 429.
+    pub max_log_streams: usize,
+}
+
+impl Default for ManageConfig {
+    fn default() -> Self {
+        ManageConfig { listen: None, max_log_streams: 16 }
+    }
 }
 
 /// A tenant and the bearer token that acts for it.
@@ -223,12 +232,13 @@ impl Manifest {
                 Some(overrides) => agent_limits(&host.limits, overrides.get_ref()).map_err(|m| at(overrides.span(), m))?,
                 None => host.limits.clone(),
             };
+            let tenant = a.tenant.into_inner();
             agents.push(AgentEntry {
                 id: id.clone(),
-                tenant: a.tenant.into_inner(),
+                tenant: tenant.clone(),
                 module,
                 settings: AgentSettings { id: Some(id), config, device: a.device },
-                policy: AgentPolicy { limits, allowed_hosts: AllowedHosts::Only(allowed) },
+                policy: AgentPolicy { limits, allowed_hosts: AllowedHosts::Only(allowed), tenant: Some(tenant) },
             });
         }
 

@@ -49,7 +49,8 @@ pub struct LogLine {
 #[derive(Clone)]
 pub(crate) struct Logger {
     agent: Arc<str>,
-    subscribers: broadcast::Sender<LogLine>,
+    /// The host's stream of every line, and the agent's tenant's stream if it has one.
+    subscribers: Vec<broadcast::Sender<LogLine>>,
     limit: Arc<LogLimit>,
     recent: Arc<Mutex<Recent>>,
 }
@@ -71,7 +72,7 @@ struct LogLimit {
 }
 
 impl Logger {
-    pub fn new(agent: &str, subscribers: broadcast::Sender<LogLine>, rate: Option<Rate>, metrics: Arc<AgentMetrics>) -> Logger {
+    pub fn new(agent: &str, subscribers: Vec<broadcast::Sender<LogLine>>, rate: Option<Rate>, metrics: Arc<AgentMetrics>) -> Logger {
         let limit = LogLimit { bucket: rate.map(|r| Mutex::new(TokenBucket::new(r))), dropped: Mutex::new(0), metrics };
         Logger { agent: agent.into(), subscribers, limit: Arc::new(limit), recent: Arc::default() }
     }
@@ -132,7 +133,9 @@ impl Logger {
             line
         };
         // No subscriber is the normal case outside tests and the management API.
-        let _ = self.subscribers.send(line);
+        for subscribers in &self.subscribers {
+            let _ = subscribers.send(line.clone());
+        }
     }
 }
 
@@ -198,7 +201,7 @@ mod tests {
 
     #[test]
     fn recent_lines_keep_the_newest_within_their_limits() {
-        let logger = Logger::new("a", broadcast::channel(4).0, None, Arc::default());
+        let logger = Logger::new("a", vec![broadcast::channel(4).0], None, Arc::default());
         for i in 0..150 {
             logger.write(Level::Info, &format!("line {i}"));
         }

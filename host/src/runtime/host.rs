@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -50,6 +50,8 @@ pub(crate) struct HostShared {
     public_url: String,
     agents: RwLock<HashMap<String, Arc<AgentShared>>>,
     logs: broadcast::Sender<LogLine>,
+    /// Each tenant's own stream: a noisy tenant makes only its own readers lag.
+    tenant_logs: Mutex<HashMap<String, broadcast::Sender<LogLine>>>,
     shutdown: watch::Sender<bool>,
     /// Compiles running at once (`compile_concurrency`).
     compile_gate: tokio::sync::Semaphore,
@@ -59,7 +61,15 @@ impl HostShared {
     fn agent(&self, id: &str) -> Option<Arc<AgentShared>> {
         self.agents.read().ok()?.get(id).cloned()
     }
+
+    fn tenant_logs(&self, tenant: &str) -> broadcast::Sender<LogLine> {
+        let mut streams = self.tenant_logs.lock().unwrap_or_else(|p| p.into_inner());
+        streams.entry(tenant.to_owned()).or_insert_with(|| broadcast::channel(TENANT_LOG_LINES).0).clone()
+    }
 }
+
+/// Lines a tenant's log stream holds for a reader that is behind.
+const TENANT_LOG_LINES: usize = 1024;
 
 impl Doors for HostShared {
     fn door(&self, id: &str) -> Option<Door> {
@@ -153,6 +163,7 @@ impl Host {
             mqtt_network,
             agents: RwLock::default(),
             logs: broadcast::channel(4096).0,
+            tenant_logs: Mutex::default(),
             shutdown: watch::channel(false).0,
             compile_gate: tokio::sync::Semaphore::new(compile_concurrency),
         });
@@ -178,9 +189,15 @@ impl Host {
         format!("{}/{id}", self.shared.public_url)
     }
 
-    /// Every agent's log lines from now on.
+    /// Every agent's log lines from now on (for the host's own observers: one reader
+    /// falling behind here sees lines of every tenant skipped).
     pub fn logs(&self) -> broadcast::Receiver<LogLine> {
         self.shared.logs.subscribe()
+    }
+
+    /// The log lines of `tenant`'s agents from now on.
+    pub fn tenant_logs(&self, tenant: &str) -> broadcast::Receiver<LogLine> {
+        self.shared.tenant_logs(tenant).subscribe()
     }
 
     /// Agent `id`'s recent log lines (up to 100, 16 KiB), oldest first.
@@ -209,7 +226,7 @@ impl Host {
 
     /// The host's limits, and every destination allowed: what `spawn` gives an agent.
     pub fn default_policy(&self) -> AgentPolicy {
-        AgentPolicy { limits: self.shared.config.limits.clone(), allowed_hosts: AllowedHosts::All }
+        AgentPolicy { limits: self.shared.config.limits.clone(), allowed_hosts: AllowedHosts::All, tenant: None }
     }
 
     /// The agent, its control channel and, if it has a device, the driver of its line, to
@@ -227,7 +244,9 @@ impl Host {
         let queue = Arc::new(Queue(tx));
         let (control, control_rx) = mpsc::unbounded_channel();
         let metrics = Arc::new(AgentMetrics::default());
-        let log = Logger::new(id, host.logs.clone(), policy.limits.log_rate, metrics.clone());
+        let mut subscribers = vec![host.logs.clone()];
+        subscribers.extend(policy.tenant.as_deref().map(|t| host.tenant_logs(t)));
+        let log = Logger::new(id, subscribers, policy.limits.log_rate, metrics.clone());
         let handles = Handles { log: log.clone(), metrics, io: host.io.clone(), blocking: Blocking::default() };
         let (device, driver) = match settings.device {
             Some(binding) => {

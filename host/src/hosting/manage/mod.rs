@@ -28,7 +28,7 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
-use super::manifest::Access;
+use super::manifest::{Access, ManageConfig};
 use crate::kit::log::{Level, LogLine};
 use crate::kit::metrics::LATENCY_BUCKETS;
 use crate::runtime::agent::AgentStatus;
@@ -43,6 +43,7 @@ struct Api {
     /// Tenants with a deploy compiling: one at a time each, so that one tenant cannot
     /// hold every compile slot.
     compiling: Mutex<HashSet<String>>,
+    streams: Streams,
     stop: watch::Receiver<bool>,
 }
 
@@ -55,12 +56,12 @@ pub struct ManageServer {
 
 impl ManageServer {
     /// Binds `listen` and serves the API for `host`.
-    pub async fn start(host: Arc<Host>, access: Access, listen: SocketAddr) -> std::io::Result<ManageServer> {
+    pub async fn start(host: Arc<Host>, access: Access, config: &ManageConfig, listen: SocketAddr) -> std::io::Result<ManageServer> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
         let max_module_bytes = host.runtime().module_limits().max_module_bytes;
-        let api = Arc::new(Api { host, access, max_module_bytes, compiling: Mutex::default(), stop: stop_rx.clone() });
+        let api = Arc::new(Api { host, access, max_module_bytes, compiling: Mutex::default(), streams: Streams::new(config.max_log_streams), stop: stop_rx.clone() });
         let router = axum::Router::new()
             .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD) }))
             .route("/api/agents", get(list))
@@ -273,18 +274,55 @@ async fn act(State(api): State<Arc<Api>>, headers: HeaderMap, Path((id, action))
 async fn agent_logs(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
     let tenant = api.tenant(&headers)?;
     api.owned(tenant, &id)?;
-    Ok(log_stream(&api, HashSet::from([id])))
+    log_stream(&api, tenant, HashSet::from([id]))
 }
 
 async fn all_logs(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let tenant = api.tenant(&headers)?.to_owned();
-    let ids = api.access.owners.iter().filter(|(_, o)| **o == tenant).map(|(id, _)| id.clone()).collect();
-    Ok(log_stream(&api, ids))
+    let tenant = api.tenant(&headers)?;
+    let ids = api.access.owners.iter().filter(|(_, o)| o.as_str() == tenant).map(|(id, _)| id.clone()).collect();
+    log_stream(&api, tenant, ids)
 }
 
-/// Server-sent events, one per log line of `agents`: their recent lines, then the new ones
-/// as they come, until the client goes away or the server stops.
-fn log_stream(api: &Api, agents: HashSet<String>) -> Response {
+/// The log streams open per tenant, each counted while its response body lives.
+struct Streams {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    max: usize,
+}
+
+/// One open stream of a tenant; dropped with the response body.
+struct StreamSlot {
+    open: Arc<Mutex<HashMap<String, usize>>>,
+    tenant: String,
+}
+
+impl Streams {
+    fn new(max: usize) -> Streams {
+        Streams { open: Arc::default(), max }
+    }
+
+    fn take(&self, tenant: &str) -> Result<StreamSlot, ApiError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(tenant.to_owned()).or_default();
+        if *count >= self.max {
+            return Err(ApiError::Busy(format!("{} log streams are open for this tenant, the most allowed (manage.max_log_streams); close one first", self.max)));
+        }
+        *count += 1;
+        Ok(StreamSlot { open: self.open.clone(), tenant: tenant.to_owned() })
+    }
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.tenant) {
+            *count = count.saturating_sub(1);
+        }
+    }
+}
+
+/// Server-sent events, one per log line of `agents` (all of `tenant`): their recent
+/// lines, then the new ones as they come, until the client goes away or the server stops.
+fn log_stream(api: &Api, tenant: &str, agents: HashSet<String>) -> Result<Response, ApiError> {
     struct Feed {
         backlog: std::vec::IntoIter<LogLine>,
         logs: broadcast::Receiver<LogLine>,
@@ -292,16 +330,18 @@ fn log_stream(api: &Api, agents: HashSet<String>) -> Response {
         /// Per agent, the newest line shown from the backlog: live lines up to it are
         /// duplicates.
         shown: HashMap<String, u64>,
+        _slot: StreamSlot,
     }
+    let slot = api.streams.take(tenant)?;
     // Subscribed before the backlog is read, so no line falls between the two.
-    let logs = api.host.logs();
+    let logs = api.host.tenant_logs(tenant);
     let mut backlog: Vec<LogLine> = agents.iter().flat_map(|id| api.host.recent_logs(id)).collect();
     backlog.sort_by_key(|line| line.seq);
     let mut shown: HashMap<String, u64> = agents.into_iter().map(|id| (id, 0)).collect();
     for line in &backlog {
         shown.insert(line.agent.to_string(), line.seq);
     }
-    let feed = Feed { backlog: backlog.into_iter(), logs, stop: api.stop.clone(), shown };
+    let feed = Feed { backlog: backlog.into_iter(), logs, stop: api.stop.clone(), shown, _slot: slot };
     let events = futures_util::stream::unfold(feed, |mut feed| async move {
         let event = match feed.backlog.next() {
             Some(line) => line_json(&line),
@@ -326,7 +366,7 @@ fn log_stream(api: &Api, agents: HashSet<String>) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    response
+    Ok(response)
 }
 
 fn line_json(line: &LogLine) -> serde_json::Value {
