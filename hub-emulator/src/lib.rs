@@ -8,9 +8,12 @@
 //!   over WebSocket (`/$iothub/websocket`).
 //!
 //! TLS uses a CA and a `localhost` certificate generated into the state directory on
-//! first start. docs/hub-emulator.md describes the endpoints and the control API.
+//! first start, and the control API wants a bearer token generated there too
+//! ([`Hub::control_token`]). docs/hub-emulator.md describes the endpoints and the control
+//! API.
 
 mod control;
+mod control_token;
 mod dps;
 mod events;
 #[doc(hidden)]
@@ -66,6 +69,10 @@ pub struct HubConfig {
     pub persist: bool,
     /// How long after its token's `se` a connection is still tolerated.
     pub token_expiry_grace: Duration,
+    /// The control API's bearer token. `None` (the default): read from
+    /// `<state_dir>/control-token`, which the first start writes with a random token
+    /// (owner-only on unix). `Some`: this token (printable ASCII, no spaces), not stored.
+    pub control_token: Option<String>,
 }
 
 impl Default for HubConfig {
@@ -77,6 +84,7 @@ impl Default for HubConfig {
             state_dir: std::env::temp_dir().join("tether-hub"),
             persist: false,
             token_expiry_grace: Duration::ZERO,
+            control_token: None,
         }
     }
 }
@@ -98,6 +106,8 @@ pub enum HubError {
     Tls(String),
     #[error("state file {path}: {message}")]
     State { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Config(String),
 }
 
 impl HubError {
@@ -127,6 +137,7 @@ pub struct Hub {
     https_addr: SocketAddr,
     ca_path: PathBuf,
     ca_pem: String,
+    control_token: Arc<control_token::ControlToken>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -137,6 +148,10 @@ impl Hub {
     pub async fn start(config: HubConfig) -> Result<Hub, HubError> {
         let dir = &config.state_dir;
         let tls = tls::TlsMaterial::load_or_create(dir)?;
+        let control_token = Arc::new(match &config.control_token {
+            Some(token) => control_token::ControlToken::given(token)?,
+            None => control_token::ControlToken::load_or_create(dir)?,
+        });
         let identity: HubIdentity = load_or_create_json(&dir.join("hub.json"), || HubIdentity {
             scope_id: format!(
                 "0ne{}",
@@ -187,14 +202,26 @@ impl Hub {
         let acceptor = TlsAcceptor::from(tls.server_config);
         let mut tasks = vec![
             tokio::spawn(mqtt::serve(mqtt_listener, acceptor.clone(), shared.clone())),
-            tokio::spawn(http::serve(https_listener, acceptor, shared.clone())),
+            tokio::spawn(http::serve(
+                https_listener,
+                acceptor,
+                shared.clone(),
+                control_token.clone(),
+            )),
         ];
         if shared.persist_path.is_some() {
             tasks.push(tokio::spawn(save_loop(shared.clone())));
         }
+        // The token itself stays out of logs; where to find it does not.
         tracing::info!(
-            "hub emulator: mqtts://{mqtt_addr} https://{https_addr} CA {}",
-            tls.ca_path.display()
+            "hub emulator: mqtts://{mqtt_addr} https://{https_addr} CA {} control token {}",
+            tls.ca_path.display(),
+            control_token
+                .path()
+                .map_or("set by the embedder".into(), |p| format!(
+                    "in {}",
+                    p.display()
+                ))
         );
         Ok(Hub {
             shared,
@@ -203,6 +230,7 @@ impl Hub {
             https_addr,
             ca_path: tls.ca_path,
             ca_pem: tls.ca_pem,
+            control_token,
             shutdown,
             tasks,
         })
@@ -244,7 +272,20 @@ impl Hub {
         format!("{}:{}", self.hostname(), self.https_addr.port())
     }
 
-    /// In-process control handle (C2D, events, faults, enrollments).
+    /// The bearer token the HTTPS control API (`/emulator/...`) requires:
+    /// `Authorization: Bearer <token>`. Stable per state directory unless
+    /// [`HubConfig::control_token`] set it.
+    pub fn control_token(&self) -> &str {
+        self.control_token.value()
+    }
+
+    /// The file holding [`Hub::control_token`] (`<state dir>/control-token`); `None` when
+    /// [`HubConfig::control_token`] set it.
+    pub fn control_token_path(&self) -> Option<&Path> {
+        self.control_token.path()
+    }
+
+    /// In-process control handle (C2D, events, faults, enrollments); needs no token.
     pub fn control(&self) -> Control {
         Control {
             shared: self.shared.clone(),

@@ -125,6 +125,7 @@ async fn run_scenario(hub: &Hub, name: &str, extra: Value) {
         "https_port": hub.https_addr().port(),
         "service_cs": hub.service_connection_string(),
         "scope_id": hub.dps_scope_id(),
+        "control_token": hub.control_token(),
     });
     if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
         c.extend(e.clone());

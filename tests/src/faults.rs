@@ -358,12 +358,14 @@ pub async fn hub_kill_9() -> anyhow::Result<Report> {
             Err(e) => return Err(e.into()),
         }
     };
-    // The device, kept in the hub's state for the processes that follow.
-    let (cs, ca) = {
+    // The device, kept in the hub's state for the processes that follow (and so is the
+    // control token, in `control-token` there).
+    let (cs, ca, control_token) = {
         let cs = hub.create_device("sender")?.connection_string;
         let ca = hub.ca_cert_path().to_owned();
+        let control_token = hub.control_token().to_owned();
         hub.shutdown().await;
-        (cs, ca)
+        (cs, ca, control_token)
     };
     let hub_args = |ports: &[String; 2]| {
         let s = state.display().to_string();
@@ -400,7 +402,8 @@ pub async fn hub_kill_9() -> anyhow::Result<Report> {
     let deadline = Instant::now() + WAIT;
     let mut recovery = None;
     let arrived = loop {
-        let body: Value = serde_json::from_str(&http.get(&url).send().await?.text().await?)?;
+        let response = http.get(&url).bearer_auth(&control_token).send().await?.error_for_status()?;
+        let body: Value = serde_json::from_str(&response.text().await?)?;
         let events = body["events"].as_array().cloned().unwrap_or_default();
         // Polled every 100 ms: the first poll that saw a message bounds the recovery.
         if recovery.is_none() && !events.is_empty() {

@@ -46,8 +46,12 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
     };
     let token_line = wait_for(&|l| l.contains("export TOKEN="))?;
     let token = token_line.split("export TOKEN='").nth(1).and_then(|t| t.strip_suffix('\'')).unwrap_or_default().to_owned();
+    let control_line = wait_for(&|l| l.contains("export CONTROL_TOKEN="))?;
+    let control_token = control_line.split("export CONTROL_TOKEN='").nth(1).and_then(|t| t.strip_suffix('\'')).unwrap_or_default().to_owned();
     let url_line = wait_for(&|l| l.contains("/methods?api-version="))?;
     let url = url_line.trim().trim_matches('\'').to_owned();
+    let c2d_line = wait_for(&|l| l.contains("/emulator/devices/"))?;
+    let c2d_url = c2d_line.trim().trim_matches('\'').to_owned();
     wait_for(&|l| l.contains("registered through DPS"))?;
     wait_for(&|l| l.contains("[hub]") && l.contains(r#""type":"telemetry""#) && l.contains("temperature"))?;
 
@@ -65,6 +69,21 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
         anyhow::Ok((response.status().as_u16(), response.text().await?))
     })?;
     assert_eq!((status, body.as_str()), (200, r#"{"payload":{"blinked":2},"status":200}"#));
+
+    // The printed C2D command: it needs the printed control token.
+    let (without, with) = runtime.block_on(async {
+        let client = reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(&ca)?]).build()?;
+        let send = |auth: Option<&str>| {
+            let request = client.post(&c2d_url).body(r#"{"led": true}"#);
+            match auth {
+                Some(token) => request.bearer_auth(token),
+                None => request,
+            }
+            .send()
+        };
+        anyhow::Ok((send(None).await?.status().as_u16(), send(Some(&control_token)).await?.status().as_u16()))
+    })?;
+    assert_eq!((without, with), (401, 200), "C2D without and with the control token");
 
     // SIGTERM ends it cleanly.
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;

@@ -106,10 +106,12 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 86_400;
     let token = tether_hub_emulator::generate_sas_token(&host_part, &key, Some("iothubowner"), expiry).unwrap_or_default();
     let ca = hub.ca_cert_path().display().to_string();
+    let control_token = hub.control_token();
     println!(
         "\nTether demo: hub emulator, simulated board and the azure-demo agent are running.\n\
          From a second terminal:\n\
          \n  export TOKEN='{token}'\
+         \n  export CONTROL_TOKEN='{control_token}'\
          \n  # a direct method: the agent asks the board to blink\
          \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' \\\
          \n    -d '{{\"methodName\":\"blink\",\"payload\":{{\"times\":3}},\"responseTimeoutInSeconds\":10}}' \\\
@@ -118,7 +120,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
          \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' -X PATCH \\\
          \n    -d '{{\"properties\":{{\"desired\":{{\"interval\":1}}}}}}' 'https://{https}/twins/{DEMO_DEVICE}?api-version=2021-04-12'\
          \n  # a cloud-to-device message: the board switches its LED on\
-         \n  curl --cacert {ca} -d '{{\"led\": true}}' 'https://{https}/emulator/devices/{DEMO_DEVICE}/c2d'\
+         \n  curl --cacert {ca} -H \"Authorization: Bearer $CONTROL_TOKEN\" -d '{{\"led\": true}}' \\\
+         \n    'https://{https}/emulator/devices/{DEMO_DEVICE}/c2d'\
          \n\nCtrl-C ends the demo.\n"
     );
 

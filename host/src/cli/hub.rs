@@ -67,6 +67,8 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
          \n  CA certificate:        {ca}\
          \n  device MQTT (TLS):     {mqtt}\
          \n  service/DPS (HTTPS):   https://{https}  (control API under /emulator, docs/hub-emulator.md)\
+         \n  control API token:     {control}\
+         \n    (send `Authorization: Bearer <token>`; stored in {control_file})\
          \n\n  device connection string ({DEMO_DEVICE}):\n    {device}\
          \n  registry connection string (iothubowner):\n    {service}\
          \n  DPS: scope {scope}, registration id {reg}, key {key}\n",
@@ -74,6 +76,8 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         mqtt = hub.mqtt_addr(),
         https = hub.https_addr(),
         service = hub.service_connection_string(),
+        control = hub.control_token(),
+        control_file = hub.control_token_path().map_or("no file".into(), |p| p.display().to_string()),
         scope = hub.dps_scope_id(),
         reg = enrollment.id,
         key = enrollment.primary_key,

@@ -1,7 +1,9 @@
 //! The emulator's control API under `/emulator/`: what Azure offers only over
 //! AMQP/Event Hubs (C2D send, telemetry and twin-change reads) plus fault injection.
-//! Documented in docs/hub-emulator.md. It needs no credentials: the emulator listens on
-//! loopback only.
+//! Documented in docs/hub-emulator.md. Every route needs `Authorization: Bearer <control
+//! token>` (see `control_token.rs`): loopback alone does not keep out other local
+//! processes, nor agents allowed to reach the port, and the clock and enrollments would
+//! let them past the hub's own credentials.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,15 +11,17 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::api::{ApiError, parse_json};
+use super::api::{ApiError, authorization, parse_json};
 use crate::control::{Control, Enrollment, Fault};
+use crate::control_token::ControlToken;
 use crate::events::EventFilter;
 use crate::messages::C2dRequest;
 use crate::state::{ControlError, Shared};
@@ -28,7 +32,7 @@ type S = State<Arc<Shared>>;
 /// Longest long-poll accepted by `GET /emulator/events?wait=`.
 const MAX_WAIT_SECS: u64 = 60;
 
-pub(super) fn routes() -> Router<Arc<Shared>> {
+pub(super) fn routes(token: Arc<ControlToken>) -> Router<Arc<Shared>> {
     Router::new()
         .route("/emulator/events", get(events))
         .route("/emulator/devices/{id}/c2d", post(send_c2d))
@@ -38,6 +42,34 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
         .route("/emulator/faults", post(fault))
         .route("/emulator/clock", post(clock))
         .route("/emulator/enrollments", post(enrollment))
+        // On every route above, before its handler reads anything.
+        .route_layer(middleware::from_fn_with_state(token, require_token))
+}
+
+/// Refuses a request without the right bearer token: 401 in IoT Hub's error shape, with
+/// `WWW-Authenticate: Bearer` and a message saying where the token is.
+async fn require_token(
+    State(token): State<Arc<ControlToken>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match token.check(authorization(req.headers())) {
+        Ok(()) => next.run(req).await,
+        Err(refusal) => {
+            let mut resp = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                401002,
+                "IotHubUnauthorizedAccess",
+                token.hint(refusal),
+            )
+            .into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tether-hub-emulator\""),
+            );
+            resp
+        }
+    }
 }
 
 fn control(shared: Arc<Shared>) -> Control {

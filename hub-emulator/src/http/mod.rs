@@ -1,6 +1,6 @@
 //! HTTPS front end: the IoT Hub service REST API, DPS device REST API and the emulator's
 //! control API share one port (paths: `/devices..`, `/twins..`, `/statistics..`;
-//! `/{scopeId}/registrations/..`; `/emulator/..`).
+//! `/{scopeId}/registrations/..`; `/emulator/..`, which alone needs the control token).
 
 mod api;
 mod control;
@@ -18,18 +18,19 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use crate::control_token::ControlToken;
 use crate::state::Shared;
 use api::ApiError;
 
 /// Largest WebSocket message: above the largest MQTT packet the emulator reads.
 const WS_MAX_MESSAGE: usize = 1024 * 1024;
 
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+pub(crate) fn router(shared: Arc<Shared>, control_token: Arc<ControlToken>) -> Router {
     Router::new()
         .route("/$iothub/websocket", axum::routing::get(websocket))
         .merge(service::routes())
         .merge(dps::routes())
-        .merge(control::routes())
+        .merge(control::routes(control_token))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
@@ -72,8 +73,13 @@ async fn websocket(
 }
 
 /// Serves HTTPS until the hub shuts down.
-pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: Arc<Shared>) {
-    let router = router(shared.clone());
+pub(crate) async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    shared: Arc<Shared>,
+    control_token: Arc<ControlToken>,
+) {
+    let router = router(shared.clone(), control_token);
     let shutdown = shared.shutdown.clone();
     crate::net::serve_tls(
         listener,

@@ -268,6 +268,11 @@ pub fn service_auth(hub: &Hub, policy: &str) -> String {
     generate_sas_token(&host, key, Some(policy), now() + 3600).expect("token")
 }
 
+/// `Authorization` value for the control API (`/emulator/...`).
+pub fn control_auth(hub: &Hub) -> String {
+    format!("Bearer {}", hub.control_token())
+}
+
 /// Decodes IoT Hub's error body: `{"Message": "<json>", "ExceptionMessage": ""}`.
 pub fn error_code(body: &serde_json::Value) -> i64 {
     let inner: serde_json::Value =

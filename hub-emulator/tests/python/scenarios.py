@@ -3,7 +3,8 @@ against the Tether hub emulator.
 
 Usage: python scenarios.py <scenario>
 Configuration comes from the HUB_TEST_CONFIG environment variable (JSON written by the
-Rust test harness, tests/python_sdk.rs): CA path, HTTPS port, connection strings, ...
+Rust test harness, tests/python_sdk.rs): CA path, HTTPS port, connection strings, the
+control API's bearer token, ...
 Prints "PASS <scenario>" and exits 0 on success; any failure raises (non-zero exit).
 """
 
@@ -32,7 +33,8 @@ def control(method, path, body=None, headers=None):
     """Calls the emulator's control API over HTTPS, returns parsed JSON (or None)."""
     url = "https://localhost:%d%s" % (CFG["https_port"], path)
     data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    headers = dict(headers or {}, Authorization="Bearer " + CFG["control_token"])
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     with urllib.request.urlopen(req, context=SSL_CTX, timeout=TIMEOUT) as resp:
         raw = resp.read()
         return json.loads(raw) if raw else None
