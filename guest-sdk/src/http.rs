@@ -56,7 +56,7 @@ impl Response {
 
 /// imp's status code for a transport error: libcurl's error number. Refusals by the
 /// host's policy, which imp reports otherwise, take 1 (destination not allowed) and 2
-/// (over the request rate).
+/// (over the request rate, or too many requests in flight).
 pub fn curl_code(error: TransportError) -> u16 {
     match error {
         TransportError::MalformedUrl => 3,
@@ -66,7 +66,7 @@ pub fn curl_code(error: TransportError) -> u16 {
         TransportError::Tls => 35,
         TransportError::TooLarge => 63,
         TransportError::NotAllowed => 1,
-        TransportError::RateLimited => 2,
+        TransportError::RateLimited | TransportError::TooManyInFlight => 2,
         TransportError::Other => 56,
     }
 }

@@ -24,6 +24,10 @@ pub enum StoreError {
     /// The host could not write or read it; the previous value is intact.
     #[error("the host could not access the persistent store")]
     Io,
+    /// Saved more often than the host allows (beyond imp); nothing was written. Save
+    /// less often, e.g. at most once per change worth keeping.
+    #[error("saved too often: over the host's store write rate")]
+    RateLimited,
     /// The value could not be encoded as JSON.
     #[error("cannot encode the value: {0}")]
     Encode(String),
@@ -37,6 +41,7 @@ impl From<store::StoreError> for StoreError {
         match e {
             store::StoreError::TooLarge => StoreError::TooLarge,
             store::StoreError::Io => StoreError::Io,
+            store::StoreError::RateLimited => StoreError::RateLimited,
         }
     }
 }

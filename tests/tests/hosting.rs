@@ -514,6 +514,59 @@ async fn mqtt_connections_stop_at_the_agents_limit_and_its_neighbour_keeps_answe
     Ok(())
 }
 
+/// A server that takes connections and never reads or answers: requests to it stay in flight.
+async fn silent_server() -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    Ok((addr, task))
+}
+
+#[tokio::test]
+async fn outgoing_requests_in_flight_their_bodies_and_timeouts_are_bounded() -> anyhow::Result<()> {
+    let (addr, _server) = silent_server().await?;
+    let allowed = format!("allowed_hosts = [\"http://{addr}\"]");
+    let limits = "limits = { http_in_flight = 4, http_body_bytes = 500000, http_in_flight_bytes = 1000000, http_max_timeout_secs = 1 }";
+    let entries = probe_entry("a1", "a", &format!("{allowed}\n{limits}"))? + &probe_entry("b1", "b", "")?;
+    let mut s = Served::start(&entries, "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    let url = format!("http://{addr}/");
+    let hold = |n: u32, bytes: u32| format!("/hold-http?n={n}&bytes={bytes}&timeout_s=3600&url={url}");
+
+    // Six requests: four go out (and stay, the server never answers), two are refused.
+    assert_eq!(s.agent_get("a1", &hold(6, 10)).await, (200, r#"{"too-many-in-flight": 2}"#.into()));
+    assert_eq!(s.agent_get("b1", "/ping").await, (200, "pong".into()), "another tenant's agent answers");
+    // The hour asked for is cut to limits.http_max_timeout_secs: they end within seconds.
+    s.logs.wait_for_count("a1", "held request ended: timeout", 4, WAIT).await?;
+
+    // Bodies: one over http_body_bytes is refused, and two of 400 kB fill the 1 MB budget.
+    assert_eq!(s.agent_get("a1", &hold(1, 500_001)).await, (200, r#"{"too-large": 1}"#.into()));
+    assert_eq!(s.agent_get("a1", &hold(3, 400_000)).await, (200, r#"{"too-many-in-flight": 1}"#.into()));
+    assert!(s.limit_refusals("a1", "a").await >= Some(4), "refusals are counted");
+    // Said once per 10 s at most: the first refusal's line.
+    s.logs.wait_for("a1", "4 requests in flight, the most limits.http_in_flight allows", WAIT).await?;
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn store_saves_stop_at_the_agents_rate() -> anyhow::Result<()> {
+    let limits = "limits = { store_rate = { burst = 5, per_sec = 0.01 } }";
+    let mut s = Served::start(&(probe_entry("a1", "a", limits)? + &probe_entry("b1", "b", "")?), "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    assert_eq!(s.agent_get("a1", "/save-many?n=10").await, (200, "saved=5 limited=5".into()));
+    assert_eq!(s.agent_get("b1", "/save-many?n=10").await, (200, "saved=10 limited=0".into()), "b's default rate, its own credits");
+    assert_eq!(s.limit_refusals("a1", "a").await, Some(5));
+    s.logs.wait_for("a1", "store: save refused: over limits.store_rate", WAIT).await?;
+    s.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn timers_stop_at_the_agents_limit_and_its_neighbour_keeps_answering() -> anyhow::Result<()> {
     let entries = probe_entry("hoarder", "a", "limits = { timers = 50 }")? + &probe_entry("victim", "b", "")?;

@@ -90,12 +90,23 @@ pub struct Limits {
     pub cpu_ms_per_event: u32,
     /// Persistent store cap, bytes (imp: 64 KiB).
     pub store_bytes: usize,
+    /// Saves to the persistent store (each one a file flushed to disk); past it,
+    /// `rate-limited`.
+    pub store_rate: Rate,
     /// Payload bytes kept over all of the agent's queues (beyond imp).
     pub queue_bytes: usize,
-    /// Largest body of an outgoing response or incoming request, bytes.
+    /// Largest body of an outgoing request, its response, or an incoming request, bytes;
+    /// an outgoing request past it fails with `too-large`.
     pub http_body_bytes: usize,
     /// Default timeout of an outgoing request, s.
     pub http_timeout_secs: u32,
+    /// Longest timeout an outgoing request may name; a longer one is cut to it, s.
+    pub http_max_timeout_secs: u32,
+    /// Outgoing requests an agent may have in flight; past it, `too-many-in-flight`.
+    pub http_in_flight: usize,
+    /// Body bytes of the outgoing requests in flight, which the host holds until each
+    /// ends; past it, `too-many-in-flight`.
+    pub http_in_flight_bytes: usize,
     /// How long an incoming request waits for the agent's answer, s.
     pub inbound_timeout_secs: u32,
     /// Bytes the requests waiting for the agent may hold (their bodies, and 1 KiB plus the
@@ -125,9 +136,13 @@ impl Default for Limits {
             memory_mib: 64,
             cpu_ms_per_event: 1000,
             store_bytes: 64 * 1024,
+            store_rate: Rate { burst: 50, per_sec: 10.0 },
             queue_bytes: 16 * 1024 * 1024,
             http_body_bytes: 4 * 1024 * 1024,
             http_timeout_secs: 60,
+            http_max_timeout_secs: 300,
+            http_in_flight: 32,
+            http_in_flight_bytes: 16 * 1024 * 1024,
             inbound_timeout_secs: 60,
             inbound_queue_bytes: 16 * 1024 * 1024,
             mqtt_message_bytes: 256 * 1024,
@@ -221,7 +236,7 @@ impl Limits {
                 self.memory_mib
             )));
         }
-        for (name, rate) in [("http_rate", self.http_rate), ("log_rate", self.log_rate)] {
+        for (name, rate) in [("http_rate", self.http_rate), ("log_rate", self.log_rate), ("store_rate", Some(self.store_rate))] {
             if rate.is_some_and(|r| r.burst == 0 || !r.per_sec.is_finite() || r.per_sec <= 0.0) {
                 return Err(ConfigError::Invalid(format!("limits.{name} needs burst >= 1 and per_sec > 0")));
             }
@@ -232,8 +247,14 @@ impl Limits {
                 self.inbound_queue_bytes, self.http_body_bytes
             )));
         }
-        if self.mqtt_connections == 0 || self.timers == 0 {
-            return Err(ConfigError::Invalid("limits.mqtt_connections and limits.timers must be at least 1".into()));
+        if self.mqtt_connections == 0 || self.timers == 0 || self.http_in_flight == 0 {
+            return Err(ConfigError::Invalid("limits.mqtt_connections, limits.timers and limits.http_in_flight must be at least 1".into()));
+        }
+        if self.http_in_flight_bytes < self.http_body_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "limits.http_in_flight_bytes ({}) must be at least limits.http_body_bytes ({}), or a largest body could never be sent",
+                self.http_in_flight_bytes, self.http_body_bytes
+            )));
         }
         if self.cpu_ms_per_event < crate::runtime::sched::TICK.as_millis() as u32 {
             return Err(ConfigError::Invalid(format!(

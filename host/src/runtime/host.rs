@@ -21,7 +21,7 @@ use crate::capabilities::http::inbound::{self, Door, Doors};
 use crate::capabilities::http::{outbound, server};
 use crate::capabilities::mqtt;
 use crate::capabilities::queue::SqliteQueues;
-use crate::capabilities::store::FileStore;
+use crate::capabilities::store::{self, FileStore};
 use crate::hosting::config::{AgentPolicy, AgentSettings, ConfigError, HostConfig};
 use crate::hosting::deployed::Deployed;
 use crate::kit::Handles;
@@ -257,13 +257,7 @@ impl Host {
             None => (None, None),
         };
         let limits = policy.limits;
-        let http = outbound::Policy::new(
-            policy.allowed_hosts.clone(),
-            host.http_clients.clone(),
-            limits.http_rate,
-            limits.http_body_bytes,
-            Duration::from_secs(limits.http_timeout_secs.into()),
-        );
+        let http = outbound::Policy::new(policy.allowed_hosts.clone(), host.http_clients.clone(), &limits);
         let mqtt = mqtt::Policy::new(host.mqtt_network.clone(), policy.allowed_hosts, limits.mqtt_message_bytes, limits.mqtt_connections);
         let parts = AgentParts {
             info: Arc::new(AgentInfo { id: id.to_owned(), url: self.agent_url(id), config: settings.config }),
@@ -272,7 +266,7 @@ impl Host {
             device,
             http: Arc::new(http),
             mqtt: Arc::new(mqtt),
-            store: Arc::new(FileStore::new(&host.config.store_dir, id)),
+            store: Arc::new(store::Policy::new(Box::new(FileStore::new(&host.config.store_dir, id)), limits.store_bytes, limits.store_rate)),
             queues: Arc::new(SqliteQueues::new(&host.config.store_dir, id, limits.queue_bytes as u64, host.config.queue_fsync)),
             limits,
             slow: Arc::default(),

@@ -30,7 +30,7 @@ pub(crate) struct AgentParts {
     pub device: Option<Arc<device::DeviceChannel>>,
     pub http: Arc<http::outbound::Policy>,
     pub mqtt: Arc<mqtt::Policy>,
-    pub store: Arc<dyn store::Backend>,
+    pub store: Arc<store::Policy>,
     /// The agent's durable queues (the capability's, not the event queue above).
     pub queues: Arc<dyn queue::Backend>,
     pub limits: Limits,
@@ -71,7 +71,7 @@ impl AgentCtx {
                 inbound: http::inbound::Inbound::default(),
             },
             mqtt: mqtt::Clients::new(agent.mqtt.clone(), handles.clone(), events(agent, generation)),
-            store: store::Store::new(agent.store.clone(), agent.limits.store_bytes, handles.log.clone(), handles.blocking.clone()),
+            store: store::Store::new(agent.store.clone(), handles.log.clone(), handles.blocking.clone()),
             queues: queue::Queues::new(agent.queues.clone(), handles.log.clone(), handles.blocking.clone()),
             device: device::Device::new(agent.device.clone(), events(agent, generation), handles.metrics.clone()),
         }

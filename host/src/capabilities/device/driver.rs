@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::line::Line;
-use super::{Command, DeviceEvent, INBOUND_LIMIT, MAX_MESSAGE, Outgoing, State};
+use super::{Command, DeviceEvent, INBOUND_LIMIT, MAX_MESSAGE, Outgoing, Reply, State};
 use crate::bindings::device::{Answer, DeviceInfo, Failure};
 use crate::bindings::events::Event;
 use crate::kit::events::Events;
@@ -39,7 +39,7 @@ pub(crate) struct Driver<L> {
     /// Messages not yet handed to the link, in order.
     outbox: VecDeque<Outgoing>,
     /// Answers to device messages the link had no transmit room for yet.
-    answers: VecDeque<(MsgId, Answer)>,
+    answers: VecDeque<(MsgId, Reply)>,
     /// Messages awaiting the device's answer: host id and sending instance.
     pending: HashMap<MsgId, (u64, Events<DeviceEvent>)>,
     /// Counts sessions, so an answer to a message of an ended session is not sent into the next.
@@ -238,6 +238,9 @@ impl<L: Line> Driver<L> {
             }),
             OwnedEvent::Message { id, wants_ack, name, payload } => {
                 let id = wants_ack.then(|| u64::from(self.session) << 32 | u64::from(id.0));
+                if let Some(id) = id {
+                    self.state.awaiting.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+                }
                 self.state.inbound.fetch_add(1, Ordering::AcqRel);
                 self.events.post(DeviceEvent(Event::DeviceMessage((name, payload, id))));
             }
@@ -267,6 +270,7 @@ impl<L: Line> Driver<L> {
         self.state.connected.store(false, Ordering::Release);
         self.state.max_message.store(0, Ordering::Release);
         self.answers.clear();
+        self.state.awaiting.lock().unwrap_or_else(|p| p.into_inner()).clear();
         for (_, (hid, sender)) in self.pending.drain() {
             sender.post(DeviceEvent(Event::DeviceFailed((hid, Failure::Disconnected))));
         }
@@ -309,13 +313,14 @@ impl<L: Line> Driver<L> {
         }
         while let Some((id, answer)) = self.answers.front() {
             let result = match answer {
-                Answer::Ack => link.ack(*id),
-                Answer::Reply(payload) => match link.reply(*id, payload) {
+                Reply::Answer(Answer::Ack) => link.ack(*id),
+                Reply::Answer(Answer::Reply(payload)) => match link.reply(*id, payload) {
                     Err(LinkError::TooLarge) => link.nack(*id, NackReason::TooLarge),
                     other => other,
                 },
-                Answer::NoHandler => link.nack(*id, NackReason::NoHandler),
-                Answer::BadPayload => link.nack(*id, NackReason::BadPayload),
+                Reply::Answer(Answer::NoHandler) => link.nack(*id, NackReason::NoHandler),
+                Reply::Answer(Answer::BadPayload) => link.nack(*id, NackReason::BadPayload),
+                Reply::TooLarge => link.nack(*id, NackReason::TooLarge),
             };
             if result == Err(LinkError::TxFull) {
                 break;

@@ -13,6 +13,7 @@ mod driver;
 mod line;
 mod serial;
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -22,7 +23,7 @@ use wasmtime::component::{HasSelf, Linker};
 use crate::bindings::device::{self as wit, Answer, SendError, SendFlags};
 use crate::bindings::events::Event;
 use crate::kit::events::Events;
-use crate::kit::log::Logger;
+use crate::kit::log::{Level, Logger, Quiet};
 use crate::kit::metrics::{AgentMetrics, Count};
 
 pub(crate) use driver::Driver;
@@ -54,6 +55,9 @@ struct State {
     backlog: Mutex<Backlog>,
     /// Device messages in the agent's queue.
     inbound: AtomicUsize,
+    /// Ids of the device's messages that asked for an answer and have none yet: only
+    /// these are answered, once each, so the agent cannot queue answers without end.
+    awaiting: Mutex<HashSet<u64>>,
     /// Frame and error counts of the line, summed over every session since the host started.
     line: Mutex<device_link::Stats>,
 }
@@ -91,13 +95,22 @@ impl Outgoing {
 
 enum Command {
     Send(Outgoing),
-    Respond(u64, Answer),
+    Respond(u64, Reply),
+}
+
+/// What the driver tells the device about one of its messages.
+enum Reply {
+    Answer(Answer),
+    /// The agent's reply is larger than the device takes.
+    TooLarge,
 }
 
 /// An agent's end of its device channel.
 pub(crate) struct DeviceChannel {
     commands: mpsc::UnboundedSender<Command>,
     state: Arc<State>,
+    log: Logger,
+    refused: Quiet,
 }
 
 impl DeviceChannel {
@@ -117,8 +130,27 @@ impl DeviceChannel {
     pub fn new<L: Line>(line: L, agent_id: &str, events: Events<DeviceEvent>, log: Logger) -> (DeviceChannel, Driver<L>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State::default());
-        let driver = Driver::new(line, agent_id, state.clone(), rx, events, log);
-        (DeviceChannel { commands: tx, state }, driver)
+        let driver = Driver::new(line, agent_id, state.clone(), rx, events, log.clone());
+        (DeviceChannel { commands: tx, state, log, refused: Quiet::default() }, driver)
+    }
+
+    fn respond(&self, id: u64, answer: Answer) {
+        if !self.state.awaiting.lock().unwrap_or_else(|p| p.into_inner()).remove(&id) {
+            self.log.limit_refused(&self.refused, || {
+                format!("device: answer to message {id} dropped: it asked for none, was answered already, or its device disconnected since")
+            });
+            return;
+        }
+        let max = self.state.max_message.load(Ordering::Acquire);
+        let reply = match answer {
+            Answer::Reply(data) if data.len() > max => {
+                self.log.write(Level::Error, &format!("device: reply to message {id} is {} bytes, over the device's maximum of {max}; the device is told it is too large", data.len()));
+                Reply::TooLarge
+            }
+            answer => Reply::Answer(answer),
+        };
+        // Only fails when the host shuts down.
+        let _ = self.commands.send(Command::Respond(id, reply));
     }
 
     fn send(&self, name: String, payload: Vec<u8>, options: SendFlags, events: &Events<DeviceEvent>) -> Result<u64, SendError> {
@@ -188,8 +220,7 @@ impl wit::Host for Device {
 
     fn respond(&mut self, id: u64, answer: Answer) {
         if let Some(device) = &self.channel {
-            // Only fails when the host shuts down.
-            let _ = device.commands.send(Command::Respond(id, answer));
+            device.respond(id, answer);
         }
     }
 
@@ -201,4 +232,32 @@ impl wit::Host for Device {
 /// Links the interface, reaching the capability's state through `get`.
 pub(crate) fn add_to_linker<T: 'static>(linker: &mut Linker<T>, get: fn(&mut T) -> &mut Device) -> wasmtime::Result<()> {
     wit::add_to_linker::<T, HasSelf<Device>>(linker, get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_messages_awaiting_an_answer_get_one_and_only_one() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let metrics = Arc::new(AgentMetrics::default());
+        let log = Logger::new("a", Vec::new(), None, metrics.clone());
+        let channel = DeviceChannel { commands: tx, state: Arc::default(), log, refused: Quiet::default() };
+        channel.state.max_message.store(8, Ordering::Release);
+        channel.state.awaiting.lock().unwrap_or_else(|p| p.into_inner()).extend([1, 2]);
+
+        channel.respond(1, Answer::Ack);
+        for _ in 0..1000 {
+            channel.respond(1, Answer::Reply(vec![0; 4]));
+            channel.respond(7, Answer::Ack);
+        }
+        channel.respond(2, Answer::Reply(vec![0; 9]));
+        let mut sent = Vec::new();
+        while let Ok(Command::Respond(id, reply)) = rx.try_recv() {
+            sent.push((id, matches!(reply, Reply::TooLarge)));
+        }
+        assert_eq!(sent, [(1, false), (2, true)], "one answer each; the oversized reply is refused");
+        assert_eq!(metrics.snapshot().limit_refused, 2000);
+    }
 }

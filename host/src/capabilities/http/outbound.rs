@@ -9,11 +9,12 @@ use crate::bindings::events::Event;
 use crate::bindings::http::{Request, Response, TransportError};
 use crate::kit::Handles;
 use crate::kit::events::Events;
-use crate::kit::log::Level;
+use crate::hosting::config::Limits;
+use crate::kit::log::{Level, Quiet};
 use crate::kit::metrics::Count;
 use crate::kit::tasks::TaskGuard;
 use crate::policy::allowed_hosts::{AllowedHosts, DENIED_ADDRESS, PublicResolver, Reach};
-use crate::policy::rate::{Rate, TokenBucket};
+use crate::policy::rate::TokenBucket;
 use crate::policy::tls::TlsTrust;
 
 /// The event a finished request posts.
@@ -52,21 +53,78 @@ impl Clients {
 }
 
 /// What one agent may do with outgoing HTTP; shared by its instances, so a restart does
-/// not refill its credits.
+/// not refill its credits or forget the requests still in flight.
 pub(crate) struct Policy {
     allowed_hosts: AllowedHosts,
     clients: Clients,
     /// Outgoing request credits, when the agent has a rate.
     credits: Option<Mutex<TokenBucket>>,
-    /// Largest response body, bytes.
+    /// Largest request or response body, bytes.
     body_bytes: usize,
     /// Timeout of a request that names none.
     timeout: Duration,
+    /// Longest timeout a request may name; a longer one is cut to it.
+    max_timeout: Duration,
+    /// Requests in flight and the bytes of their bodies, held by the host outside the
+    /// agent's memory until each request ends.
+    in_flight: Arc<Mutex<InFlight>>,
+    max_in_flight: InFlight,
+    full: Quiet,
+}
+
+#[derive(Default, Clone, Copy)]
+struct InFlight {
+    requests: usize,
+    bytes: usize,
+}
+
+/// One request's share of [`Policy::in_flight`], given back when the request ends or is
+/// abandoned.
+struct Reservation {
+    in_flight: Arc<Mutex<InFlight>>,
+    bytes: usize,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        n.requests = n.requests.saturating_sub(1);
+        n.bytes = n.bytes.saturating_sub(self.bytes);
+    }
 }
 
 impl Policy {
-    pub fn new(allowed_hosts: AllowedHosts, clients: Clients, rate: Option<Rate>, body_bytes: usize, timeout: Duration) -> Policy {
-        Policy { allowed_hosts, clients, credits: rate.map(|r| Mutex::new(TokenBucket::new(r))), body_bytes, timeout }
+    pub fn new(allowed_hosts: AllowedHosts, clients: Clients, limits: &Limits) -> Policy {
+        Policy {
+            allowed_hosts,
+            clients,
+            credits: limits.http_rate.map(|r| Mutex::new(TokenBucket::new(r))),
+            body_bytes: limits.http_body_bytes,
+            timeout: Duration::from_secs(limits.http_timeout_secs.into()),
+            max_timeout: Duration::from_secs(limits.http_max_timeout_secs.into()),
+            in_flight: Arc::default(),
+            max_in_flight: InFlight { requests: limits.http_in_flight, bytes: limits.http_in_flight_bytes },
+            full: Quiet::default(),
+        }
+    }
+
+    /// Takes a request of `bytes` of body into the in-flight budget, or says which limit
+    /// it is past.
+    fn reserve(&self, bytes: usize) -> Result<Reservation, String> {
+        let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        let max = self.max_in_flight;
+        if n.requests >= max.requests {
+            return Err(format!("{} requests in flight, the most limits.http_in_flight allows", n.requests));
+        }
+        if n.bytes + bytes > max.bytes {
+            return Err(format!(
+                "{} body bytes in flight and {bytes} more, over limits.http_in_flight_bytes = {}",
+                n.bytes, max.bytes
+            ));
+        }
+        n.requests += 1;
+        n.bytes += bytes;
+        Ok(Reservation { in_flight: self.in_flight.clone(), bytes })
     }
 }
 
@@ -112,6 +170,14 @@ impl Outbound {
                 return Err(TransportError::RateLimited);
             }
         }
+        if req.body.len() > policy.body_bytes {
+            log.limit_refused(&policy.full, || format!("http: request to {} refused: its body of {} bytes is over limits.http_body_bytes = {}", req.url, req.body.len(), policy.body_bytes));
+            return Err(TransportError::TooLarge);
+        }
+        let reservation = policy.reserve(req.body.len()).map_err(|why| {
+            log.limit_refused(&policy.full, || format!("http: request to {} refused: {why}", req.url));
+            TransportError::TooManyInFlight
+        })?;
         metrics.add(Count::HttpRequest);
         let invalid = |what: &str| {
             log.write(Level::Error, &format!("http: {what} in request to {}", req.url));
@@ -124,7 +190,7 @@ impl Outbound {
             let value = reqwest::header::HeaderValue::from_str(value).map_err(|_| invalid("invalid header value"))?;
             headers.append(name, value);
         }
-        let timeout = req.timeout_ms.map_or(policy.timeout, |ms| Duration::from_millis(ms.into()));
+        let timeout = req.timeout_ms.map_or(policy.timeout, |ms| Duration::from_millis(ms.into())).min(policy.max_timeout);
         let client = match reach {
             Reach::Any => &policy.clients.any,
             Reach::PublicOnly => &policy.clients.public,
@@ -137,6 +203,7 @@ impl Outbound {
         let id = self.next_id;
         let events = self.events.clone();
         let task = TaskGuard::spawn(&self.handles.io, async move {
+            let _reservation = reservation;
             let result = tokio::time::timeout(timeout, perform(request, body_limit)).await.unwrap_or(Err(TransportError::Timeout));
             if let Err(TransportError::NotAllowed) = result {
                 log.write(Level::Error, &format!("http: {target} {DENIED_ADDRESS}; not allowed"));

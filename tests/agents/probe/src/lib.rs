@@ -6,7 +6,9 @@
 //! timer, `/flood-logs?n=N` logs N lines, `/flood-http?n=N&url=U` sends N GETs at once and
 //! answers with how they ended, `/noise?kind=logs|http|calls&n=N&url=U` answers at once and
 //! then, from a zero-delay timer, forever logs N lines, sends N GETs of U or makes N host
-//! calls. `/queue/...?name=Q` drives the agent's durable queue Q (see `queue_request`).
+//! calls. `/hold-http?n=N&url=U&bytes=B&timeout_s=T` sends N POSTs and answers with the
+//! refusals; `/save-many?n=N` saves N times and counts the rate refusals. `/queue/...?name=Q`
+//! drives the agent's durable queue Q (see `queue_request`).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -173,6 +175,30 @@ fn start() {
                 });
                 return;
             }
+            "/hold-http" => {
+                // Sends N POSTs of `bytes` each with a timeout of `timeout_s` and answers
+                // with the refusals by kind (they come from zero-delay timers, so before
+                // this 50 ms one); how the others end goes to the log.
+                let tally = Rc::new(RefCell::new((std::collections::BTreeMap::<String, u64>::new(), false)));
+                let timeout = number("timeout_s") as f64;
+                for _ in 0..number("n") {
+                    let tally = tally.clone();
+                    let body = vec![b'x'; number("bytes") as usize];
+                    http::post(&url, &[], body).timeout(timeout).send_async(move |r| {
+                        let (refused, answered) = &mut *tally.borrow_mut();
+                        match r.error {
+                            Some(e) if !*answered => *refused.entry(e.name().to_owned()).or_default() += 1,
+                            e => server::log(format!("held request ended: {}", e.map_or("answered", |e| e.name()))),
+                        }
+                    });
+                }
+                tether_guest::imp::wakeup(0.05, move || {
+                    let (refused, answered) = &mut *tally.borrow_mut();
+                    *answered = true;
+                    let _ = res.send(200, format!("{refused:?}"));
+                });
+                return;
+            }
             "/flood-http" => {
                 let n = number("n");
                 // (ok, rate-limited, other), answered when the last request ends.
@@ -235,6 +261,17 @@ fn start() {
                     Ok(()) => state.count.to_string(),
                     Err(e) => format!("save failed: {e}"),
                 }
+            }
+            "/save-many" => {
+                let (mut saved, mut limited) = (0, 0);
+                for _ in 0..number("n") {
+                    match server::save(&"x") {
+                        Ok(()) => saved += 1,
+                        Err(server::StoreError::RateLimited) => limited += 1,
+                        Err(e) => return drop(res.send(500, format!("save failed: {e}"))),
+                    }
+                }
+                format!("saved={saved} limited={limited}")
             }
             "/save" => {
                 let n: usize = req.query.get("bytes").and_then(|b| b.parse().ok()).unwrap_or(0);
