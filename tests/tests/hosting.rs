@@ -555,6 +555,46 @@ async fn outgoing_requests_in_flight_their_bodies_and_timeouts_are_bounded() -> 
 }
 
 #[tokio::test]
+async fn connections_to_one_agents_url_stop_at_its_limit_and_its_neighbour_keeps_answering() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let s = Served::start(&(probe_entry("a1", "a", "limits = { http_connections = 3 }")? + &probe_entry("b1", "b", "")?), "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    let addr = s.host.http_addr();
+    // Three clients that promise a body and never send it: three requests in progress.
+    let mut slow = Vec::new();
+    for _ in 0..3 {
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        c.write_all(b"POST /a1/ping HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n").await?;
+        slow.push(c);
+    }
+    // The fourth is refused (once the three are counted) and its connection closed.
+    let deadline = Instant::now() + WAIT;
+    let answer = loop {
+        let mut c = tokio::net::TcpStream::connect(addr).await?;
+        c.write_all(b"GET /a1/ping HTTP/1.1\r\nhost: a\r\n\r\n").await?;
+        let mut answer = String::new();
+        tokio::time::timeout(WAIT, c.read_to_string(&mut answer)).await??;
+        if answer.starts_with("HTTP/1.1 503") || Instant::now() > deadline {
+            break answer;
+        }
+    };
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("too many connections to this agent"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("connection: close"), "{answer}");
+    assert_eq!(s.agent_get("b1", "/ping").await, (200, "pong".into()), "another tenant's agent answers");
+    assert_eq!(s.limit_refusals("a1", "a").await.map(|n| n >= 1), Some(true));
+    // One slow client leaves: a1 answers again.
+    drop(slow.pop());
+    let deadline = Instant::now() + WAIT;
+    while s.agent_get("a1", "/ping").await != (200, "pong".into()) {
+        anyhow::ensure!(Instant::now() < deadline, "a1 never answered again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(slow);
+    s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn store_saves_stop_at_the_agents_rate() -> anyhow::Result<()> {
     let limits = "limits = { store_rate = { burst = 5, per_sec = 0.01 } }";
     let mut s = Served::start(&(probe_entry("a1", "a", limits)? + &probe_entry("b1", "b", "")?), "").await?;

@@ -112,6 +112,10 @@ pub struct Limits {
     /// Bytes the requests waiting for the agent may hold (their bodies, and 1 KiB plus the
     /// head of each); past it, a request gets 503 before its body is read.
     pub inbound_queue_bytes: usize,
+    /// Connections to the agent's URL with a request in progress (being received,
+    /// waiting for the agent, or being answered); past it, 503 and the connection is
+    /// closed, so that one agent's URL cannot take the host's `http_max_connections`.
+    pub http_connections: usize,
     /// Largest MQTT message in either direction, bytes (imp: 256 KiB).
     pub mqtt_message_bytes: usize,
     /// MQTT clients an agent may have open (connecting or connected) at once; past it,
@@ -145,6 +149,7 @@ impl Default for Limits {
             http_in_flight_bytes: 16 * 1024 * 1024,
             inbound_timeout_secs: 60,
             inbound_queue_bytes: 16 * 1024 * 1024,
+            http_connections: 256,
             mqtt_message_bytes: 256 * 1024,
             mqtt_connections: 16,
             timers: 1024,
@@ -247,8 +252,10 @@ impl Limits {
                 self.inbound_queue_bytes, self.http_body_bytes
             )));
         }
-        if self.mqtt_connections == 0 || self.timers == 0 || self.http_in_flight == 0 {
-            return Err(ConfigError::Invalid("limits.mqtt_connections, limits.timers and limits.http_in_flight must be at least 1".into()));
+        if self.mqtt_connections == 0 || self.timers == 0 || self.http_in_flight == 0 || self.http_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.mqtt_connections, limits.timers, limits.http_in_flight and limits.http_connections must be at least 1".into(),
+            ));
         }
         if self.http_in_flight_bytes < self.http_body_bytes {
             return Err(ConfigError::Invalid(format!(

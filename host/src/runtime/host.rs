@@ -80,6 +80,7 @@ impl Doors for HostShared {
             timeout: Duration::from_secs(agent.parts.limits.inbound_timeout_secs.into()),
             backlog: agent.parts.backlog.clone(),
             backlog_bytes: agent.parts.limits.inbound_queue_bytes,
+            max_connections: agent.parts.limits.http_connections,
             log: agent.parts.handles.log.clone(),
         })
     }

@@ -41,14 +41,31 @@ pub(crate) struct Pending {
 #[derive(Default)]
 pub(crate) struct Backlog {
     bytes: AtomicUsize,
+    /// Requests in progress, each holding a connection.
+    requests: Arc<AtomicUsize>,
     /// When the log last said that requests were refused.
     full: Quiet,
+}
+
+/// One request in progress of an agent, given back on drop.
+struct InProgress(Arc<AtomicUsize>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// What one request counts besides its body: its head, the queue entry, the reply.
 const REQUEST_OVERHEAD: usize = 1024;
 
 impl Backlog {
+    /// Counts a request in progress, unless `max` are.
+    fn start(&self, max: usize) -> Option<InProgress> {
+        self.requests.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
+        Some(InProgress(self.requests.clone()))
+    }
+
     /// Takes `bytes` of the `max`, or nothing if they do not fit.
     fn hold(self: &Arc<Self>, bytes: usize, max: usize) -> Option<Held> {
         self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| held.checked_add(bytes).filter(|total| *total <= max)).ok()?;
@@ -128,6 +145,8 @@ pub(crate) struct Door {
     /// The agent's requests waiting for it, and how many bytes they may hold.
     pub backlog: Arc<Backlog>,
     pub backlog_bytes: usize,
+    /// Requests (so connections) in progress at once.
+    pub max_connections: usize,
     pub log: Logger,
 }
 
@@ -137,6 +156,15 @@ impl Door {
         let max = self.backlog_bytes;
         self.log.limit_refused(&self.backlog.full, || format!("http: requests refused with 503: those waiting hold {max} bytes, the most limits.inbound_queue_bytes allows"));
         (StatusCode::SERVICE_UNAVAILABLE, "too many requests waiting for this agent\n").into_response()
+    }
+
+    /// 503 for a request over the agent's connections; the connection is closed with it.
+    fn crowded(&self) -> Response {
+        let max = self.max_connections;
+        self.log.limit_refused(&self.backlog.full, || format!("http: requests refused with 503: {max} connections have one in progress, the most limits.http_connections allows"));
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, "too many connections to this agent\n").into_response();
+        response.headers_mut().insert(axum::http::header::CONNECTION, HeaderValue::from_static("close"));
+        response
     }
 }
 
@@ -150,6 +178,9 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
     let (agent_id, rest) = path.split_once('/').unwrap_or((&path, ""));
     let Some(door) = doors.door(agent_id) else {
         return (StatusCode::NOT_FOUND, format!("no agent {agent_id:?}\n")).into_response();
+    };
+    let Some(_in_progress) = door.backlog.start(door.max_connections) else {
+        return door.crowded();
     };
     let query = req
         .uri()
