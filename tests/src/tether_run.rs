@@ -67,6 +67,11 @@ impl TetherRun {
         Ok(run)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Every line printed so far.
     pub fn lines(&self) -> Vec<String> {
         lock(&self.lines).clone()

@@ -492,14 +492,8 @@ async fn a_redirect_goes_back_to_the_agent_and_is_not_followed() -> anyhow::Resu
 #[tokio::test]
 async fn mqtt_connections_stop_at_the_agents_limit_and_its_neighbour_keeps_answering() -> anyhow::Result<()> {
     // A "broker" that accepts and never answers: every client stays connecting.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let (broker, _server) = silent_server().await?;
+    let port = broker.port();
     let entries = probe_entry("hoarder", "a", &format!("allowed_hosts = [\"mqtt://127.0.0.1:{port}\"]\nlimits = {{ mqtt_connections = 3 }}"))?
         + &probe_entry("victim", "b", "")?;
     let mut s = Served::start(&entries, "").await?;

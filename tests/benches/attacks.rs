@@ -1,0 +1,294 @@
+//! The attack table of "hostile tenants": a real `tether serve` (debug build) with a quiet
+//! victim agent of one tenant and an attacker agent of another. Each attack runs while
+//! the victim is asked `/ping` 500 times in a row; before it, the same 500 requests with
+//! the host quiet. Printed per attack: how the host refused it, the victim's p99 alone
+//! and under attack, the host's RSS growth (peak during the attack over the quiet RSS)
+//! and its peak count of open file descriptors. Loopback only.
+//!
+//! `cargo bench -p tether-tests --bench attacks` (about 2 minutes).
+
+use std::ffi::OsStr;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tether_tests::bench::percentile;
+use tether_tests::build_agent;
+use tether_tests::tether_run::TetherRun;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+
+const TOKEN_X: &str = "attacker-token-0123456789";
+const QUEUE_MIB: u64 = 16;
+const PINGS: usize = 500;
+
+type Attack = Pin<Box<dyn Future<Output = anyhow::Result<String>> + Send>>;
+
+struct Row {
+    attack: &'static str,
+    outcome: String,
+    alone: Duration,
+    attacked: Duration,
+    rss_growth_kib: u64,
+    fds: u64,
+}
+
+struct Target {
+    agents: String,
+    manage: String,
+    http: reqwest::Client,
+}
+
+impl Target {
+    async fn get(&self, path: &str) -> anyhow::Result<String> {
+        Ok(self.http.get(format!("{}{path}", self.agents)).send().await?.text().await?)
+    }
+
+    /// The victim's p99 over `PINGS` requests in a row.
+    async fn victim_p99(&self) -> anyhow::Result<Duration> {
+        let mut samples = Vec::with_capacity(PINGS);
+        for _ in 0..PINGS {
+            let t = Instant::now();
+            let r = self.http.get(format!("{}/victim/ping", self.agents)).send().await?;
+            anyhow::ensure!(r.status() == 200, "victim answered {}", r.status());
+            r.bytes().await?;
+            samples.push(t.elapsed());
+        }
+        samples.sort();
+        Ok(percentile(&samples, 0.99))
+    }
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn proc_fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// Peaks of RSS and fds of `pid`, sampled every 10 ms until stopped.
+fn sample(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u64, u64)>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = stop.clone();
+    let task = tokio::spawn(async move {
+        let (mut rss, mut fds) = (0, 0);
+        while !done.load(Ordering::Relaxed) {
+            rss = rss.max(proc_rss_kib(pid));
+            fds = fds.max(proc_fds(pid));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        (rss, fds)
+    });
+    (stop, task)
+}
+
+/// A TCP server that accepts and never reads or answers; returns how many it holds.
+async fn silent_server() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let held = Arc::new(AtomicU64::new(0));
+    let count = held.clone();
+    tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+            count.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+    Ok((addr, held))
+}
+
+/// Opens `n` connections to `addr`, each writing `head` and holding; how many opened and
+/// how many the host closed within a second.
+async fn hold_connections(addr: SocketAddr, n: usize, head: &'static [u8], hold: Duration) -> anyhow::Result<String> {
+    let mut open = Vec::new();
+    for _ in 0..n {
+        let Ok(mut c) = TcpStream::connect(addr).await else { break };
+        if c.write_all(head).await.is_ok() {
+            open.push(c);
+        }
+    }
+    let opened = open.len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut closed = 0;
+    for c in &open {
+        let mut buf = [0u8; 256];
+        // Closed by the host: EOF, or a 503 then EOF.
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(1), c.readable()).await
+            && matches!(c.try_read(&mut buf), Ok(_))
+        {
+            closed += 1;
+        }
+    }
+    tokio::time::sleep(hold).await;
+    Ok(format!("{opened} opened, {closed} answered/closed by the host"))
+}
+
+fn nested_loops_component(depth: usize) -> anyhow::Result<Vec<u8>> {
+    let text = format!("(component (core module (func {}{})))", "(loop ".repeat(depth), ")".repeat(depth));
+    Ok(wat::parse_str(text)?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let rows = runtime.block_on(run())?;
+    println!("Victim: a probe agent of tenant v, /ping {PINGS} times in a row; attacker: a probe agent of tenant x. tether serve (debug build), loopback.\n");
+    println!("| attack | what the host did | victim p99 alone | under attack | ratio | host RSS growth | host fds (peak) |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    for r in &rows {
+        let ratio = r.attacked.as_secs_f64() / r.alone.as_secs_f64().max(1e-9);
+        println!(
+            "| {} | {} | {:.2} ms | {:.2} ms | {ratio:.2}× | {:.1} MiB | {} |",
+            r.attack,
+            r.outcome,
+            r.alone.as_secs_f64() * 1e3,
+            r.attacked.as_secs_f64() * 1e3,
+            r.rss_growth_kib as f64 / 1024.0,
+            r.fds
+        );
+    }
+    println!("\nTargets: victim p99 within 2× under every attack; RSS growth under abandoned bodies ≤ the queue budget ({QUEUE_MIB} MiB) + 10 %.");
+    Ok(())
+}
+
+async fn run() -> anyhow::Result<Vec<Row>> {
+    let dir = tempfile::tempdir()?;
+    let probe = build_agent("probe")?;
+    let (silent, _held) = silent_server().await?;
+    let manifest = format!(
+        r#"
+[host]
+http_listen = "127.0.0.1:0"
+store_dir = "{store}"
+cache_dir = "{cache}"
+[host.limits]
+inbound_queue_bytes = {queue}
+
+[manage]
+listen = "127.0.0.1:0"
+
+[[tenant]]
+name = "v"
+token = "victim-token-0123456789"
+
+[[tenant]]
+name = "x"
+token = "{TOKEN_X}"
+
+[[agent]]
+id = "victim"
+tenant = "v"
+module = "{probe}"
+
+[[agent]]
+id = "x"
+tenant = "x"
+module = "{probe}"
+allowed_hosts = ["http://{silent}", "mqtt://{silent}"]
+limits = {{ log_rate = {{ burst = 1000000, per_sec = 1000000.0 }}, http_rate = {{ burst = 1000000, per_sec = 1000000.0 }} }}
+"#,
+        store = dir.path().join("store").display(),
+        cache = dir.path().join("cache").display(),
+        queue = QUEUE_MIB << 20,
+        probe = probe.display(),
+    );
+    let path = dir.path().join("manifest.toml");
+    std::fs::write(&path, manifest)?;
+    let serve = TetherRun::spawn(&[OsStr::new("serve"), OsStr::new("--manifest"), path.as_os_str()], "management API and dashboard", Duration::from_secs(60)).await?;
+    let lines = serve.lines();
+    let after = |marker: &str| lines.iter().find_map(|l| Some(l.split(marker).nth(1)?.split_whitespace().next()?.trim_end_matches('/').to_owned()));
+    let agents = after("agent URLs under ").ok_or_else(|| anyhow::anyhow!("no agent URL in {lines:?}"))?;
+    let manage = after("management API and dashboard: ").ok_or_else(|| anyhow::anyhow!("no management URL in {lines:?}"))?;
+    let pid = serve.pid().ok_or_else(|| anyhow::anyhow!("tether serve is gone"))?;
+    let target = Arc::new(Target { agents, manage, http: reqwest::Client::new() });
+    let agent_addr: SocketAddr = target.agents.trim_start_matches("http://").parse()?;
+    // Warm up: both agents answer, the connection pool is open.
+    target.get("/x/ping").await?;
+    target.victim_p99().await?;
+
+    let attacks: Vec<(&'static str, Box<dyn Fn(Arc<Target>) -> Attack>)> = vec![
+        ("abandoned bodies: 40 × 4 MB POSTs to a busy agent", Box::new(move |t| Box::pin(async move {
+            let spin = { let t = t.clone(); tokio::spawn(async move { t.get("/x/spin").await }) };
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let body = Arc::new(vec![b'x'; 4_000_000]);
+            let mut tasks = Vec::new();
+            for _ in 0..40 {
+                let body = body.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut c = TcpStream::connect(agent_addr).await?;
+                    c.write_all(b"POST /x/ping HTTP/1.1\r\nhost: a\r\ncontent-length: 4000000\r\n\r\n").await?;
+                    // Written until the host stops reading (503) or all of it; then gone.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), c.write_all(&body)).await;
+                    anyhow::Ok(())
+                }));
+            }
+            for task in tasks {
+                let _ = task.await;
+            }
+            let _ = spin.await;
+            Ok("503 past inbound_queue_bytes; abandoned ones dropped".to_owned())
+        }))),
+        ("slowloris: 2000 connections, headers never finished", Box::new(move |_| Box::pin(async move {
+            hold_connections(agent_addr, 2000, b"GET /x/ping HTTP/1.1\r\nhost: a\r\n", Duration::from_secs(1)).await
+        }))),
+        ("slow bodies: 600 connections to one agent, bodies never sent", Box::new(move |_| Box::pin(async move {
+            hold_connections(agent_addr, 600, b"POST /x/ping HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n", Duration::from_secs(1)).await
+        }))),
+        ("timers: 100,000 wakeups", Box::new(|t| Box::pin(async move { t.get("/x/timers?n=100000").await }))),
+        ("MQTT connections: 1,000", Box::new(move |t| Box::pin(async move {
+            t.get(&format!("/x/mqtt/hoard?n=1000&url=tcp://{silent}")).await
+        }))),
+        ("outgoing requests held: 1,000 × 100 kB", Box::new(move |t| Box::pin(async move {
+            t.get(&format!("/x/hold-http?n=1000&bytes=100000&timeout_s=3600&url=http://{silent}/")).await
+        }))),
+        ("log flood: 100,000 lines", Box::new(|t| Box::pin(async move { t.get("/x/flood-logs?n=100000").await.map(|_| "lines kept within log_rate".to_owned()) }))),
+        ("store saves: 10,000", Box::new(|t| Box::pin(async move { t.get("/x/save-many?n=10000").await }))),
+        ("compile bombs: 10 deploys of 301 nested loops", Box::new(|t| Box::pin(async move {
+            let bomb = nested_loops_component(301)?;
+            let mut statuses = Vec::new();
+            for _ in 0..10 {
+                let r = t.http.post(format!("{}/api/agents/x/deploy", t.manage)).bearer_auth(TOKEN_X).body(bomb.clone()).send().await?;
+                statuses.push(r.status().as_u16());
+            }
+            statuses.dedup();
+            Ok(format!("HTTP {statuses:?} before compiling"))
+        }))),
+    ];
+
+    let mut rows = Vec::new();
+    for (name, attack) in attacks {
+        eprintln!("attacks: {name} ...");
+        let alone = target.victim_p99().await?;
+        let (rss0, _) = (proc_rss_kib(pid), proc_fds(pid));
+        let (stop, sampler) = sample(pid);
+        let attacking = tokio::spawn(attack(target.clone()));
+        // Let the attack get going before measuring.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let attacked = target.victim_p99().await?;
+        let outcome = match tokio::time::timeout(Duration::from_secs(60), attacking).await {
+            Ok(Ok(Ok(text))) => text.trim().replace('|', "/"),
+            Ok(Ok(Err(e))) => format!("attack failed: {e}"),
+            other => format!("attack did not end: {other:?}"),
+        };
+        stop.store(true, Ordering::Relaxed);
+        let (rss, fds) = sampler.await?;
+        rows.push(Row { attack: name, outcome, alone, attacked, rss_growth_kib: rss.saturating_sub(rss0), fds });
+        // The attacker agent is restarted between attacks so that one's leftovers (timers,
+        // clients, requests) do not count in the next.
+        target.http.post(format!("{}/api/agents/x/restart", target.manage)).bearer_auth(TOKEN_X).send().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while target.get("/x/ping").await.ok().as_deref() != Some("pong") {
+            anyhow::ensure!(Instant::now() < deadline, "attacker agent did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    drop(serve);
+    Ok(rows)
+}
