@@ -26,6 +26,8 @@ const QUEUE_MIB: u64 = 16;
 const PINGS: usize = 500;
 
 type Attack = Pin<Box<dyn Future<Output = anyhow::Result<String>> + Send>>;
+/// An attack's name, and how to start it against a host.
+type Named = (&'static str, Box<dyn Fn(Arc<Target>) -> Attack>);
 
 struct Row {
     attack: &'static str,
@@ -122,7 +124,7 @@ async fn hold_connections(addr: SocketAddr, n: usize, head: &'static [u8], hold:
         let mut buf = [0u8; 256];
         // Closed by the host: EOF, or a 503 then EOF.
         if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(1), c.readable()).await
-            && matches!(c.try_read(&mut buf), Ok(_))
+            && c.try_read(&mut buf).is_ok()
         {
             closed += 1;
         }
@@ -213,7 +215,7 @@ limits = {{ log_rate = {{ burst = 1000000, per_sec = 1000000.0 }}, http_rate = {
     target.get("/x/ping").await?;
     target.victim_p99().await?;
 
-    let attacks: Vec<(&'static str, Box<dyn Fn(Arc<Target>) -> Attack>)> = vec![
+    let attacks: Vec<Named> = vec![
         ("abandoned bodies: 40 × 4 MB POSTs to a busy agent", Box::new(move |t| Box::pin(async move {
             let spin = { let t = t.clone(); tokio::spawn(async move { t.get("/x/spin").await }) };
             tokio::time::sleep(Duration::from_millis(100)).await;
