@@ -140,7 +140,7 @@ impl Default for Limits {
             memory_mib: 64,
             cpu_ms_per_event: 1000,
             store_bytes: 64 * 1024,
-            store_rate: Rate { burst: 1000, per_sec: 100.0 },
+            store_rate: Rate { burst: 200, per_sec: 100.0 },
             queue_bytes: 16 * 1024 * 1024,
             http_body_bytes: 4 * 1024 * 1024,
             http_timeout_secs: 60,

@@ -15,6 +15,9 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::kit::log::Quiet;
 
+/// The most a connection buffers of what a client sends ahead of being read.
+const READ_BUFFER: usize = 64 << 10;
+
 /// How long open connections get to finish when the host stops.
 const DRAIN: Duration = Duration::from_secs(5);
 
@@ -45,6 +48,8 @@ pub(crate) async fn serve(listener: TcpListener, router: axum::Router, mut stop:
         };
         let connection = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
+            // What a connection may buffer of a client's bytes: 64 KiB, not hyper's 400.
+            .max_buf_size(READ_BUFFER)
             .header_read_timeout(header_timeout)
             .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
         let connection = graceful.watch(connection);
