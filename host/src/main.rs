@@ -26,6 +26,9 @@ enum Command {
     /// pty and the azure-demo agent between them (provisioning, telemetry, twin, direct
     /// methods, C2D). Ctrl-C ends it.
     Demo(cli::demo::DemoArgs),
+    /// Compiles the module on stdin for the host that started it (internal).
+    #[command(hide = true)]
+    CompileWorker(cli::compile_worker::CompileWorkerArgs),
 }
 
 
@@ -45,6 +48,7 @@ async fn main() -> std::process::ExitCode {
         Command::Agents(args) => cli::agents::agents(args).await,
         Command::Hub(args) => cli::hub::hub(args).await,
         Command::Demo(args) => cli::demo::demo(args).await,
+        Command::CompileWorker(args) => cli::compile_worker::run(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

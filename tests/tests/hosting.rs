@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tether_host::config::HostConfig;
 use tether_host::manage::ManageServer;
 use tether_host::manifest::Manifest;
 use tether_host::{AgentStatus, Host};
-use tether_tests::{LogWatch, build_agent};
+use tether_tests::{LogWatch, build_agent, build_bin};
 
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN_A: &str = "tenant-a-token-0123456789";
@@ -25,18 +26,19 @@ struct Served {
     tmp: Option<tempfile::TempDir>,
 }
 
-/// The manifest's head: host on free ports in `dir`, tenants `a` and `b`.
-fn head(dir: &Path, extra_host: &str) -> String {
+/// The manifest's head: host on free ports in `dir`, tenants `a` and `b`; `modules` adds
+/// keys to `[host.modules]`.
+fn head(dir: &Path, modules: &str) -> String {
     format!(
         r#"
 [host]
 http_listen = "127.0.0.1:0"
 store_dir = "{store}"
 cache_dir = "{cache}"
-{extra_host}
 
 [host.modules]
 max_module_bytes = 1048576
+{modules}
 
 [manage]
 listen = "127.0.0.1:0"
@@ -62,19 +64,21 @@ fn probe_entry(id: &str, tenant: &str, extra: &str) -> anyhow::Result<String> {
 }
 
 impl Served {
-    async fn start(entries: &str, extra_host: &str) -> anyhow::Result<Served> {
+    async fn start(entries: &str, modules: &str) -> anyhow::Result<Served> {
         let dir = tempfile::tempdir()?;
-        let mut served = Served::start_in(dir.path(), entries, extra_host).await?;
+        let mut served = Served::start_in(dir.path(), entries, modules).await?;
         served.tmp = Some(dir);
         Ok(served)
     }
 
     /// A host whose manifest, stores and cache are in `dir`, which outlives it.
-    async fn start_in(dir: &Path, entries: &str, extra_host: &str) -> anyhow::Result<Served> {
+    async fn start_in(dir: &Path, entries: &str, modules: &str) -> anyhow::Result<Served> {
         let path = dir.join("manifest.toml");
-        std::fs::write(&path, head(dir, extra_host) + entries)?;
+        std::fs::write(&path, head(dir, modules) + entries)?;
         let manifest = Manifest::load(&path)?;
-        let host = Arc::new(Host::start(manifest.host.clone()).await?);
+        // Compiled as `tether serve` compiles: in a child process, with a deadline.
+        let worker = Some(build_bin("tether-host", "tether")?);
+        let host = Arc::new(Host::start(HostConfig { compile_worker: worker, ..manifest.host.clone() }).await?);
         let logs = LogWatch::new(host.logs());
         manifest.spawn_agents(&host)?;
         let listen = manifest.manage.listen.ok_or_else(|| anyhow::anyhow!("no manage.listen"))?;
@@ -233,6 +237,109 @@ async fn stop_start_restart_and_logs_through_the_api() -> anyhow::Result<()> {
     s.logs.wait_for("a1", "Agent restarted: restart", WAIT).await?;
     assert_eq!(s.call("POST", "/api/agents/a1/jump", TOKEN_A, vec![]).await.0, 400);
     s.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_module_that_compiles_too_long_is_stopped_at_its_deadline() -> anyhow::Result<()> {
+    // A function of 20,000 nested loops: 60 KB, past max_nesting here raised, and about
+    // 13 s of compiling. Its deadline: 1 s + 20 ms per KiB, about 2.2 s.
+    let s = Served::start(&two_tenants()?, "max_nesting = 100000\ncompile_ms_per_kib = 20.0").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    let depth = 20_000;
+    let bomb = wat::parse_str(format!("(component (core module (func {}{})))", "(loop ".repeat(depth), ")".repeat(depth)))?;
+    let started = Instant::now();
+    let deploy = s.call("POST", "/api/agents/a1/deploy", TOKEN_A, bomb);
+    let victim = async {
+        // Another tenant's agent answers all along.
+        let mut answers = 0;
+        while started.elapsed() < Duration::from_secs(2) {
+            assert_eq!(s.agent_get("b1", "/ping").await, (200, "pong".into()));
+            answers += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        answers
+    };
+    let ((status, body), answers) = tokio::join!(deploy, victim);
+    let took = started.elapsed();
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("took longer than its deadline"), "{body}");
+    assert!(took < Duration::from_secs(6), "refused after {took:?}");
+    assert!(answers >= 10, "the victim answered {answers} times");
+    assert_eq!(s.agent_get("a1", "/ping").await, (200, "pong".into()), "the old version runs on");
+    let leftovers: Vec<_> = std::fs::read_dir(s.dir().join("cache"))?.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(".compiling")).collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    s.stop().await;
+    Ok(())
+}
+
+/// The `tether compile-worker` children of process `parent`.
+fn compile_workers_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The fields after the command's closing parenthesis: state, then the parent.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains("compile-worker")
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sigterm_stops_tether_serve_at_once_while_it_compiles() -> anyhow::Result<()> {
+    let bin = build_bin("tether-host", "tether")?;
+    let dir = tempfile::tempdir()?;
+    let depth = 20_000;
+    let bomb = dir.path().join("bomb.wasm");
+    std::fs::write(&bomb, wat::parse_str(format!("(component (core module (func {}{})))", "(loop ".repeat(depth), ")".repeat(depth)))?)?;
+    // A deadline far away: only the signal can end these compiles soon.
+    let modules = "max_nesting = 100000\ncompile_max_secs = 120.0\ncompile_ms_per_kib = 5000.0";
+    let starting = head(dir.path(), modules) + &format!("\n[[agent]]\nid = \"a1\"\ntenant = \"a\"\nmodule = \"{}\"\n", bomb.display());
+    let port = tether_tests::free_port();
+    let running = head(dir.path(), modules).replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"127.0.0.1:{port}\"")) + &two_tenants()?;
+    for (case, manifest) in [("while starting", starting), ("during a deploy", running)] {
+        let path = dir.path().join("manifest.toml");
+        std::fs::write(&path, manifest)?;
+        let mut serve = tokio::process::Command::new(&bin).args(["serve", "--manifest", &path.display().to_string()]).env("RUST_LOG", "off").kill_on_drop(true).spawn()?;
+        let pid = serve.id().ok_or_else(|| anyhow::anyhow!("tether serve is gone"))?;
+        let deploy = if case == "during a deploy" {
+            tether_tests::wait_for_port(port, WAIT).await?;
+            let url = format!("http://127.0.0.1:{port}/api/agents/a1/deploy");
+            let body = std::fs::read(&bomb)?;
+            Some(tokio::spawn(async move { reqwest::Client::new().post(url).bearer_auth(TOKEN_A).body(body).send().await }))
+        } else {
+            None
+        };
+        let deadline = Instant::now() + WAIT;
+        let workers = loop {
+            let workers = compile_workers_of(pid);
+            if !workers.is_empty() {
+                break workers;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{case}: no compile worker started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let signalled = Instant::now();
+        std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+        let status = tokio::time::timeout(Duration::from_secs(10), serve.wait()).await??;
+        let took = signalled.elapsed();
+        assert!(took < Duration::from_secs(3), "{case}: SIGTERM took {took:?}");
+        if case == "during a deploy" {
+            assert!(status.success(), "{case}: {status}");
+            let answer = deploy.ok_or_else(|| anyhow::anyhow!("no deploy"))?.await?;
+            assert!(answer.map_or(true, |r| r.status() != 200), "{case}: the deploy did not succeed");
+        }
+        // The compiler dies with the host.
+        let deadline = Instant::now() + WAIT;
+        while workers.iter().any(|w| std::path::Path::new(&format!("/proc/{w}")).exists() && !std::fs::read_to_string(format!("/proc/{w}/stat")).unwrap_or_default().contains(") Z ")) {
+            anyhow::ensure!(Instant::now() < deadline, "{case}: the compile worker outlived the host");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     Ok(())
 }
 
@@ -584,6 +691,53 @@ async fn connections_to_one_agents_url_stop_at_its_limit_and_its_neighbour_keeps
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(slow);
+    s.stop().await;
+    Ok(())
+}
+
+/// An MQTT broker that accepts a connection and then reads nothing and acknowledges
+/// nothing: every QoS 1 publish to it stays pending.
+async fn mute_broker() -> anyhow::Result<std::net::SocketAddr> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut connect = [0u8; 256];
+            // One read takes the CONNECT packet; CONNACK, accepted.
+            if socket.read(&mut connect).await.is_ok() && socket.write_all(&[0x20, 0x02, 0x00, 0x00]).await.is_ok() {
+                held.push(socket);
+            }
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test]
+async fn mqtt_publishes_waiting_to_be_sent_stop_at_the_agents_byte_budget() -> anyhow::Result<()> {
+    let broker = mute_broker().await?;
+    let limits = "limits = { mqtt_message_bytes = 10000, mqtt_pending_bytes = 50000 }";
+    let entries = probe_entry("a1", "a", &format!("allowed_hosts = [\"mqtt://{broker}\"]\n{limits}"))? + &probe_entry("b1", "b", "")?;
+    let mut s = Served::start(&entries, "").await?;
+    s.wait_running(&["a1", "b1"]).await?;
+    assert_eq!(s.agent_get("a1", &format!("/mqtt/connect?url=tcp://{broker}")).await, (200, "connect 0".into()));
+    // 1,000 bytes and the 1-byte topic each: 49 fit in 50,000 bytes, and none is ever acknowledged.
+    assert_eq!(s.agent_get("a1", "/mqtt/flood?topic=t&bytes=1000&qos=1&n=100").await, (200, "taken 49 refused QueueFull".into()));
+    assert_eq!(s.agent_get("b1", "/ping").await, (200, "pong".into()), "another tenant's agent answers");
+    assert!(s.limit_refusals("a1", "a").await >= Some(1));
+    s.logs.wait_for("a1", "more would pass limits.mqtt_pending_bytes = 50000", WAIT).await?;
+    // The connection closed, what it held is given back.
+    assert_eq!(s.agent_get("a1", "/mqtt/disconnect").await.0, 200);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let _ = s.agent_get("a1", &format!("/mqtt/connect?url=tcp://{broker}")).await;
+        if s.agent_get("a1", "/mqtt/flood?topic=t&bytes=1000&qos=1&n=10").await == (200, "taken 10".into()) {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the budget was not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.stop().await;
     Ok(())
 }

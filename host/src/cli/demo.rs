@@ -28,6 +28,8 @@ pub struct DemoArgs {
 /// Runs the demo until Ctrl-C or SIGTERM.
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::watch()?;
+    // Stopped cleanly from the start: an exit would leave the device simulator running.
+    shutdown.started();
     use tether_host::config::{AgentSettings, DeviceBinding, HostConfig};
     use tether_hub_emulator::{Enrollment, EventFilter};
 
@@ -61,6 +63,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         store_dir: state_dir.join("store"),
         cache_dir: state_dir.join("cache"),
         trusted_ca_files: vec![hub.ca_cert_path().to_owned()],
+        compile_worker: super::compile_worker(),
         ..HostConfig::default()
     })
     .await?;

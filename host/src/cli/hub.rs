@@ -82,6 +82,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         reg = enrollment.id,
         key = enrollment.primary_key,
     );
+    shutdown.started();
     shutdown.wait().await;
     tracing::info!("shutting down the hub emulator");
     hub.shutdown().await;

@@ -1,6 +1,7 @@
 //! The `tether` commands, one file each, and the Ctrl-C/SIGTERM watch they share.
 
 pub mod agents;
+pub mod compile_worker;
 pub mod demo;
 pub mod hub;
 pub mod run;
@@ -8,3 +9,8 @@ pub mod serve;
 mod shutdown;
 
 pub use shutdown::Shutdown;
+
+/// This binary, to compile modules in child processes (`tether compile-worker`).
+fn compile_worker() -> Option<std::path::PathBuf> {
+    std::env::current_exe().ok()
+}

@@ -38,9 +38,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => default_id(module_path)?,
     };
     check_agent_id(&id)?;
+    config.host.compile_worker = super::compile_worker();
     let host = Host::start(config.host).await?;
     let module = host.runtime().load_file(module_path).with_context(|| format!("cannot load {}", module_path.display()))?;
     host.spawn(&id, config.agent, module)?;
+    shutdown.started();
     tracing::info!(agent = %id, "agent URL: {}", host.agent_url(&id));
     shutdown.wait().await;
     tracing::info!("shutting down");

@@ -22,7 +22,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use tether_host::manage::ManageServer;
     use tether_host::manifest::Manifest;
     let manifest = Manifest::load(manifest_path)?;
-    let host = std::sync::Arc::new(Host::start(manifest.host.clone()).await?);
+    let host = std::sync::Arc::new(Host::start(tether_host::config::HostConfig { compile_worker: super::compile_worker(), ..manifest.host.clone() }).await?);
     manifest.spawn_agents(&host)?;
     tracing::info!("{} agents running; agent URLs under {}", manifest.agents.len(), host.agent_url(""));
     let manage = match manifest.manage.listen {
@@ -35,8 +35,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    shutdown.started();
     shutdown.wait().await;
     tracing::info!("shutting down");
+    // A deploy compiling would hold the management API's graceful stop.
+    host.runtime().abandon_compiles();
     if let Some(manage) = manage {
         manage.stop().await;
     }

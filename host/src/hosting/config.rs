@@ -54,8 +54,13 @@ pub struct HostConfig {
     pub cache_max_mib: u64,
     /// Modules compiled at once (deploys wait their turn); each compile may use every core.
     pub compile_concurrency: usize,
-    /// Bounds on a module's shape, checked before it is compiled.
+    /// Bounds on a module's shape, checked before it is compiled, and its compile deadline.
     pub modules: ModuleLimits,
+    /// The `tether` binary, to compile modules in a child process that is stopped at the
+    /// deadline; the `tether` commands set it. Unset (a library embedding the host), modules
+    /// compile in this process with no deadline.
+    #[serde(skip)]
+    pub compile_worker: Option<PathBuf>,
     /// Limits applied to every agent.
     pub limits: Limits,
 }
@@ -75,6 +80,7 @@ impl Default for HostConfig {
             cache_max_mib: 1024,
             compile_concurrency: 1,
             modules: ModuleLimits::default(),
+            compile_worker: None,
             limits: Limits::default(),
         }
     }
@@ -118,6 +124,9 @@ pub struct Limits {
     pub http_connections: usize,
     /// Largest MQTT message in either direction, bytes (imp: 256 KiB).
     pub mqtt_message_bytes: usize,
+    /// Bytes of MQTT publishes the host holds for an agent until they are written (QoS 0)
+    /// or acknowledged (QoS 1), over all its clients; past it, `queue-full`.
+    pub mqtt_pending_bytes: usize,
     /// MQTT clients an agent may have open (connecting or connected) at once; past it,
     /// `connect` fails with `too-many-connections`.
     pub mqtt_connections: usize,
@@ -152,6 +161,7 @@ impl Default for Limits {
             http_connections: 256,
             mqtt_message_bytes: 256 * 1024,
             mqtt_connections: 16,
+            mqtt_pending_bytes: 16 * 1024 * 1024,
             timers: 1024,
             max_restarts: 8,
             healthy_after_secs: 60,
@@ -256,6 +266,12 @@ impl Limits {
             return Err(ConfigError::Invalid(
                 "limits.mqtt_connections, limits.timers, limits.http_in_flight and limits.http_connections must be at least 1".into(),
             ));
+        }
+        if self.mqtt_pending_bytes < self.mqtt_message_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "limits.mqtt_pending_bytes ({}) must be at least limits.mqtt_message_bytes ({}), or a largest message could never be sent",
+                self.mqtt_pending_bytes, self.mqtt_message_bytes
+            )));
         }
         if self.http_in_flight_bytes < self.http_body_bytes {
             return Err(ConfigError::Invalid(format!(

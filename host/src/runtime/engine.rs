@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
@@ -11,6 +13,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::cache::{CompileCache, Live};
 use super::instance::{self, AgentState};
 use super::shape::{ModuleLimits, ShapeError};
+use super::worker;
 use super::sched::TICK;
 use crate::bindings::AgentPre;
 use crate::hosting::config::HostConfig;
@@ -33,6 +36,12 @@ pub enum LoadError {
     /// Refused before compiling: past a `[host.modules]` limit, or undecodable.
     #[error(transparent)]
     Shape(#[from] ShapeError),
+    /// Compiling took longer than the module's deadline, and was stopped.
+    #[error("module refused: compiling it took longer than its deadline of {0:.1?} (modules.compile_max_secs, modules.compile_ms_per_kib)")]
+    CompileTimeout(Duration),
+    /// The compiler process could not be run.
+    #[error("cannot compile: {0}")]
+    Compile(String),
 }
 
 /// A compiled, linked agent module, ready to instantiate many times.
@@ -51,21 +60,36 @@ pub struct Runtime {
     linker: Linker<AgentState>,
     cache: CompileCache,
     modules: ModuleLimits,
+    /// The `tether` binary that compiles in a child process; here, without a deadline,
+    /// when unset.
+    worker: Option<PathBuf>,
+    cache_dir: PathBuf,
+    memory_mib: u32,
+    /// Set when the host stops: compiles in progress end at once.
+    abandon: AtomicBool,
+}
+
+/// The engine configuration that decides how modules compile: the host's engine and the
+/// compile worker's must agree on it (wasmtime checks an artefact's header against it).
+pub(crate) fn compile_config(memory_mib: u32) -> Config {
+    let memory = u64::from(memory_mib) << 20;
+    let mut wasm = Config::new();
+    wasm.epoch_interruption(true)
+        // Memories never grow past the cap, so reserving more address space per slot
+        // only costs page tables; a small guard keeps 10,000 slots within reach.
+        .memory_reservation(memory)
+        .memory_guard_size(64 << 10)
+        .memory_reservation_for_growth(0)
+        .async_stack_size(512 << 10)
+        .max_wasm_stack(256 << 10);
+    wasm
 }
 
 impl Runtime {
     /// Builds the engine for `config` and starts the epoch ticker.
     pub fn new(config: &HostConfig) -> anyhow::Result<Arc<Runtime>> {
         let memory = u64::from(config.limits.memory_mib) << 20;
-        let mut wasm = Config::new();
-        wasm.epoch_interruption(true)
-            // Memories never grow past the cap, so reserving more address space per slot
-            // only costs page tables; a small guard keeps 10,000 slots within reach.
-            .memory_reservation(memory)
-            .memory_guard_size(64 << 10)
-            .memory_reservation_for_growth(0)
-            .async_stack_size(512 << 10)
-            .max_wasm_stack(256 << 10);
+        let mut wasm = compile_config(config.limits.memory_mib);
         let agents = config.max_agents.max(1);
         let mut pool = PoolingAllocationConfig::default();
         // A Rust wasip2 component holds a few core instances, memories and tables.
@@ -97,7 +121,22 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         instance::link(&mut linker)?;
         let cache = CompileCache::new(&config.cache_dir, config.cache_max_mib << 20, &engine);
-        Ok(Arc::new(Runtime { engine, linker, cache, modules: config.modules.clone() }))
+        Ok(Arc::new(Runtime {
+            engine,
+            linker,
+            cache,
+            modules: config.modules.clone(),
+            worker: config.compile_worker.clone(),
+            cache_dir: config.cache_dir.clone(),
+            memory_mib: config.limits.memory_mib,
+            abandon: AtomicBool::new(false),
+        }))
+    }
+
+    /// Stops the compiles in progress in child processes, and any later ones: the host is
+    /// shutting down, and a deploy must not hold it up for a compile deadline.
+    pub fn abandon_compiles(&self) {
+        self.abandon.store(true, Ordering::Release);
     }
 
     /// The bounds on a module's shape checked before compiling.
@@ -124,8 +163,13 @@ impl Runtime {
             return self.link(&component, digest);
         }
         self.modules.check(bytes)?;
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| LoadError::NotComponent(one_line(&e)))?;
+        let component = match &self.worker {
+            Some(exe) => {
+                let deadline = self.modules.compile_deadline(bytes.len());
+                worker::compile(exe, self.memory_mib, bytes, &self.cache_dir, deadline, &self.abandon)?.load(&self.engine)?
+            }
+            None => Component::new(&self.engine, bytes).map_err(|e| LoadError::NotComponent(one_line(&e)))?,
+        };
         let module = self.link(&component, digest)?;
         self.cache.put(&module.digest, &component);
         Ok(module)

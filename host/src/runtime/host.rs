@@ -259,7 +259,7 @@ impl Host {
         };
         let limits = policy.limits;
         let http = outbound::Policy::new(policy.allowed_hosts.clone(), host.http_clients.clone(), &limits);
-        let mqtt = mqtt::Policy::new(host.mqtt_network.clone(), policy.allowed_hosts, limits.mqtt_message_bytes, limits.mqtt_connections);
+        let mqtt = mqtt::Policy::new(host.mqtt_network.clone(), policy.allowed_hosts, &limits);
         let parts = AgentParts {
             info: Arc::new(AgentInfo { id: id.to_owned(), url: self.agent_url(id), config: settings.config }),
             handles,
@@ -399,6 +399,7 @@ impl Host {
 
     /// Stops every agent and the HTTP server, and waits for them.
     pub async fn shutdown(self) {
+        self.shared.runtime.abandon_compiles();
         let _ = self.shared.shutdown.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {

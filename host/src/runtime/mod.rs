@@ -14,3 +14,4 @@ pub(crate) mod instance;
 pub(crate) mod queue;
 pub(crate) mod sched;
 pub mod shape;
+pub mod worker;

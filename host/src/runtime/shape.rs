@@ -29,6 +29,13 @@ pub struct ModuleLimits {
     pub max_function_locals: u64,
     /// Blocks (`block`, `loop`, `if`, `try_table`) open inside each other in one function.
     pub max_nesting: usize,
+    /// The longest a compile may take, s. A module's own deadline is 1 s plus
+    /// `compile_ms_per_kib` per KiB of it, up to this; past it, the compile is stopped and
+    /// the module refused. Only where the host compiles in a child process (`tether`).
+    pub compile_max_secs: f64,
+    /// Compile time allowed per KiB of module, ms (the examples take about 3 of CPU in a
+    /// debug build).
+    pub compile_ms_per_kib: f64,
 }
 
 impl Default for ModuleLimits {
@@ -41,6 +48,8 @@ impl Default for ModuleLimits {
             max_function_operators: 200_000,
             max_function_locals: 10_000,
             max_nesting: 300,
+            compile_max_secs: 60.0,
+            compile_ms_per_kib: 20.0,
         }
     }
 }
@@ -68,6 +77,12 @@ pub struct Shape {
 }
 
 impl ModuleLimits {
+    /// How long a module of `bytes` may take to compile.
+    pub fn compile_deadline(&self, bytes: usize) -> std::time::Duration {
+        let secs = 1.0 + self.compile_ms_per_kib * bytes as f64 / 1024.0 / 1000.0;
+        std::time::Duration::try_from_secs_f64(secs.min(self.compile_max_secs).max(0.1)).unwrap_or(std::time::Duration::MAX)
+    }
+
     /// Counts `bytes`' shape, stopping at the first limit passed.
     pub fn check(&self, bytes: &[u8]) -> Result<Shape, ShapeError> {
         over("max_module_bytes", "the module's size in bytes", bytes.len(), self.max_module_bytes)?;
