@@ -150,6 +150,33 @@ async fn hold_connections(addr: SocketAddr, n: usize, head: &'static [u8], hold:
     Ok(format!("{opened} opened, {closed} answered/closed by the host"))
 }
 
+/// CPU time of `pid`'s children that have ended (its compile workers), s.
+fn children_cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's closing parenthesis: state first, and cutime and cstime 14th and 15th.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = field(13) + field(14);
+    ticks as f64 / 100.0
+}
+
+/// Deploys `module` to the attacker `n` times in a row: the answers, and the wall and
+/// compile CPU time each took.
+async fn deploys(t: &Target, pid: u32, module: &[u8], n: u32) -> anyhow::Result<String> {
+    let (cpu, started) = (children_cpu_secs(pid), Instant::now());
+    let mut statuses = Vec::new();
+    let mut reason = String::new();
+    for _ in 0..n {
+        let r = t.http.post(format!("{}/api/agents/x/deploy", t.manage)).bearer_auth(TOKEN_X).body(module.to_vec()).send().await?;
+        statuses.push(r.status().as_u16());
+        reason = r.text().await?;
+    }
+    statuses.dedup();
+    let (wall, cpu) = (started.elapsed().as_secs_f64() / f64::from(n), (children_cpu_secs(pid) - cpu) / f64::from(n));
+    let reason = reason.split("refused").nth(1).and_then(|r| r.split(['(', ',']).next()).unwrap_or_default().trim().to_owned();
+    Ok(format!("HTTP {statuses:?} (refused {reason}) after {wall:.2} s, {cpu:.2} s of compile CPU each"))
+}
+
 fn nested_loops_component(depth: usize) -> anyhow::Result<Vec<u8>> {
     let text = format!("(component (core module (func {}{})))", "(loop ".repeat(depth), ")".repeat(depth));
     Ok(wat::parse_str(text)?)
@@ -190,6 +217,9 @@ store_dir = "{store}"
 cache_dir = "{cache}"
 [host.limits]
 inbound_queue_bytes = {queue}
+[host.modules]
+# Raised so that a compile bomb gets past the shape check to the compile deadline.
+max_nesting = 100000
 
 [manage]
 listen = "127.0.0.1:0"
@@ -270,15 +300,12 @@ limits = {{ cpu_ms_per_event = 10000, http_rate = {{ burst = 1000000, per_sec = 
         }))),
         ("log flood: 100,000 lines", Box::new(|t| Box::pin(async move { t.get("/x/flood-logs?n=100000").await.map(|_| "lines kept within log_rate".to_owned()) }))),
         ("store saves: 10,000", Box::new(|t| Box::pin(async move { t.get("/x/save-many?n=10000").await }))),
-        ("compile bombs: 10 deploys of 301 nested loops", Box::new(|t| Box::pin(async move {
-            let bomb = nested_loops_component(301)?;
-            let mut statuses = Vec::new();
-            for _ in 0..10 {
-                let r = t.http.post(format!("{}/api/agents/x/deploy", t.manage)).bearer_auth(TOKEN_X).body(bomb.clone()).send().await?;
-                statuses.push(r.status().as_u16());
-            }
-            statuses.dedup();
-            Ok(format!("HTTP {statuses:?} before compiling"))
+        ("shape bombs: 10 deploys of 60,000 functions", Box::new(move |t| Box::pin(async move {
+            let bomb = wat::parse_str(format!("(component (core module {}))", "(func)".repeat(60_000)))?;
+            deploys(&t, pid, &bomb, 10).await
+        }))),
+        ("slow compiles: 3 deploys of 20,000 nested loops", Box::new(move |t| Box::pin(async move {
+            deploys(&t, pid, &nested_loops_component(20_000)?, 3).await
         }))),
     ];
 

@@ -5,6 +5,7 @@
 //! host's runtime. Nothing here knows any capability or the runtime that composes them.
 
 pub(crate) mod blocking;
+pub(crate) mod budget;
 pub(crate) mod events;
 pub mod log;
 pub mod metrics;

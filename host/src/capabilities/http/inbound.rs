@@ -2,7 +2,6 @@
 //! the agent answers with `http.respond`, during that event or any later one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::bindings::events::Event;
 use crate::bindings::http::{Headers, IncomingRequest, RespondError};
+use crate::kit::budget::{Budget, Share};
 use crate::kit::events::Events;
 use crate::kit::log::{Logger, Quiet};
 
@@ -32,7 +32,7 @@ pub(crate) struct Pending {
     request: IncomingRequest,
     reply: Reply<Answer>,
     /// Its share of the agent's backlog, given back when it is delivered or dropped.
-    _held: Held,
+    _held: Share,
 }
 
 /// What an agent's requests hold before the agent takes them: bodies read and queued,
@@ -40,59 +40,15 @@ pub(crate) struct Pending {
 /// or waiting to restart, and their clients need no credentials.
 #[derive(Default)]
 pub(crate) struct Backlog {
-    bytes: AtomicUsize,
+    bytes: Budget,
     /// Requests in progress, each holding a connection.
-    requests: Arc<AtomicUsize>,
+    requests: Budget,
     /// When the log last said that requests were refused.
     full: Quiet,
 }
 
-/// One request in progress of an agent, given back on drop.
-struct InProgress(Arc<AtomicUsize>);
-
-impl Drop for InProgress {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// What one request counts besides its body: its head, the queue entry, the reply.
 const REQUEST_OVERHEAD: usize = 1024;
-
-impl Backlog {
-    /// Counts a request in progress, unless `max` are.
-    fn start(&self, max: usize) -> Option<InProgress> {
-        self.requests.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).ok()?;
-        Some(InProgress(self.requests.clone()))
-    }
-
-    /// Takes `bytes` of the `max`, or nothing if they do not fit.
-    fn hold(self: &Arc<Self>, bytes: usize, max: usize) -> Option<Held> {
-        self.bytes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| held.checked_add(bytes).filter(|total| *total <= max)).ok()?;
-        Some(Held { backlog: self.clone(), bytes })
-    }
-}
-
-/// Bytes of a [`Backlog`], given back on drop.
-pub(crate) struct Held {
-    backlog: Arc<Backlog>,
-    bytes: usize,
-}
-
-impl Held {
-    /// Keeps `bytes` of what is held (never more).
-    fn shrink_to(&mut self, bytes: usize) {
-        let freed = self.bytes.saturating_sub(bytes);
-        self.backlog.bytes.fetch_sub(freed, Ordering::AcqRel);
-        self.bytes -= freed;
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.backlog.bytes.fetch_sub(self.bytes, Ordering::AcqRel);
-    }
-}
 
 impl Pending {
     /// Answers on the agent's behalf when it cannot (failed, shutting down).
@@ -179,7 +135,7 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
     let Some(door) = doors.door(agent_id) else {
         return (StatusCode::NOT_FOUND, format!("no agent {agent_id:?}\n")).into_response();
     };
-    let Some(_in_progress) = door.backlog.start(door.max_connections) else {
+    let Some(_in_progress) = door.backlog.requests.take(1, door.max_connections) else {
         return door.crowded();
     };
     let query = req
@@ -204,7 +160,7 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
         None => 0,
     };
     let head = REQUEST_OVERHEAD + headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() + path.len();
-    let Some(mut held) = door.backlog.hold(head + body_max, door.backlog_bytes) else {
+    let Some(mut held) = door.backlog.bytes.take(head + body_max, door.backlog_bytes) else {
         return door.busy();
     };
     // The body has the agent's answer time to arrive: a client trickling it in holds a

@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::bindings::events::Event;
 use crate::bindings::http::{Request, Response, TransportError};
 use crate::kit::Handles;
+use crate::kit::budget::{Budget, Share};
 use crate::kit::events::Events;
 use crate::hosting::config::Limits;
 use crate::kit::log::{Level, Quiet};
@@ -67,31 +68,15 @@ pub(crate) struct Policy {
     max_timeout: Duration,
     /// Requests in flight and the bytes of their bodies, held by the host outside the
     /// agent's memory until each request ends.
-    in_flight: Arc<Mutex<InFlight>>,
-    max_in_flight: InFlight,
+    requests: Budget,
+    bytes: Budget,
+    max_requests: usize,
+    max_bytes: usize,
     full: Quiet,
 }
 
-#[derive(Default, Clone, Copy)]
-struct InFlight {
-    requests: usize,
-    bytes: usize,
-}
-
-/// One request's share of [`Policy::in_flight`], given back when the request ends or is
-/// abandoned.
-struct Reservation {
-    in_flight: Arc<Mutex<InFlight>>,
-    bytes: usize,
-}
-
-impl Drop for Reservation {
-    fn drop(&mut self) {
-        let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        n.requests = n.requests.saturating_sub(1);
-        n.bytes = n.bytes.saturating_sub(self.bytes);
-    }
-}
+/// One request's shares of the in-flight budgets, given back when it ends or is abandoned.
+type Reservation = (Share, Share);
 
 impl Policy {
     pub fn new(allowed_hosts: AllowedHosts, clients: Clients, limits: &Limits) -> Policy {
@@ -102,8 +87,10 @@ impl Policy {
             body_bytes: limits.http_body_bytes,
             timeout: Duration::from_secs(limits.http_timeout_secs.into()),
             max_timeout: Duration::from_secs(limits.http_max_timeout_secs.into()),
-            in_flight: Arc::default(),
-            max_in_flight: InFlight { requests: limits.http_in_flight, bytes: limits.http_in_flight_bytes },
+            requests: Budget::default(),
+            bytes: Budget::default(),
+            max_requests: limits.http_in_flight,
+            max_bytes: limits.http_in_flight_bytes,
             full: Quiet::default(),
         }
     }
@@ -111,20 +98,13 @@ impl Policy {
     /// Takes a request of `bytes` of body into the in-flight budget, or says which limit
     /// it is past.
     fn reserve(&self, bytes: usize) -> Result<Reservation, String> {
-        let mut n = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
-        let max = self.max_in_flight;
-        if n.requests >= max.requests {
-            return Err(format!("{} requests in flight, the most limits.http_in_flight allows", n.requests));
-        }
-        if n.bytes + bytes > max.bytes {
-            return Err(format!(
-                "{} body bytes in flight and {bytes} more, over limits.http_in_flight_bytes = {}",
-                n.bytes, max.bytes
-            ));
-        }
-        n.requests += 1;
-        n.bytes += bytes;
-        Ok(Reservation { in_flight: self.in_flight.clone(), bytes })
+        let Some(request) = self.requests.take(1, self.max_requests) else {
+            return Err(format!("{} requests in flight, the most limits.http_in_flight allows", self.requests.used()));
+        };
+        let Some(body) = self.bytes.take(bytes, self.max_bytes) else {
+            return Err(format!("{} body bytes in flight and {bytes} more, over limits.http_in_flight_bytes = {}", self.bytes.used(), self.max_bytes));
+        };
+        Ok((request, body))
     }
 }
 

@@ -11,6 +11,7 @@ use rumqttc::{ConnectReturnCode, ConnectionError, Event as LoopEvent, EventLoop,
 
 use super::{Report, code};
 use crate::bindings::mqtt::Message;
+use crate::kit::budget::Share;
 use crate::kit::events::Events;
 use crate::kit::log::{Level, Logger};
 use crate::kit::metrics::{AgentMetrics, Count};
@@ -41,10 +42,11 @@ pub(crate) enum MqttEvent {
 /// `Outgoing::Publish` is the n-th queued publish.
 #[derive(Default)]
 pub(super) struct Ops {
-    pub publishes: VecDeque<u64>,
+    /// Publishes not yet written, with their share of the agent's pending bytes.
+    pub publishes: VecDeque<(u64, Share)>,
     pub subscribes: VecDeque<u64>,
     pub unsubscribes: VecDeque<u64>,
-    pub publish_acks: HashMap<u16, u64>,
+    pub publish_acks: HashMap<u16, (u64, Share)>,
     pub subscribe_acks: HashMap<u16, u64>,
     pub unsubscribe_acks: HashMap<u16, u64>,
     /// Unsubscribe packets still unacknowledged per operation (one packet per topic).
@@ -172,12 +174,12 @@ impl Driver {
         let mut ops = lock(&self.ops);
         match out {
             Outgoing::Publish(pkid) => {
-                if let Some(op) = ops.publishes.pop_front() {
+                if let Some((op, share)) = ops.publishes.pop_front() {
                     if pkid == 0 {
-                        drop(ops);
+                        drop((ops, share));
                         self.post(MqttEvent::Published(op, code::SUCCESS));
                     } else {
-                        ops.publish_acks.insert(pkid, op);
+                        ops.publish_acks.insert(pkid, (op, share));
                     }
                 }
             }
@@ -199,7 +201,7 @@ impl Driver {
 
     fn acked_publish(&self, pkid: u16) {
         let op = lock(&self.ops).publish_acks.remove(&pkid);
-        if let Some(op) = op {
+        if let Some((op, _share)) = op {
             self.post(MqttEvent::Published(op, code::SUCCESS));
         }
     }
@@ -208,7 +210,7 @@ impl Driver {
     fn close(&self, last: MqttEvent) {
         self.connected.store(false, Ordering::Release);
         let ops = std::mem::take(&mut *lock(&self.ops));
-        for op in ops.publishes.into_iter().chain(ops.publish_acks.into_values()) {
+        for (op, _share) in ops.publishes.into_iter().chain(ops.publish_acks.into_values()) {
             self.post(MqttEvent::Published(op, code::DISCONNECTED));
         }
         for op in ops.subscribes.into_iter().chain(ops.subscribe_acks.into_values()) {

@@ -16,7 +16,9 @@ use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::events::Event;
 use crate::bindings::mqtt::{self as wit, ConnectOptions, MqttError};
+use crate::hosting::config::Limits;
 use crate::kit::Handles;
+use crate::kit::budget::Budget;
 use crate::kit::events::Events;
 use crate::kit::log::Quiet;
 use crate::kit::metrics::Count;
@@ -67,11 +69,22 @@ pub(crate) struct Policy {
     message_bytes: usize,
     /// Clients open at once, each a socket and a task of the host's.
     max_connections: usize,
+    /// Bytes of publishes accepted and not yet done (QoS 0: written; QoS 1: acknowledged),
+    /// which the host holds outside the agent's memory, over all its clients.
+    pending: Budget,
+    max_pending: usize,
 }
 
 impl Policy {
-    pub fn new(network: Arc<Network>, allowed_hosts: AllowedHosts, message_bytes: usize, max_connections: usize) -> Policy {
-        Policy { network, allowed_hosts, message_bytes, max_connections }
+    pub fn new(network: Arc<Network>, allowed_hosts: AllowedHosts, limits: &Limits) -> Policy {
+        Policy {
+            network,
+            allowed_hosts,
+            message_bytes: limits.mqtt_message_bytes,
+            max_connections: limits.mqtt_connections,
+            pending: Budget::default(),
+            max_pending: limits.mqtt_pending_bytes,
+        }
     }
 }
 
@@ -221,9 +234,15 @@ impl wit::Host for Clients {
         if topic.is_empty() || topic.contains(['+', '#']) {
             return Err(MqttError::InvalidArgument);
         }
+        let size = topic.len() + payload.len();
+        let Some(share) = self.policy.pending.take(size, self.policy.max_pending) else {
+            let (used, max) = (self.policy.pending.used(), self.policy.max_pending);
+            self.handles.log.limit_refused(&self.full, || format!("mqtt: publish refused: {used} bytes wait to be sent, and {size} more would pass limits.mqtt_pending_bytes = {max}"));
+            return Err(MqttError::QueueFull);
+        };
         let op = self.op();
         let conn = self.connected(c)?;
-        lock(&conn.ops).publishes.push_back(op);
+        lock(&conn.ops).publishes.push_back((op, share));
         conn.client.try_publish(topic, q, retain, payload).map_err(|e| {
             lock(&conn.ops).publishes.pop_back();
             queue_error(e)

@@ -71,6 +71,22 @@ fn mqtt_request(req: IncomingRequest, res: HttpResponse) {
             .create_message(&q("topic"), q("msg"), MessageOptions { qos, retain: false })
             .send_async(move |code| answer(format!("pub {code}"))),
         "/mqtt/disconnect" => client.disconnect(move || answer("disconnected".into())),
+        "/mqtt/flood" => {
+            // `n` publishes of `bytes` at once: how many were taken, and the first refusal.
+            let payload = vec![b'x'; q("bytes").parse().unwrap_or(0)];
+            let (mut taken, mut refusal) = (0, String::new());
+            for _ in 0..q("n").parse::<u32>().unwrap_or(0) {
+                match client.create_message(&q("topic"), payload.clone(), MessageOptions { qos, retain: false }).send_async(|_| {}) {
+                    Ok(()) => taken += 1,
+                    Err(e) => {
+                        refusal = format!(" refused {e:?}");
+                        break;
+                    }
+                }
+            }
+            answer(format!("taken {taken}{refusal}"));
+            Ok(())
+        }
         "/mqtt/hoard" => {
             // `n` more clients connecting to `url`: `opened K` and the first refusal.
             let mut opened = 0;
