@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::cache::{CompileCache, Live};
 use super::instance::{self, AgentState};
 use super::shape::{ModuleLimits, ShapeError};
-use super::worker;
+use super::worker::{self, compile_config};
 use super::sched::TICK;
 use crate::bindings::AgentPre;
 use crate::hosting::config::HostConfig;
@@ -67,22 +67,6 @@ pub struct Runtime {
     memory_mib: u32,
     /// Set when the host stops: compiles in progress end at once.
     abandon: AtomicBool,
-}
-
-/// The engine configuration that decides how modules compile: the host's engine and the
-/// compile worker's must agree on it (wasmtime checks an artefact's header against it).
-pub(crate) fn compile_config(memory_mib: u32) -> Config {
-    let memory = u64::from(memory_mib) << 20;
-    let mut wasm = Config::new();
-    wasm.epoch_interruption(true)
-        // Memories never grow past the cap, so reserving more address space per slot
-        // only costs page tables; a small guard keeps 10,000 slots within reach.
-        .memory_reservation(memory)
-        .memory_guard_size(64 << 10)
-        .memory_reservation_for_growth(0)
-        .async_stack_size(512 << 10)
-        .max_wasm_stack(256 << 10);
-    wasm
 }
 
 impl Runtime {
@@ -166,7 +150,13 @@ impl Runtime {
         let component = match &self.worker {
             Some(exe) => {
                 let deadline = self.modules.compile_deadline(bytes.len());
-                worker::compile(exe, self.memory_mib, bytes, &self.cache_dir, deadline, &self.abandon)?.load(&self.engine)?
+                let artefact = worker::compile(exe, self.memory_mib, bytes, &self.cache_dir, deadline, &self.abandon).map_err(|failed| match failed {
+                    worker::Failed::Deadline(deadline) => LoadError::CompileTimeout(deadline),
+                    worker::Failed::Abandoned => LoadError::Compile("the host is shutting down".into()),
+                    worker::Failed::Run(why) => LoadError::Compile(why),
+                    worker::Failed::Refused(why) => LoadError::NotComponent(one_line(&why)),
+                })?;
+                artefact.load(&self.engine).map_err(|e| LoadError::NotComponent(one_line(&e)))?
             }
             None => Component::new(&self.engine, bytes).map_err(|e| LoadError::NotComponent(one_line(&e)))?,
         };

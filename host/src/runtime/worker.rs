@@ -13,23 +13,50 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::Engine;
 use wasmtime::component::Component;
-
-use super::engine::{LoadError, compile_config, one_line};
+use wasmtime::{Config, Engine};
 
 /// How often a waiting host looks at its child.
 const POLL: Duration = Duration::from_millis(5);
+
+/// The engine configuration that decides how modules compile: the host's engine and the
+/// compile worker's must agree on it (wasmtime checks an artefact's header against it).
+pub(crate) fn compile_config(memory_mib: u32) -> Config {
+    let memory = u64::from(memory_mib) << 20;
+    let mut wasm = Config::new();
+    wasm.epoch_interruption(true)
+        // Memories never grow past the cap, so reserving more address space per slot
+        // only costs page tables; a small guard keeps 10,000 slots within reach.
+        .memory_reservation(memory)
+        .memory_guard_size(64 << 10)
+        .memory_reservation_for_growth(0)
+        .async_stack_size(512 << 10)
+        .max_wasm_stack(256 << 10);
+    wasm
+}
+
+/// Why a child compile gave nothing.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// Past the deadline (or its CPU limit): stopped.
+    Deadline(Duration),
+    /// The host is shutting down: stopped.
+    Abandoned,
+    /// The child could not be run or waited for.
+    Run(String),
+    /// The module does not compile: the compiler's message.
+    Refused(String),
+}
 
 /// A finished child compile: the artefact's temporary file, removed when dropped.
 pub(crate) struct Artefact(PathBuf);
 
 impl Artefact {
     /// Loads it into `engine`.
-    pub fn load(&self, engine: &Engine) -> Result<Component, LoadError> {
+    pub fn load(&self, engine: &Engine) -> wasmtime::Result<Component> {
         // SAFETY: the file was written just now by this host's own binary, for an engine of
         // the same configuration (wasmtime checks that again from the artefact's header).
-        unsafe { Component::deserialize_file(engine, &self.0) }.map_err(|e| LoadError::NotComponent(one_line(&e)))
+        unsafe { Component::deserialize_file(engine, &self.0) }
     }
 }
 
@@ -42,9 +69,9 @@ impl Drop for Artefact {
 /// Compiles `bytes` with the `tether` binary `exe` into a file in `dir`, within `deadline`
 /// of wall time and as many seconds of CPU.
 /// `abandon` set stops it at once (the host is shutting down).
-pub(crate) fn compile(exe: &Path, memory_mib: u32, bytes: &[u8], dir: &Path, deadline: Duration, abandon: &AtomicBool) -> Result<Artefact, LoadError> {
+pub(crate) fn compile(exe: &Path, memory_mib: u32, bytes: &[u8], dir: &Path, deadline: Duration, abandon: &AtomicBool) -> Result<Artefact, Failed> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let failed = |what: &str, e: std::io::Error| LoadError::Compile(format!("{what}: {e}"));
+    let failed = |what: &str, e: std::io::Error| Failed::Run(format!("{what}: {e}"));
     std::fs::create_dir_all(dir).map_err(|e| failed("cannot create the cache directory", e))?;
     let out = Artefact(dir.join(format!(".compiling-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))));
     let cpu_secs = deadline.as_secs().max(1) + 1;
@@ -79,9 +106,9 @@ pub(crate) fn compile(exe: &Path, memory_mib: u32, bytes: &[u8], dir: &Path, dea
                 let _ = child.kill();
                 let _ = child.wait();
                 if abandon.load(Ordering::Acquire) {
-                    return Err(LoadError::Compile("the host is shutting down".into()));
+                    return Err(Failed::Abandoned);
                 }
-                return Err(LoadError::CompileTimeout(deadline));
+                return Err(Failed::Deadline(deadline));
             }
             None => std::thread::sleep(POLL),
         }
@@ -93,7 +120,7 @@ pub(crate) fn compile(exe: &Path, memory_mib: u32, bytes: &[u8], dir: &Path, dea
         use std::os::unix::process::ExitStatusExt;
         // RLIMIT_CPU: SIGXCPU at the limit (SIGKILL a second later).
         if matches!(status.signal(), Some(libc::SIGXCPU | libc::SIGKILL)) {
-            return Err(LoadError::CompileTimeout(deadline));
+            return Err(Failed::Deadline(deadline));
         }
     }
     let mut message = String::new();
@@ -101,7 +128,7 @@ pub(crate) fn compile(exe: &Path, memory_mib: u32, bytes: &[u8], dir: &Path, dea
         let _ = stderr.read_to_string(&mut message);
     }
     // `tether` prints its error as "error: ...".
-    Err(LoadError::NotComponent(one_line(&message.trim().trim_start_matches("error: "))))
+    Err(Failed::Refused(message.trim().trim_start_matches("error: ").to_owned()))
 }
 
 /// The child's side (`tether compile-worker`): compiles the module on stdin for an engine of
