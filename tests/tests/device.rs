@@ -53,6 +53,21 @@ async fn bridge_reads_and_switches_the_led_through_the_device() -> anyhow::Resul
 }
 
 #[tokio::test]
+async fn messages_held_for_an_absent_device_stop_at_the_agents_limit() -> anyhow::Result<()> {
+    let mut t = TestHost::start(|c| c.limits.device_queue_messages = 3).await?;
+    // No device on the line: queued messages wait for one.
+    t.spawn_with_device("probe", "device-probe", &[], Some(&link_path(&t)))?;
+    let base = t.url("probe", "");
+    for _ in 0..3 {
+        assert!(get(&format!("{base}/send?name=led&data=true&queued")).await.starts_with("sent "));
+    }
+    assert_eq!(get(&format!("{base}/send?name=led&data=true&queued")).await, "refused QueueFull");
+    t.logs.wait_for("probe", "at limits.device_queue_messages", WAIT).await?;
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn unplug_is_noticed_sending_fails_at_once_and_replug_resumes() -> anyhow::Result<()> {
     let mut t = TestHost::start(|_| {}).await?;
     let link = link_path(&t);

@@ -130,6 +130,11 @@ pub struct Limits {
     /// MQTT clients an agent may have open (connecting or connected) at once; past it,
     /// `connect` fails with `too-many-connections`.
     pub mqtt_connections: usize,
+    /// Messages to the agent's device waiting to be sent (a slow device, or held while it
+    /// is disconnected); past it, `queue-full`.
+    pub device_queue_messages: usize,
+    /// Their bytes (names and payloads); past it, `queue-full`.
+    pub device_queue_bytes: usize,
     /// Timers an agent may have pending (scheduled, or fired and not yet delivered); past
     /// it, a wakeup is refused.
     pub timers: usize,
@@ -163,6 +168,8 @@ impl Default for Limits {
             mqtt_connections: 16,
             mqtt_pending_bytes: 16 * 1024 * 1024,
             timers: 1024,
+            device_queue_messages: 256,
+            device_queue_bytes: 1 << 20,
             max_restarts: 8,
             healthy_after_secs: 60,
             http_rate: None,
@@ -265,6 +272,11 @@ impl Limits {
         if self.mqtt_connections == 0 || self.timers == 0 || self.http_in_flight == 0 || self.http_connections == 0 {
             return Err(ConfigError::Invalid(
                 "limits.mqtt_connections, limits.timers, limits.http_in_flight and limits.http_connections must be at least 1".into(),
+            ));
+        }
+        if self.device_queue_messages == 0 || self.device_queue_bytes < 256 * 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.device_queue_messages must be at least 1 and limits.device_queue_bytes at least 262144 (one largest message)".into(),
             ));
         }
         if self.mqtt_pending_bytes < self.mqtt_message_bytes {

@@ -252,7 +252,7 @@ impl Host {
         let (device, driver) = match settings.device {
             Some(binding) => {
                 let line = SerialLine::new(binding.path, binding.baud);
-                let (channel, driver) = device::DeviceChannel::new(line, id, Events::any_instance(queue.clone()), log);
+                let (channel, driver) = device::DeviceChannel::new(line, id, Events::any_instance(queue.clone()), log, &policy.limits);
                 (Some(Arc::new(channel)), Some(driver))
             }
             None => (None, None),

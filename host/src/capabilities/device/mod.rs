@@ -22,6 +22,7 @@ use wasmtime::component::{HasSelf, Linker};
 
 use crate::bindings::device::{self as wit, Answer, SendError, SendFlags};
 use crate::bindings::events::Event;
+use crate::hosting::config::Limits;
 use crate::kit::events::Events;
 use crate::kit::log::{Level, Logger, Quiet};
 use crate::kit::metrics::{AgentMetrics, Count};
@@ -36,10 +37,6 @@ pub(crate) struct DeviceEvent(pub Event);
 
 /// imp's cap on one message (name plus payload), whatever the device accepts.
 pub(crate) const MAX_MESSAGE: usize = 256 * 1024;
-/// Messages waiting to be sent per device (slow device, or held while disconnected)...
-const BACKLOG_MESSAGES: usize = 256;
-/// ...and their bytes; past either, `send` answers `queue-full`.
-const BACKLOG_BYTES: usize = 1 << 20;
 /// Device messages posted to the agent but not yet delivered: past this the driver stops
 /// reading the line, so a flood from the device waits in the kernel and the device's
 /// flow-control window, not in host memory.
@@ -111,6 +108,10 @@ pub(crate) struct DeviceChannel {
     state: Arc<State>,
     log: Logger,
     refused: Quiet,
+    /// Messages waiting to be sent (slow device, or held while disconnected), and their
+    /// bytes: `limits.device_queue_messages` and `device_queue_bytes`.
+    max_messages: usize,
+    max_bytes: usize,
 }
 
 impl DeviceChannel {
@@ -127,11 +128,12 @@ impl DeviceChannel {
     /// The channel and the driver to spawn for it (only once the agent is registered, so a
     /// refused spawn leaves no task holding the line). `events` reach whichever instance
     /// runs.
-    pub fn new<L: Line>(line: L, agent_id: &str, events: Events<DeviceEvent>, log: Logger) -> (DeviceChannel, Driver<L>) {
+    pub fn new<L: Line>(line: L, agent_id: &str, events: Events<DeviceEvent>, log: Logger, limits: &Limits) -> (DeviceChannel, Driver<L>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let state = Arc::new(State::default());
         let driver = Driver::new(line, agent_id, state.clone(), rx, events, log.clone());
-        (DeviceChannel { commands: tx, state, log, refused: Quiet::default() }, driver)
+        let (max_messages, max_bytes) = (limits.device_queue_messages, limits.device_queue_bytes);
+        (DeviceChannel { commands: tx, state, log, refused: Quiet::default(), max_messages, max_bytes }, driver)
     }
 
     fn respond(&self, id: u64, answer: Answer) {
@@ -167,7 +169,11 @@ impl DeviceChannel {
         device_link::Value::decode(&payload).map_err(|_| SendError::InvalidPayload)?;
         {
             let mut b = self.state.backlog.lock().unwrap_or_else(|p| p.into_inner());
-            if b.messages >= BACKLOG_MESSAGES || b.bytes + size > BACKLOG_BYTES {
+            if b.messages >= self.max_messages || b.bytes + size > self.max_bytes {
+                let (messages, bytes) = (b.messages, b.bytes);
+                self.log.limit_refused(&self.refused, || {
+                    format!("device: send refused: {messages} messages of {bytes} bytes wait for the device, at limits.device_queue_messages or device_queue_bytes")
+                });
                 return Err(SendError::QueueFull);
             }
             b.messages += 1;
@@ -243,7 +249,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let metrics = Arc::new(AgentMetrics::default());
         let log = Logger::new("a", Vec::new(), None, metrics.clone());
-        let channel = DeviceChannel { commands: tx, state: Arc::default(), log, refused: Quiet::default() };
+        let channel = DeviceChannel { commands: tx, state: Arc::default(), log, refused: Quiet::default(), max_messages: 1, max_bytes: 1 };
         channel.state.max_message.store(8, Ordering::Release);
         channel.state.awaiting.lock().unwrap_or_else(|p| p.into_inner()).extend([1, 2]);
 
