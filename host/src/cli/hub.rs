@@ -50,6 +50,8 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::watch()?;
     use tether_hub_emulator::Enrollment;
     let hub = start_hub(args).await?;
+    // Before the credentials are printed: a signal from here on stops the hub cleanly.
+    shutdown.started();
     let device = match hub.device_connection_string(DEMO_DEVICE) {
         Some(cs) => cs,
         None => hub.create_device(DEMO_DEVICE).context("cannot create the demo device")?.connection_string,
@@ -82,7 +84,6 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         reg = enrollment.id,
         key = enrollment.primary_key,
     );
-    shutdown.started();
     shutdown.wait().await;
     tracing::info!("shutting down the hub emulator");
     hub.shutdown().await;

@@ -24,6 +24,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let manifest = Manifest::load(manifest_path)?;
     let host = std::sync::Arc::new(Host::start(tether_host::config::HostConfig { compile_worker: super::compile_worker(), ..manifest.host.clone() }).await?);
     manifest.spawn_agents(&host)?;
+    // Before anything says "ready": a signal from here on stops the host cleanly.
+    shutdown.started();
     tracing::info!("{} agents running; agent URLs under {}", manifest.agents.len(), host.agent_url(""));
     let manage = match manifest.manage.listen {
         Some(listen) => {
@@ -35,7 +37,6 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    shutdown.started();
     shutdown.wait().await;
     tracing::info!("shutting down");
     // A deploy compiling would hold the management API's graceful stop.
