@@ -3,7 +3,8 @@
 //! the victim is asked `/ping` 500 times in a row, three times (the median p99 counts);
 //! before it, the same with the host quiet. Printed per attack: how the host refused it, the victim's p99 alone
 //! and under attack, the host's RSS growth (peak during the attack over the quiet RSS)
-//! and its peak count of open file descriptors. Loopback only.
+//! and its peak count of open file descriptors. Loopback only: the attacker's raw
+//! connections come from 127.0.0.2, the victim's client from 127.0.0.1.
 //!
 //! `cargo bench -p tether-tests --bench attacks` (about 2 minutes).
 
@@ -124,12 +125,19 @@ async fn silent_server() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
     Ok((addr, held))
 }
 
+/// A connection from the attacker's address, 127.0.0.2 (the victim's client is 127.0.0.1).
+async fn connect_as_attacker(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, 2], 0)))?;
+    socket.connect(addr).await
+}
+
 /// Opens `n` connections to `addr`, each writing `head` and holding; how many opened and
 /// how many the host closed within a second.
 async fn hold_connections(addr: SocketAddr, n: usize, head: &'static [u8], hold: Duration) -> anyhow::Result<String> {
     let mut open = Vec::new();
     for _ in 0..n {
-        let Ok(mut c) = TcpStream::connect(addr).await else { break };
+        let Ok(mut c) = connect_as_attacker(addr).await else { break };
         if c.write_all(head).await.is_ok() {
             open.push(c);
         }
@@ -272,7 +280,7 @@ limits = {{ cpu_ms_per_event = 10000, http_rate = {{ burst = 1000000, per_sec = 
             for _ in 0..40 {
                 let body = body.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut c = TcpStream::connect(agent_addr).await?;
+                    let mut c = connect_as_attacker(agent_addr).await?;
                     c.write_all(b"POST /x/ping HTTP/1.1\r\nhost: a\r\ncontent-length: 4000000\r\n\r\n").await?;
                     // Written until the host stops reading (503) or all of it; then gone.
                     let _ = tokio::time::timeout(Duration::from_secs(2), c.write_all(&body)).await;

@@ -350,6 +350,42 @@ async fn agent_urls_cut_off_slow_headers_and_slow_bodies() -> anyhow::Result<()>
 }
 
 #[tokio::test]
+async fn one_address_gets_its_share_of_connections_and_another_is_still_served() -> anyhow::Result<()> {
+    const PER_ADDRESS: usize = 3;
+    let t = TestHost::start(|c| c.http_max_connections_per_address = PER_ADDRESS).await?;
+    t.spawn("echo", "http-echo", &[])?;
+    let addr = t.host.http_addr();
+    // Connections from 127.0.0.2 that never send a request.
+    let from = |ip: [u8; 4]| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::from((ip, 0)))?;
+        socket.connect(addr).await
+    };
+    let mut held = Vec::new();
+    for _ in 0..PER_ADDRESS {
+        held.push(from([127, 0, 0, 2]).await?);
+    }
+    // The next one from that address is closed at once, before a byte is read.
+    let mut over = from([127, 0, 0, 2]).await?;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut over, &mut buf)).await?;
+    assert!(matches!(read, Ok(0) | Err(_)), "a connection over the address's share was kept: {read:?}");
+    // Another address is served, once the agent has started.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut stream = from([127, 0, 0, 3]).await?;
+        if keep_alive_request(&mut stream).await.is_ok_and(|a| a.starts_with("HTTP/1.1 200")) {
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "127.0.0.3 was not served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn agent_urls_close_connections_over_the_cap_and_take_new_ones_once_below() -> anyhow::Result<()> {
     const CAP: usize = 4;
     let t = TestHost::start(|c| c.http_max_connections = CAP).await?;

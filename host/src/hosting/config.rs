@@ -43,6 +43,10 @@ pub struct HostConfig {
     pub max_agents: u32,
     /// Connections to the agents' URLs open at once; over it, a new one is closed at once.
     pub http_max_connections: usize,
+    /// Connections to the agents' URLs open at once from one address; over it, a new one
+    /// is closed at once. Behind a proxy every client has the proxy's address: raise it
+    /// to `http_max_connections` there.
+    pub http_max_connections_per_address: usize,
     /// How long a client of an agent URL may take to send a request's headers, s.
     pub http_header_timeout_secs: u64,
     /// Whether a queue append waits for an fsync. Without it an appended entry survives a
@@ -75,6 +79,7 @@ impl Default for HostConfig {
             trusted_ca_files: Vec::new(),
             max_agents: 100,
             http_max_connections: 4096,
+            http_max_connections_per_address: 256,
             http_header_timeout_secs: 10,
             queue_fsync: false,
             cache_max_mib: 1024,

@@ -169,9 +169,13 @@ impl Host {
             compile_gate: tokio::sync::Semaphore::new(compile_concurrency),
         });
         let router = inbound::router(shared.clone());
-        let (max_connections, header_timeout) = (shared.config.http_max_connections, Duration::from_secs(shared.config.http_header_timeout_secs));
+        let caps = server::Caps {
+            connections: shared.config.http_max_connections,
+            per_address: shared.config.http_max_connections_per_address,
+            header_timeout: Duration::from_secs(shared.config.http_header_timeout_secs),
+        };
         let stop = shared.shutdown.subscribe();
-        let server = tokio::spawn(server::serve(listener, router, stop, max_connections, header_timeout));
+        let server = tokio::spawn(server::serve(listener, router, stop, caps));
         Ok(Host { shared, http_addr, tasks: std::sync::Mutex::new(vec![server]) })
     }
 
