@@ -6,6 +6,9 @@ use serde_json::{Map, Value, json};
 
 const MAX_SECTION_BYTES: usize = 32 * 1024;
 const MAX_TAGS_BYTES: usize = 8 * 1024;
+/// "All JSON objects in tags, desired, and reported properties can have a maximum depth of
+/// 10": Azure's own valid example nests ten objects under `tags`, so the section root is
+/// depth 0 and the tenth nested object (with leaves in it) is depth 10.
 const MAX_DEPTH: usize = 10;
 const MAX_KEY_BYTES: usize = 1024;
 const MAX_STRING_BYTES: usize = 4 * 1024;
@@ -73,7 +76,7 @@ impl Section {
         name: &'static str,
         desired: bool,
     ) -> Result<u64, TwinError> {
-        validate_map(patch, 1)?;
+        validate_map(patch, 0)?;
         let mut values = if replace {
             Map::new()
         } else {
@@ -202,7 +205,7 @@ impl Twin {
 
         let mut next = self.clone();
         if let Some(tags) = tags.map(without_dollar_members) {
-            validate_map(&tags, 1)?;
+            validate_map(&tags, 0)?;
             let mut meta = Map::new();
             let base = if replace {
                 Map::new()
@@ -391,11 +394,43 @@ mod tests {
             assert!(t.patch_reported(&bad, "t1").is_err(), "{bad}");
         }
         assert_eq!(t.reported.version, 1);
-        let mut deep = json!(1);
-        for _ in 0..11 {
-            deep = json!({ "k": deep });
+    }
+
+    /// `levels` objects nested under the section root, with a leaf in the innermost.
+    fn nested(levels: usize) -> Value {
+        let mut v = json!({ "property": "value" });
+        for i in (1..levels).rev() {
+            v = json!({ format!("l{i}"): v });
         }
-        assert_eq!(t.patch_reported(&deep, "t1"), Err(TwinError::TooDeep));
+        json!({ "l0": v })
+    }
+
+    #[test]
+    fn depth_ten_is_accepted_and_eleven_refused() {
+        // Azure's documented valid example: ten nested objects, a leaf in the tenth.
+        let mut t = Twin::new("t0");
+        assert_eq!(t.patch_reported(&nested(10), "t1"), Ok(2));
+        assert_eq!(t.patch_reported(&nested(11), "t2"), Err(TwinError::TooDeep));
+        let tags = |n| json!({ "tags": nested(n) });
+        assert!(t.service_update(&tags(10), false, "t3").is_ok());
+        assert_eq!(
+            t.service_update(&tags(11), false, "t4"),
+            Err(ServiceTwinError::Twin(TwinError::TooDeep))
+        );
+        let desired = |n| json!({ "properties": { "desired": nested(n) } });
+        assert!(t.service_update(&desired(10), false, "t5").is_ok());
+        assert_eq!(
+            t.service_update(&desired(11), false, "t6"),
+            Err(ServiceTwinError::Twin(TwinError::TooDeep))
+        );
+        // An array is a level too: ten objects plus an array around the leaf is eleven.
+        let mut arr = nested(10);
+        let mut inner = &mut arr;
+        for i in 0..10 {
+            inner = &mut inner[format!("l{i}")];
+        }
+        inner["property"] = json!(["value"]);
+        assert_eq!(t.patch_reported(&arr, "t7"), Err(TwinError::TooDeep));
     }
 
     #[test]

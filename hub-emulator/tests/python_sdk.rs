@@ -185,6 +185,11 @@ fn sdk_twin_get_reported_and_desired() {
 }
 
 #[test]
+fn sdk_twin_depth_ten_accepted_eleven_refused() {
+    device_scenario("twin_depth");
+}
+
+#[test]
 fn sdk_direct_method_via_service_rest() {
     device_scenario("method");
 }

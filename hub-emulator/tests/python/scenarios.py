@@ -170,6 +170,48 @@ def scenario_twin():
     client.shutdown()
 
 
+def nested(levels):
+    """`levels` objects nested in each other with a leaf in the innermost: Azure's
+    documented valid twin example is nested(10) under `tags`."""
+    value = {"property": "value"}
+    for i in reversed(range(levels)):
+        value = {"l%d" % i: value}
+    return value
+
+
+def scenario_twin_depth():
+    from azure.iot.hub.models import Twin
+    from msrest.exceptions import HttpOperationError
+
+    dev = CFG["device_id"]
+    client = device_client(CFG["device_cs"])
+    client.connect()
+    # Device SDK, reported properties: depth 10 is stored, 11 refused (the SDK raises a
+    # ClientError caused by ServiceError("twin operation returned status 400")).
+    client.patch_twin_reported_properties({"deep": nested(9)})
+    assert client.get_twin()["reported"]["deep"] == nested(9)
+    try:
+        client.patch_twin_reported_properties({"deeper": nested(10)})
+        raise AssertionError("reported patch nested 11 deep accepted")
+    except AssertionError:
+        raise
+    except Exception as e:
+        assert "status 400" in str(e.__cause__), repr(e.__cause__)
+    assert "deeper" not in client.get_twin()["reported"]
+    client.shutdown()
+
+    # Service SDK, tags: Azure's example (ten objects) is accepted, eleven are refused.
+    rm = registry()
+    updated = rm.update_twin(dev, Twin(tags=nested(10)), "*")
+    assert updated.tags == nested(10), updated.tags
+    try:
+        rm.update_twin(dev, Twin(tags={"x": nested(10)}), "*")
+        raise AssertionError("tags nested 11 deep accepted")
+    except HttpOperationError as e:
+        assert e.response.status_code == 400, e.response.status_code
+        assert json.loads(e.response.json()["Message"])["errorCode"] == 400004
+
+
 def scenario_method():
     from azure.iot.hub.models import CloudToDeviceMethod
     from msrest.exceptions import HttpOperationError
