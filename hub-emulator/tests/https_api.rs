@@ -373,6 +373,49 @@ async fn twins_and_direct_methods() {
     );
     assert_eq!(inner["info"]["timeout"], "00:00:05");
 
+    // Payloads up to 128 KB (as serialized JSON) reach the device, larger ones are refused.
+    let limit = 128 * 1024;
+    let string_of_len = |json_len: usize| Value::String("x".repeat(json_len - 2));
+    let call = invoke(
+        json!({"methodName": "big", "payload": string_of_len(limit), "responseTimeoutInSeconds": 5}),
+    );
+    // Skips the unanswered "slow" request above.
+    let req = loop {
+        let p = dev.recv_publish().await;
+        if p.topic.starts_with("$iothub/methods/POST/big/") {
+            break p;
+        }
+    };
+    assert_eq!(req.payload.len(), limit);
+    let rid = req.topic.rsplit('=').next().unwrap().to_string();
+    // A response above 128 KB is refused too: 413 at once, not a timeout.
+    dev.send(Packet::Publish(Publish::new(
+        format!("$iothub/methods/res/200/?$rid={rid}"),
+        QoS::AtMostOnce,
+        string_of_len(limit + 1).to_string(),
+    )))
+    .await;
+    let r = call.await.unwrap();
+    assert_eq!(r.status(), 413);
+    assert_eq!(r.headers()["iothub-errorcode"], "MessageTooLarge");
+    assert_eq!(error_code(&r.json().await.unwrap()), 413001);
+    let r = invoke(
+        json!({"methodName": "big", "payload": string_of_len(limit + 1), "responseTimeoutInSeconds": 5}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.headers()["iothub-errorcode"], "ArgumentInvalid");
+    assert_eq!(error_code(&r.json().await.unwrap()), 400004);
+    assert_eq!(
+        dev.recv_within(Duration::from_millis(200)).await,
+        None,
+        "refused request reached the device"
+    );
+    // The device's connection survives its oversized answer.
+    dev.send(Packet::PingReq).await;
+    assert_eq!(dev.recv().await, Some(Packet::PingResp));
+
     let r = invoke(json!({"methodName": "x", "responseTimeoutInSeconds": 301}))
         .await
         .unwrap();

@@ -195,6 +195,11 @@ fn sdk_direct_method_via_service_rest() {
 }
 
 #[test]
+fn sdk_direct_method_payload_over_128_kb_refused() {
+    device_scenario("method_payload_limit");
+}
+
+#[test]
 fn sdk_c2d_via_control_api() {
     device_scenario("c2d");
 }

@@ -505,15 +505,8 @@ impl<S: AsyncRead + AsyncWrite> DeviceSession<'_, S> {
                 .map_err(|_| Close::because("method response status is not an integer"))?;
             let rid = query_param(query, "$rid")
                 .ok_or_else(|| Close::because("method response without $rid"))?;
-            let payload = if p.payload.iter().all(u8::is_ascii_whitespace) {
-                Value::Null
-            } else {
-                serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
-                    Value::String(String::from_utf8_lossy(&p.payload).into_owned())
-                })
-            };
             self.shared
-                .method_response(&self.device_id, &rid, status, payload);
+                .method_response(&self.device_id, &rid, status, &p.payload);
         } else {
             return Err(Close::because(format!(
                 "publish to {} not allowed",

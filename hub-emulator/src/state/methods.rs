@@ -11,12 +11,18 @@ use tokio::sync::oneshot;
 use crate::state::Shared;
 use crate::state::session::{PendingMethod, SessionCmd};
 
-/// Outcome of a direct method invocation that did not get a device response.
+/// "The payload for method requests and responses is a JSON document up to 128 KB"
+/// (IoT Hub direct methods doc; quotas: "Direct method payload size: 128 KB").
+pub(crate) const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+
+/// Outcome of a direct method invocation that did not get a usable device response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum MethodError {
     DeviceNotFound,
     NotOnline(Duration),
     Timeout(Duration),
+    /// The device answered with a payload of this many bytes, above [`MAX_PAYLOAD_BYTES`].
+    ResponseTooLarge(usize),
 }
 
 impl Shared {
@@ -67,7 +73,7 @@ impl Shared {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         match tokio::time::timeout(response_timeout, rx).await {
-            Ok(Ok(answer)) => Ok(answer),
+            Ok(Ok(answer)) => answer,
             _ => {
                 self.lock().pending_methods.remove(&rid);
                 Err(MethodError::Timeout(response_timeout))
@@ -75,8 +81,19 @@ impl Shared {
         }
     }
 
-    /// A device's `$iothub/methods/res/{status}/?$rid=` answer.
-    pub fn method_response(&self, device_id: &str, rid: &str, status: i64, payload: Value) {
+    /// A device's `$iothub/methods/res/{status}/?$rid=` answer with its raw payload:
+    /// JSON, else kept as a string; empty (or blank) means `null`.
+    pub fn method_response(&self, device_id: &str, rid: &str, status: i64, payload: &[u8]) {
+        let answer = if payload.len() > MAX_PAYLOAD_BYTES {
+            Err(MethodError::ResponseTooLarge(payload.len()))
+        } else if payload.iter().all(u8::is_ascii_whitespace) {
+            Ok((status, Value::Null))
+        } else {
+            let value = serde_json::from_slice(payload).unwrap_or_else(|_| {
+                Value::String(String::from_utf8_lossy(payload).into_owned())
+            });
+            Ok((status, value))
+        };
         let mut st = self.lock();
         // Only the device the request went to may answer it.
         if st
@@ -85,7 +102,7 @@ impl Shared {
             .is_some_and(|p| p.device_id == device_id)
             && let Some(p) = st.pending_methods.remove(rid)
         {
-            let _ = p.reply.send((status, payload));
+            let _ = p.reply.send(answer);
         }
     }
 }

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::state::methods::MethodError;
+
 /// Which of the four device topics a session subscribed to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Subs {
@@ -36,5 +38,6 @@ pub(crate) struct Session {
 
 pub(crate) struct PendingMethod {
     pub device_id: String,
-    pub reply: oneshot::Sender<(i64, Value)>,
+    /// The device's status and payload, or why its answer is refused.
+    pub reply: oneshot::Sender<Result<(i64, Value), MethodError>>,
 }

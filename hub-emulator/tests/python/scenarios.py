@@ -242,6 +242,37 @@ def scenario_method():
     client.shutdown()
 
 
+def scenario_method_payload_limit():
+    from azure.iot.hub.models import CloudToDeviceMethod
+    from msrest.exceptions import HttpOperationError
+
+    dev = CFG["device_id"]
+    rm = registry()
+    calls = []
+    client = device_client(CFG["device_cs"])
+
+    def on_method(request):
+        calls.append(request.name)
+        client.send_method_response(MethodResponse.create_from_method_request(request, 200, None))
+
+    client.on_method_request_received = on_method
+    client.connect()
+    # 129 KB: refused before it reaches the device.
+    big = "x" * (129 * 1024)
+    try:
+        rm.invoke_device_method(dev, CloudToDeviceMethod(method_name="big", payload=big, response_timeout_in_seconds=5))
+        raise AssertionError("129 KB method payload accepted")
+    except HttpOperationError as e:
+        assert e.response.status_code == 400, e.response.status_code
+        assert json.loads(e.response.json()["Message"])["errorCode"] == 400004
+    # Just under the limit still goes through (the JSON string adds two quotes).
+    fits = "x" * (128 * 1024 - 2)
+    result = rm.invoke_device_method(dev, CloudToDeviceMethod(method_name="fits", payload=fits, response_timeout_in_seconds=10))
+    assert result.status == 200 and result.payload is None, result
+    assert calls == ["fits"], calls
+    client.shutdown()
+
+
 def scenario_c2d():
     dev = CFG["device_id"]
     client = device_client(CFG["device_cs"])
