@@ -339,6 +339,37 @@ async fn second_connection_drops_the_first() {
     second.send(Packet::PingReq).await;
     assert_eq!(second.recv().await, Some(Packet::PingResp));
     assert!(hub.control().is_connected("dup"));
+    // The log tells the takeover as Azure does (400027 is logged for the old session):
+    // connected, then the first session's forced close, then the second's connected,
+    // and nothing more once the first connection has gone.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let log: Vec<(String, Option<String>)> = hub
+        .control()
+        .events(
+            0,
+            &EventFilter {
+                device_id: Some("dup".into()),
+                kind: None,
+            },
+        )
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Connected { .. } => Some(("connected".into(), None)),
+            EventKind::Disconnected { reason } => Some(("disconnected".into(), Some(reason))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        log,
+        [
+            ("connected".into(), None),
+            (
+                "disconnected".into(),
+                Some("ConnectionForcefullyClosedOnNewConnection".into())
+            ),
+            ("connected".into(), None),
+        ]
+    );
     stop(hub).await;
 }
 

@@ -26,9 +26,16 @@ impl Shared {
     ) -> (bool, Subs) {
         let mut st = self.lock();
         if let Some(old) = st.sessions.remove(device_id) {
-            let _ = old.tx.send(SessionCmd::Close(
-                "ConnectionForcefullyClosedOnNewConnection".into(),
-            ));
+            const REASON: &str = "ConnectionForcefullyClosedOnNewConnection";
+            let _ = old.tx.send(SessionCmd::Close(REASON.into()));
+            // Logged here, before the new session's `connected`: the old connection's own
+            // `close_session` finds its session gone and records nothing.
+            self.events.record(
+                device_id,
+                EventKind::Disconnected {
+                    reason: REASON.into(),
+                },
+            );
         }
         let now = iso8601(SystemTime::now());
         let Some(device) = st.p.devices.get_mut(device_id) else {
