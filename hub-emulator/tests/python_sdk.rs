@@ -200,6 +200,34 @@ fn sdk_direct_method_payload_over_128_kb_refused() {
 }
 
 #[test]
+fn sdk_direct_method_payload_shapes_and_status_299() {
+    device_scenario("method_payload_shapes");
+}
+
+#[test]
+fn sdk_desired_set_while_offline_reaches_the_device() {
+    device_scenario("desired_while_offline");
+}
+
+#[test]
+fn sdk_disabled_device_refused_at_connect() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        run_scenario(&hub, "disabled_device", json!({})).await;
+        common::stop(hub).await;
+    });
+}
+
+#[test]
+fn sdk_dps_unknown_registration_refused() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        run_scenario(&hub, "dps_unknown_registration", json!({})).await;
+        common::stop(hub).await;
+    });
+}
+
+#[test]
 fn sdk_c2d_via_control_api() {
     device_scenario("c2d");
 }
