@@ -16,6 +16,7 @@ mod control;
 mod control_token;
 mod dps;
 mod events;
+mod feedback;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http;

@@ -10,7 +10,7 @@ use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{Packet, Publish};
 use serde_json::{Value, json};
 use tether_hub_emulator::{
-    Enrollment, Hub, HubConfig, HubError, derive_device_key, generate_sas_token,
+    C2dRequest, Enrollment, Hub, HubConfig, HubError, derive_device_key, generate_sas_token,
 };
 
 const API: &str = "api-version=2021-04-12";
@@ -957,5 +957,102 @@ async fn state_persists_across_restarts_when_enabled() {
     .await
     .unwrap();
     assert!(hub.control().device_info("keep").is_none());
+    stop(hub).await;
+}
+
+#[tokio::test]
+async fn c2d_feedback_receive_abandon_complete() {
+    let hub = start_hub().await;
+    let (http, base, auth) = (http(&hub), base_url(&hub), service_auth(&hub, "service"));
+    hub.create_device("fb").unwrap();
+    let feedback = format!("{base}/messages/serviceBound/feedback?{API}");
+    let get = || http.get(&feedback).header("Authorization", &auth).send();
+    assert_eq!(get().await.unwrap().status(), 204, "no feedback yet");
+    // Purged messages: `full` and `negative` ask for that outcome, `positive` and `none`
+    // do not.
+    for ack in ["full", "negative", "positive", "none"] {
+        hub.control()
+            .send_c2d(
+                "fb",
+                C2dRequest {
+                    message_id: Some(format!("m-{ack}")),
+                    ack: Some(ack.into()),
+                    ..C2dRequest::default()
+                },
+            )
+            .unwrap();
+    }
+    let r = http
+        .delete(format!("{base}/devices/fb/commands?{API}"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["content-type"],
+        "application/vnd.microsoft.iothub.feedback.json"
+    );
+    let token = r.headers()["etag"].to_str().unwrap().to_string();
+    let batch_id = r.headers()["iothub-messageid"].clone();
+    assert_eq!(r.headers()["iothub-deliverycount"], "1");
+    let records: Vec<Value> = r.json().await.unwrap();
+    let outcomes: Vec<(&str, &str)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["originalMessageId"].as_str().unwrap(),
+                r["statusCode"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(outcomes, [("m-full", "Purged"), ("m-negative", "Purged")]);
+    assert_eq!(records[0]["deviceId"], "fb");
+    assert_eq!(get().await.unwrap().status(), 204, "the batch is locked");
+
+    let at = |token: &str, suffix: &str| {
+        format!(
+            "{base}/messages/serviceBound/feedback/{}{suffix}?{API}",
+            token.trim_matches('"')
+        )
+    };
+    let r = http
+        .post(at(&token, "/abandon"))
+        .header("Authorization", &auth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = get().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["iothub-messageid"], batch_id);
+    assert_eq!(r.headers()["iothub-deliverycount"], "2");
+    let again = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_ne!(again, token);
+    // The abandoned lock is gone; the new one completes the batch, once.
+    for (t, status) in [(&token, 412), (&again, 204), (&again, 412)] {
+        let r = http
+            .delete(at(t, ""))
+            .header("Authorization", &auth)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "complete {t}");
+        if status == 412 {
+            assert_eq!(error_code(&r.json().await.unwrap()), 412002);
+        }
+    }
+    assert_eq!(get().await.unwrap().status(), 204);
+    // ServiceConnect is needed.
+    let r = http
+        .get(&feedback)
+        .header("Authorization", service_auth(&hub, "registryRead"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     stop(hub).await;
 }

@@ -233,6 +233,11 @@ fn sdk_c2d_via_control_api() {
 }
 
 #[test]
+fn sdk_c2d_feedback_receive_abandon_complete() {
+    device_scenario("c2d_feedback");
+}
+
+#[test]
 fn sdk_sas_renewal_with_short_ttl() {
     device_scenario("sas_renewal");
 }

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 
 use super::api::{ApiError, authorization, parse_json, require_api_version};
 use crate::events::EventKind;
+use crate::feedback::FEEDBACK_LOCK;
 use crate::state::Shared;
 use crate::state::device::{Device, valid_device_id};
 use crate::state::methods::{MAX_PAYLOAD_BYTES, MethodError};
@@ -38,6 +39,15 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
         .route("/devices/{id}/commands", delete(purge_c2d))
         .route("/twins/{id}", get(get_twin).put(put_twin).patch(patch_twin))
         .route("/twins/{id}/methods", post(invoke_method))
+        .route("/messages/serviceBound/feedback", get(receive_feedback))
+        .route(
+            "/messages/serviceBound/feedback/{lock_token}",
+            delete(complete_feedback),
+        )
+        .route(
+            "/messages/serviceBound/feedback/{lock_token}/abandon",
+            post(abandon_feedback),
+        )
         .route("/statistics/devices", get(statistics))
         .route("/statistics/service", get(service_statistics))
 }
@@ -307,18 +317,12 @@ async fn purge_c2d(
         st.p.devices
             .get_mut(&id)
             .ok_or_else(|| ApiError::device_not_found(&id))?;
-    let purged: Vec<String> = d.c2d.drain(..).map(|m| m.message_id).collect();
+    let purged: Vec<_> = d.c2d.drain(..).collect();
+    for m in &purged {
+        shared.c2d_outcome(d, m, "Purged");
+    }
     drop(st);
     shared.changed();
-    for message_id in &purged {
-        shared.events.record(
-            &id,
-            EventKind::C2dFeedback {
-                message_id: message_id.clone(),
-                status: "Purged",
-            },
-        );
-    }
     Ok(
         axum::Json(
             json!({ "totalMessagesPurged": purged.len(), "deviceId": id, "moduleId": null }),
@@ -551,6 +555,83 @@ async fn invoke_method(
             "Timed out waiting for the response from device.",
         )
         .with_info(json!({ "timeout": timespan(t) }))),
+    }
+}
+
+const FEEDBACK_PATH: [&str; 3] = ["messages", "serviceBound", "feedback"];
+
+/// One batch of C2D feedback records, locked for a minute: 200 with a JSON array, or 204
+/// when there is none. The headers follow IoT Hub's HTTPS message receive (device side):
+/// the lock token is the `ETag`, with `iothub-messageid`, `iothub-enqueuedtime` and
+/// `iothub-deliverycount` (**emulator choice**: the feedback endpoint's headers are not
+/// documented, Microsoft's SDKs read it over AMQP).
+async fn receive_feedback(
+    State(shared): S,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &FEEDBACK_PATH, SERVICE)?;
+    let Some(batch) = shared.feedback.receive(FEEDBACK_LOCK) else {
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    };
+    let mut resp = (StatusCode::OK, batch.body.to_string()).into_response();
+    let h = resp.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_TYPE.as_str(),
+            "application/vnd.microsoft.iothub.feedback.json".to_string(),
+        ),
+        (header::ETAG.as_str(), format!("\"{}\"", batch.lock_token)),
+        ("iothub-messageid", batch.message_id),
+        ("iothub-enqueuedtime", batch.enqueued_time),
+        ("iothub-deliverycount", batch.delivery_count.to_string()),
+    ] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(name, v);
+        }
+    }
+    Ok(resp)
+}
+
+/// A lock token that is unknown, expired or already used: 412 DeviceMessageLockLost,
+/// IoT Hub's code for a lost C2D message lock (**emulator choice** for feedback).
+fn lock_lost() -> ApiError {
+    ApiError::new(
+        StatusCode::PRECONDITION_FAILED,
+        412002,
+        "DeviceMessageLockLost",
+        "The feedback message's lock token is unknown or has expired.",
+    )
+}
+
+/// Completes (deletes) the feedback batch received with `lock_token`: 204.
+async fn complete_feedback(
+    State(shared): S,
+    Path(lock_token): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &FEEDBACK_PATH, SERVICE)?;
+    // The token may come back as the quoted ETag.
+    if shared.feedback.complete(lock_token.trim_matches('"')) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(lock_lost())
+    }
+}
+
+/// Gives up the lock on a feedback batch, so the next receive returns it again: 204.
+async fn abandon_feedback(
+    State(shared): S,
+    Path(lock_token): Path<String>,
+    Query(q): Q,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &FEEDBACK_PATH, SERVICE)?;
+    if shared.feedback.abandon(lock_token.trim_matches('"')) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(lock_lost())
     }
 }
 

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::Publish;
 
-use crate::events::{EventKind, EventLog};
 use crate::messages::{
     C2D_LOCK, C2D_MAX_DELIVERY_COUNT, C2dMessage, C2dRequest, MAX_C2D_BYTES, MAX_C2D_QUEUE,
 };
@@ -28,7 +27,7 @@ impl Shared {
             st.p.devices
                 .get_mut(device_id)
                 .ok_or_else(|| ControlError::DeviceNotFound(device_id.into()))?;
-        expire_c2d(device, now, &self.events);
+        expire_c2d(device, now, self);
         if device.c2d.len() >= MAX_C2D_QUEUE {
             return Err(ControlError::QueueFull(device_id.into()));
         }
@@ -68,7 +67,7 @@ impl Shared {
             return Vec::new();
         };
         let now = SystemTime::now();
-        expire_c2d(device, now, &self.events);
+        expire_c2d(device, now, self);
         // A delivery whose lock expired without PUBACK is abandoned: the message goes out
         // again (a late PUBACK of the old delivery completes nothing), or is dead-lettered
         // after the maximum delivery count.
@@ -79,14 +78,8 @@ impl Shared {
             .drain(..)
             .partition(|m| lock_expired(m) && m.delivery_count >= C2D_MAX_DELIVERY_COUNT);
         device.c2d = kept;
-        for m in dead {
-            self.events.record(
-                &device.id,
-                EventKind::C2dFeedback {
-                    message_id: m.message_id,
-                    status: "DeliveryCountExceeded",
-                },
-            );
+        for m in &dead {
+            self.c2d_outcome(device, m, "DeliveryCountExceeded");
         }
         let lock = self
             .test_faults
@@ -135,22 +128,16 @@ impl Shared {
         if let Some(pos) = device.c2d.iter().position(|m| m.in_flight == Some(pkid))
             && let Some(m) = device.c2d.remove(pos)
         {
+            self.c2d_outcome(device, &m, "Success");
             drop(st);
             self.changed();
-            self.events.record(
-                device_id,
-                EventKind::C2dFeedback {
-                    message_id: m.message_id,
-                    status: "Success",
-                },
-            );
         }
     }
 }
 
 /// A disconnect puts delivered-but-unacknowledged C2D messages back in the queue
 /// (dead-lettering those delivered too often).
-pub(super) fn release_in_flight(device: &mut Device, events: &EventLog) {
+pub(super) fn release_in_flight(device: &mut Device, shared: &Shared) {
     let (dead, kept): (VecDeque<_>, VecDeque<_>) = device
         .c2d
         .drain(..)
@@ -160,30 +147,18 @@ pub(super) fn release_in_flight(device: &mut Device, events: &EventLog) {
         m.in_flight = None;
         m.locked_until = None;
     }
-    for m in dead {
-        events.record(
-            &device.id,
-            EventKind::C2dFeedback {
-                message_id: m.message_id,
-                status: "DeliveryCountExceeded",
-            },
-        );
+    for m in &dead {
+        shared.c2d_outcome(device, m, "DeliveryCountExceeded");
     }
 }
 
-fn expire_c2d(device: &mut Device, now: SystemTime, events: &EventLog) {
+fn expire_c2d(device: &mut Device, now: SystemTime, shared: &Shared) {
     let (expired, kept): (VecDeque<_>, VecDeque<_>) = device
         .c2d
         .drain(..)
         .partition(|m| m.expired(now) && m.in_flight.is_none());
     device.c2d = kept;
-    for m in expired {
-        events.record(
-            &device.id,
-            EventKind::C2dFeedback {
-                message_id: m.message_id,
-                status: "Expired",
-            },
-        );
+    for m in &expired {
+        shared.c2d_outcome(device, m, "Expired");
     }
 }

@@ -41,19 +41,14 @@ impl Shared {
         let Some(device) = st.p.devices.get_mut(device_id) else {
             return (false, Subs::default());
         };
-        release_in_flight(device, &self.events);
+        release_in_flight(device, self);
         device.connection_state_updated = now.clone();
         device.last_activity = now;
         let (present, subs) = if clean_session {
             // CleanSession=1 ends the stored session and purges its C2D queue.
-            for m in device.c2d.drain(..) {
-                self.events.record(
-                    device_id,
-                    EventKind::C2dFeedback {
-                        message_id: m.message_id,
-                        status: "Purged",
-                    },
-                );
+            let purged: Vec<_> = device.c2d.drain(..).collect();
+            for m in &purged {
+                self.c2d_outcome(device, m, "Purged");
             }
             device.persistent_subs = None;
             (false, Subs::default())
@@ -91,7 +86,7 @@ impl Shared {
         }
         st.sessions.remove(device_id);
         if let Some(device) = st.p.devices.get_mut(device_id) {
-            release_in_flight(device, &self.events);
+            release_in_flight(device, self);
             device.connection_state_updated = iso8601(SystemTime::now());
         }
         drop(st);

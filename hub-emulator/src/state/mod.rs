@@ -31,8 +31,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-use crate::events::EventLog;
-use crate::messages::{MAX_C2D_BYTES, MAX_C2D_QUEUE};
+use crate::events::{EventKind, EventLog};
+use crate::feedback::FeedbackQueue;
+use crate::messages::{C2dMessage, MAX_C2D_BYTES, MAX_C2D_QUEUE};
 use crate::util::{lock, unix_secs};
 use device::Device;
 use faults::{ActiveFault, TestFaults};
@@ -110,6 +111,8 @@ pub(crate) struct Shared {
     pub scope_id: String,
     pub state: Mutex<State>,
     pub events: EventLog,
+    /// Feedback records of C2D messages sent with `iothub-ack`.
+    pub feedback: FeedbackQueue,
     /// Added to the wall clock for token checks (control API clock skew).
     pub clock_offset: AtomicI64,
     pub token_grace: Duration,
@@ -159,6 +162,7 @@ impl Shared {
                 next_rid: 0,
             }),
             events: EventLog::new(),
+            feedback: FeedbackQueue::default(),
             clock_offset: AtomicI64::new(0),
             token_grace,
             persist_path,
@@ -184,6 +188,25 @@ impl Shared {
     pub fn now_secs(&self) -> u64 {
         unix_secs(SystemTime::now())
             .saturating_add_signed(self.clock_offset.load(Ordering::Relaxed))
+    }
+
+    /// The end of a C2D message (`Success`, `Expired`, `DeliveryCountExceeded`,
+    /// `Purged`): an event, and a feedback record if its `iothub-ack` asks for one.
+    pub fn c2d_outcome(&self, device: &Device, message: &C2dMessage, status: &'static str) {
+        self.feedback.offer(
+            &device.id,
+            &device.generation_id,
+            &message.message_id,
+            &message.ack,
+            status,
+        );
+        self.events.record(
+            &device.id,
+            EventKind::C2dFeedback {
+                message_id: message.message_id.clone(),
+                status,
+            },
+        );
     }
 
     pub fn new_conn_id(&self) -> u64 {

@@ -451,6 +451,56 @@ def scenario_c2d():
     client.shutdown()
 
 
+def scenario_c2d_feedback():
+    from azure.iot.hub import IoTHubHttpRuntimeManager
+    from msrest.exceptions import HttpOperationError
+
+    dev = CFG["device_id"]
+    runtime = IoTHubHttpRuntimeManager.from_connection_string(CFG["service_cs"])
+    feedback = runtime.protocol.cloud_to_device_messages
+
+    def receive():
+        # The manager's receive_feedback_notification() returns None: the batch and its
+        # lock token are only on the raw response.
+        return feedback.receive_feedback_notification(raw=True).response
+
+    assert receive().status_code == 204, "feedback before any C2D message"
+    client = device_client(CFG["device_cs"])
+    client.connect()
+    client.on_message_received = lambda msg: None
+    since = last_seq()
+    for ack in ["full", "positive", "negative", "none"]:
+        control("POST", "/emulator/devices/%s/c2d" % dev, b"x", {"iothub-messageid": "fb-" + ack, "iothub-ack": ack})
+    for ack in ["full", "positive", "negative", "none"]:
+        wait_event(dev, "c2dFeedback", since, lambda e, ack=ack: e["messageId"] == "fb-" + ack)
+    client.shutdown()
+    # A negative outcome: purged while the device is offline.
+    control("POST", "/emulator/devices/%s/c2d" % dev, b"y", {"iothub-messageid": "fb-purged", "iothub-ack": "negative"})
+    registry().protocol.cloud_to_device_messages.purge_cloud_to_device_message_queue(dev)
+
+    resp = receive()
+    assert resp.status_code == 200, resp.status_code
+    assert resp.headers["Content-Type"] == "application/vnd.microsoft.iothub.feedback.json"
+    records = resp.json()
+    outcomes = sorted((r["originalMessageId"], r["statusCode"]) for r in records)
+    assert outcomes == [("fb-full", "Success"), ("fb-positive", "Success"), ("fb-purged", "Purged")], outcomes
+    assert all(r["deviceId"] == dev for r in records), records
+    token = resp.headers["ETag"].strip('"')
+
+    runtime.abandon_feedback_notification(token)
+    again = receive()
+    assert again.status_code == 200 and again.json() == records, again.status_code
+    assert again.headers["iothub-deliverycount"] == "2", again.headers
+    new_token = again.headers["ETag"].strip('"')
+    runtime.complete_feedback_notification(new_token)
+    assert receive().status_code == 204, "completed feedback received again"
+    try:
+        runtime.complete_feedback_notification(new_token)
+        raise AssertionError("a used lock token completed again")
+    except HttpOperationError as e:
+        assert e.response.status_code == 412, e.response.status_code
+
+
 def scenario_sas_renewal():
     dev = CFG["device_id"]
     since = last_seq()
