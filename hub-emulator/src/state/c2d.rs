@@ -1,5 +1,6 @@
 //! Cloud-to-device queues: enqueueing, delivery with IoT Hub's lock and redelivery,
-//! completion, expiry and dead-lettering. An `impl Shared` block above the state core;
+//! completion, expiry and dead-lettering, and the outcome of each message (an event and,
+//! if asked for, a feedback record). An `impl Shared` block above the state core;
 //! the message encoding itself is in `crate::messages`.
 
 use std::collections::VecDeque;
@@ -8,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::Publish;
 
+use crate::events::EventKind;
 use crate::messages::{
     C2D_LOCK, C2D_MAX_DELIVERY_COUNT, C2dMessage, C2dRequest, MAX_C2D_BYTES, MAX_C2D_QUEUE,
 };
@@ -44,6 +46,25 @@ impl Shared {
         drop(st);
         self.changed();
         Ok(id)
+    }
+
+    /// The end of a C2D message (`Success`, `Expired`, `DeliveryCountExceeded`,
+    /// `Purged`): an event, and a feedback record if its `iothub-ack` asks for one.
+    pub fn c2d_outcome(&self, device: &Device, message: &C2dMessage, status: &'static str) {
+        self.feedback.offer(
+            &device.id,
+            &device.generation_id,
+            &message.message_id,
+            &message.ack,
+            status,
+        );
+        self.events.record(
+            &device.id,
+            EventKind::C2dFeedback {
+                message_id: message.message_id.clone(),
+                status,
+            },
+        );
     }
 
     /// Marks deliverable C2D messages in flight and returns their PUBLISH packets.

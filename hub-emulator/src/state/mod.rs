@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
-use crate::events::{EventKind, EventLog};
+use crate::events::EventLog;
 use crate::feedback::FeedbackQueue;
-use crate::messages::{C2dMessage, MAX_C2D_BYTES, MAX_C2D_QUEUE};
+use crate::messages::{MAX_C2D_BYTES, MAX_C2D_QUEUE};
 use crate::util::{lock, unix_secs};
 use device::Device;
 use faults::{ActiveFault, TestFaults};
@@ -188,25 +188,6 @@ impl Shared {
     pub fn now_secs(&self) -> u64 {
         unix_secs(SystemTime::now())
             .saturating_add_signed(self.clock_offset.load(Ordering::Relaxed))
-    }
-
-    /// The end of a C2D message (`Success`, `Expired`, `DeliveryCountExceeded`,
-    /// `Purged`): an event, and a feedback record if its `iothub-ack` asks for one.
-    pub fn c2d_outcome(&self, device: &Device, message: &C2dMessage, status: &'static str) {
-        self.feedback.offer(
-            &device.id,
-            &device.generation_id,
-            &message.message_id,
-            &message.ack,
-            status,
-        );
-        self.events.record(
-            &device.id,
-            EventKind::C2dFeedback {
-                message_id: message.message_id.clone(),
-                status,
-            },
-        );
     }
 
     pub fn new_conn_id(&self) -> u64 {
