@@ -23,6 +23,7 @@ mod http;
 mod messages;
 mod mqtt;
 mod net;
+mod query;
 mod sas;
 mod state;
 mod tls;

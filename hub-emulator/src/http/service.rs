@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::api::{ApiError, authorization, parse_json, require_api_version};
 use crate::events::EventKind;
 use crate::feedback::FEEDBACK_LOCK;
+use crate::query::{self, Query as TwinQuery, QueryError};
 use crate::state::Shared;
 use crate::state::device::{Device, valid_device_id};
 use crate::state::methods::{MAX_PAYLOAD_BYTES, MethodError};
@@ -36,6 +37,8 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
             "/devices/{id}",
             get(get_device).put(put_device).delete(delete_device),
         )
+        // A fixed segment, so it wins over `/devices/{id}` as in IoT Hub.
+        .route("/devices/query", post(query_twins))
         .route("/devices/{id}/commands", delete(purge_c2d))
         .route("/twins/{id}", get(get_twin).put(put_twin).patch(patch_twin))
         .route("/twins/{id}/methods", post(invoke_method))
@@ -137,6 +140,63 @@ async fn get_device(
 }
 
 #[derive(Deserialize)]
+struct QueryBody {
+    query: String,
+}
+
+/// Page size without `x-ms-max-item-count` (**emulator choice**), and the largest one.
+const DEFAULT_PAGE: usize = 100;
+const MAX_PAGE: usize = 1000;
+
+/// `POST /devices/query`: the twin query language (docs section 5.1), paged.
+async fn query_twins(
+    State(shared): S,
+    Query(q): Q,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    authorize(&shared, &q, &headers, &["devices", "query"], READ)?;
+    let body: QueryBody = parse_json(&body)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let max = match header("x-ms-max-item-count") {
+        None => DEFAULT_PAGE,
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .map(|n| n.min(MAX_PAGE))
+            .ok_or_else(|| ApiError::invalid("x-ms-max-item-count must be a positive integer"))?,
+    };
+    let bad_query =
+        |e: QueryError| ApiError::new(StatusCode::BAD_REQUEST, 400000, "BadRequest", e.to_string());
+    let parsed = TwinQuery::parse(&body.query).map_err(bad_query)?;
+    let twins: Vec<Value> = {
+        let st = shared.lock();
+        // BTreeMap order: stable across pages.
+        st.p.devices
+            .values()
+            .map(|d| d.twin_json(st.is_connected(&d.id)))
+            .collect()
+    };
+    let page =
+        query::page(parsed.run(twins), header("x-ms-continuation"), max).map_err(bad_query)?;
+    let mut resp = axum::Json(page.items).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        "x-ms-item-type",
+        HeaderValue::from_static(parsed.item_type().as_str()),
+    );
+    if let Some(token) = page
+        .continuation
+        .and_then(|t| HeaderValue::from_str(&t).ok())
+    {
+        h.insert("x-ms-continuation", token);
+    }
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct DeviceBody {
     device_id: Option<String>,
@@ -203,7 +263,12 @@ async fn put_device(
     let enabled = match status.as_deref() {
         None | Some("enabled") => true,
         Some("disabled") => false,
-        Some(_) => return Err(ApiError::invalid(format!("Invalid device status {}", body.status.as_deref().unwrap_or_default()))),
+        Some(_) => {
+            return Err(ApiError::invalid(format!(
+                "Invalid device status {}",
+                body.status.as_deref().unwrap_or_default()
+            )));
+        }
     };
     let keys = body
         .authentication
