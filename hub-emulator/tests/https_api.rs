@@ -1056,3 +1056,141 @@ async fn c2d_feedback_receive_abandon_complete() {
     assert_eq!(r.status(), 401);
     stop(hub).await;
 }
+
+#[tokio::test]
+async fn twin_query_paging_rights_and_refusals() {
+    let hub = start_hub().await;
+    let (http, base) = (http(&hub), base_url(&hub));
+    let read = service_auth(&hub, "registryRead");
+    for (id, site) in [
+        ("q1", "north"),
+        ("q2", "south"),
+        ("q3", "north"),
+        ("q4", "north"),
+    ] {
+        hub.create_device(id).unwrap();
+        let r = http
+            .patch(format!("{base}/twins/{id}?{API}"))
+            .header("Authorization", service_auth(&hub, "iothubowner"))
+            .json(&json!({"tags": {"site": site}, "properties": {"desired": {"rate": 1}}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let url = format!("{base}/devices/query?{API}");
+    let query = |auth: &str, text: &str, max: Option<&str>, token: Option<&str>| {
+        let mut req = http
+            .post(&url)
+            .header("Authorization", auth)
+            .json(&json!({ "query": text }));
+        if let Some(m) = max {
+            req = req.header("x-ms-max-item-count", m);
+        }
+        if let Some(t) = token {
+            req = req.header("x-ms-continuation", t);
+        }
+        req.send()
+    };
+    let ids = |items: &[Value]| -> Vec<String> {
+        items
+            .iter()
+            .map(|t| t["deviceId"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // SELECT * pages through whole twins, as GET /twins returns them.
+    let text = "SELECT * FROM devices WHERE tags.site = 'north'";
+    let r = query(&read, text, Some("2"), None).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ms-item-type"], "twin");
+    let token = r.headers()["x-ms-continuation"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let page: Vec<Value> = r.json().await.unwrap();
+    assert_eq!(ids(&page), ["q1", "q3"]);
+    let twin: Value = http
+        .get(format!("{base}/twins/q1?{API}"))
+        .header("Authorization", &read)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page[0], twin);
+    let r = query(&read, text, Some("2"), Some(&token)).await.unwrap();
+    assert!(r.headers().get("x-ms-continuation").is_none());
+    assert_eq!(ids(&r.json::<Vec<Value>>().await.unwrap()), ["q4"]);
+
+    // Projections and counts are `json` items.
+    let r = query(
+        &read,
+        "SELECT deviceId, tags.site FROM devices WHERE deviceId IN ('q2')",
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.headers()["x-ms-item-type"], "json");
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!([{"deviceId": "q2", "site": "south"}])
+    );
+    let r = query(
+        &read,
+        "SELECT tags.site, COUNT() AS n FROM devices GROUP BY tags.site",
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.json::<Value>().await.unwrap(),
+        json!([{"site": "north", "n": 3}, {"site": "south", "n": 1}])
+    );
+
+    // Registry read rights, as GET /devices; ServiceConnect alone is not enough.
+    for (policy, status) in [
+        ("iothubowner", 200),
+        ("registryReadWrite", 200),
+        ("service", 401),
+        ("device", 401),
+    ] {
+        let r = query(
+            &service_auth(&hub, policy),
+            "SELECT * FROM devices",
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), status, "{policy}");
+    }
+
+    // Refusals: outside the subset, a bad token, a bad page size, a bad body.
+    for (text, max, token, code) in [
+        ("SELECT * FROM devices.modules", None, None, 400000),
+        ("SELECT * FROM devices WHERE", None, None, 400000),
+        ("SELECT * FROM devices", None, Some("garbage"), 400000),
+        ("SELECT * FROM devices", Some("0"), None, 400004),
+        ("SELECT * FROM devices", Some("x"), None, 400004),
+    ] {
+        let r = query(&read, text, max, token).await.unwrap();
+        assert_eq!(r.status(), 400, "{text}");
+        if code == 400000 {
+            assert_eq!(r.headers()["iothub-errorcode"], "BadRequest");
+        }
+        assert_eq!(error_code(&r.json().await.unwrap()), code, "{text}");
+    }
+    let r = http
+        .post(&url)
+        .header("Authorization", &read)
+        .body("{\"q\": 1}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_code(&r.json().await.unwrap()), 400006);
+    stop(hub).await;
+}
