@@ -9,6 +9,7 @@ use sqlparser::ast::{
     UnaryOperator, Value as SqlValue,
 };
 use sqlparser::dialect::GenericDialect;
+use sqlparser::keywords::Keyword;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer};
 
@@ -16,10 +17,14 @@ use sqlparser::tokenizer::{Token, Tokenizer};
 /// that parsing and evaluation stay well inside a 2 MB thread stack in debug builds.
 const RECURSION_LIMIT: usize = 24;
 
-/// Longest query in tokens (**emulator choice**). Chains like `a AND b AND ...` are
-/// parsed in a loop, not recursively, so only this bounds their depth, which printing,
-/// dropping and evaluating the tree recurse over.
-const MAX_TOKENS: usize = 2000;
+/// Azure's documented limit on a query's length, in characters.
+const MAX_CHARS: usize = 8192;
+
+/// Most tokens other than literals and commas (**emulator choice**). Chains like
+/// `a AND b AND ...` are parsed in a loop, not recursively, so only this bounds their
+/// depth, which printing, dropping and evaluating the tree recurse over; long `IN`
+/// lists stay possible.
+const MAX_TOKENS: usize = 1000;
 
 /// Deepest AND/OR/NOT nesting evaluated (**emulator choice**, as above).
 const MAX_DEPTH: usize = 100;
@@ -54,14 +59,23 @@ pub(crate) struct Query {
 enum Select {
     /// `SELECT *`: whole twins.
     All,
-    /// `SELECT a.b, c AS d`: (output name, path).
-    Fields(Vec<(String, Path)>),
+    /// `SELECT a.b, c AS d`.
+    Fields(Vec<(Name, Path)>),
     /// `SELECT [paths,] COUNT() AS name ... [GROUP BY paths]`.
     Count {
         alias: String,
-        /// Group-by paths with their output names; the selected ones are output.
-        keys: Vec<(Option<String>, Path)>,
+        /// The group-by paths; those not selected are `Hidden`.
+        keys: Vec<(Name, Path)>,
     },
+}
+
+/// How a path's value is named in a result row.
+#[derive(Debug, Clone, PartialEq)]
+enum Name {
+    Alias(String),
+    /// The member's own name in the twin (Azure answers `SELECT DeviceId` with `deviceId`).
+    Natural,
+    Hidden,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -109,15 +123,30 @@ impl ItemType {
 impl Query {
     /// Parses `text`, refusing anything outside the subset.
     pub fn parse(text: &str) -> Result<Query, QueryError> {
+        if text.chars().count() > MAX_CHARS {
+            return unsupported(format!("queries longer than {MAX_CHARS} characters"));
+        }
         let dialect = GenericDialect {};
-        let tokens: Vec<Token> = Tokenizer::new(&dialect, text)
+        let tokens = Tokenizer::new(&dialect, text)
             .tokenize()
             .map_err(|e| QueryError::Syntax(e.to_string()))?
             .into_iter()
             .filter(|t| !matches!(t, Token::Whitespace(_)))
             .collect();
-        if tokens.len() > MAX_TOKENS {
-            return unsupported(format!("queries longer than {MAX_TOKENS} tokens"));
+        let tokens = in_arrays(tokens)?;
+        let weight = tokens
+            .iter()
+            .filter(|t| {
+                !matches!(
+                    t,
+                    Token::Comma | Token::Number(..) | Token::SingleQuotedString(_)
+                )
+            })
+            .count();
+        if weight > MAX_TOKENS {
+            return unsupported(format!(
+                "queries of more than {MAX_TOKENS} operators and names"
+            ));
         }
         let statements = Parser::new(&dialect)
             .with_recursion_limit(RECURSION_LIMIT)
@@ -203,15 +232,7 @@ impl Query {
         });
         let mut out: Vec<Value> = match &self.select {
             Select::All => matching.collect(),
-            Select::Fields(fields) => matching
-                .map(|t| {
-                    let m: Map<String, Value> = fields
-                        .iter()
-                        .filter_map(|(name, p)| lookup(&t, p).map(|v| (name.clone(), v.clone())))
-                        .collect();
-                    Value::Object(m)
-                })
-                .collect(),
+            Select::Fields(fields) => matching.map(|t| Value::Object(row(fields, &t))).collect(),
             Select::Count { alias, keys } => count(matching, alias, keys),
         };
         if let Some(n) = self.top {
@@ -219,6 +240,44 @@ impl Query {
         }
         out
     }
+}
+
+/// Azure writes `IN` lists as arrays, `x IN ['a', 'b']`, and has `NIN` for `NOT IN`;
+/// sqlparser knows only `IN (...)`, so those tokens are rewritten to it before parsing.
+fn in_arrays(tokens: Vec<Token>) -> Result<Vec<Token>, QueryError> {
+    let mut out: Vec<Token> = Vec::with_capacity(tokens.len() + 1);
+    let mut in_array = false;
+    let mut iter = tokens.into_iter().peekable();
+    while let Some(t) = iter.next() {
+        let opens_list = matches!(iter.peek(), Some(Token::LBracket | Token::LParen));
+        let after_period = matches!(out.last(), Some(Token::Period));
+        let after_in = matches!(out.last(), Some(Token::Word(w)) if w.keyword == Keyword::IN);
+        match t {
+            Token::Word(w)
+                if w.quote_style.is_none()
+                    && w.value.eq_ignore_ascii_case("NIN")
+                    && opens_list
+                    && !after_period =>
+            {
+                out.push(Token::make_keyword("NOT"));
+                out.push(Token::make_keyword("IN"));
+            }
+            Token::LBracket if after_in && !in_array => {
+                in_array = true;
+                out.push(Token::LParen);
+            }
+            Token::RBracket if in_array => {
+                in_array = false;
+                out.push(Token::RParen);
+            }
+            // Rewritten, `['a')` would pass as `('a')`.
+            Token::RParen if in_array => {
+                return Err(QueryError::Syntax("`[` closed by `)`".into()));
+            }
+            t => out.push(t),
+        }
+    }
+    Ok(out)
 }
 
 fn joined<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
@@ -261,13 +320,23 @@ fn check_from(sel: &sqlparser::ast::Select) -> Result<(), QueryError> {
     }
 }
 
-/// The top-level twin members a query may name.
+/// The top-level twin members a query may name (those of `GET /twins/{id}`).
 const ROOTS: &[&str] = &[
     "deviceId",
+    "etag",
+    "deviceEtag",
     "status",
+    "statusUpdateTime",
     "connectionState",
+    "lastActivityTime",
+    "cloudToDeviceMessageCount",
+    "authenticationType",
+    "x509Thumbprint",
+    "modelId",
+    "version",
     "tags",
     "properties",
+    "capabilities",
 ];
 
 fn ident_path(idents: &[Ident]) -> Result<Path, QueryError> {
@@ -275,14 +344,18 @@ fn ident_path(idents: &[Ident]) -> Result<Path, QueryError> {
         return unsupported("quoted property names");
     }
     let p: Path = idents.iter().map(|i| i.value.clone()).collect();
-    let allowed = match p.first().map(String::as_str) {
-        Some("properties") => matches!(p.get(1).map(String::as_str), Some("desired" | "reported")),
-        Some(root) => ROOTS.contains(&root),
-        None => false,
+    let is = |i: usize, names: &[&str]| {
+        p.get(i)
+            .is_some_and(|s| names.iter().any(|n| n.eq_ignore_ascii_case(s)))
+    };
+    let allowed = if is(0, &["properties"]) {
+        is(1, &["desired", "reported"])
+    } else {
+        is(0, ROOTS)
     };
     if !allowed {
         return unsupported(format!(
-            "property {}: only deviceId, status, connectionState, tags.*, properties.desired.* and properties.reported.*",
+            "property {}: only the twin's members, tags.*, properties.desired.* and properties.reported.*",
             p.join(".")
         ));
     }
@@ -304,7 +377,9 @@ fn projection(items: &[SelectItem], group_by: Vec<Path>) -> Result<Select, Query
         }
         return Ok(Select::All);
     }
-    let mut fields: Vec<(String, Path)> = Vec::new();
+    let mut fields: Vec<(Name, Path)> = Vec::new();
+    // Output names as written, to refuse two of one name (in any case).
+    let mut names: Vec<String> = Vec::new();
     let mut count_alias = None;
     for item in items {
         let (expr, alias) = match item {
@@ -321,14 +396,15 @@ fn projection(items: &[SelectItem], group_by: Vec<Path>) -> Result<Select, Query
             let Some(a) = alias else {
                 return unsupported("COUNT() needs an alias (COUNT() AS name)");
             };
+            names.push(a.to_ascii_lowercase());
             count_alias = Some(a);
             continue;
         }
         let p = path(expr)?;
-        let name = alias.unwrap_or_else(|| p.last().cloned().unwrap_or_default());
-        fields.push((name, p));
+        let written = alias.as_ref().or(p.last()).cloned().unwrap_or_default();
+        names.push(written.to_ascii_lowercase());
+        fields.push((alias.map_or(Name::Natural, Name::Alias), p));
     }
-    let mut names: Vec<&String> = fields.iter().map(|(n, _)| n).chain(&count_alias).collect();
     names.sort();
     if names.windows(2).any(|w| w[0] == w[1]) {
         return unsupported("two selected values with the same name (use AS)");
@@ -337,13 +413,19 @@ fn projection(items: &[SelectItem], group_by: Vec<Path>) -> Result<Select, Query
         None if group_by.is_empty() => Ok(Select::Fields(fields)),
         None => unsupported("GROUP BY without COUNT()"),
         Some(alias) => {
-            if let Some((_, p)) = fields.iter().find(|(_, p)| !group_by.contains(p)) {
+            if let Some((_, p)) = fields
+                .iter()
+                .find(|(_, p)| !group_by.iter().any(|g| same_path(g, p)))
+            {
                 return unsupported(format!("{} is selected but not grouped by", p.join(".")));
             }
             let keys = group_by
                 .into_iter()
                 .map(|g| {
-                    let name = fields.iter().find(|(_, p)| *p == g).map(|(n, _)| n.clone());
+                    let name = fields
+                        .iter()
+                        .find(|(_, p)| same_path(p, &g))
+                        .map_or(Name::Hidden, |(n, _)| n.clone());
                     (name, g)
                 })
                 .collect();
@@ -438,6 +520,10 @@ fn operand(e: &Expr) -> Result<Operand, QueryError> {
     match e {
         Expr::Nested(inner) => operand(inner),
         Expr::Value(v) => Ok(Operand::Lit(literal(&v.value, false)?)),
+        // Azure's string literals take double quotes too; sqlparser reads them as names.
+        Expr::Identifier(i) if i.quote_style == Some('"') => {
+            Ok(Operand::Lit(string(&i.value, '"')?))
+        }
         Expr::UnaryOp {
             op: UnaryOperator::Minus,
             expr,
@@ -458,7 +544,7 @@ fn literal(v: &SqlValue, negative: bool) -> Result<Value, QueryError> {
                 .map_err(|_| QueryError::Unsupported(format!("number {text}")))?;
             return Ok(Value::Number(n));
         }
-        SqlValue::SingleQuotedString(s) => Value::String(s.clone()),
+        SqlValue::SingleQuotedString(s) => string(s, '\'')?,
         SqlValue::Boolean(b) => Value::Bool(*b),
         SqlValue::Null => Value::Null,
         other => return unsupported(format!("literal {other}")),
@@ -469,9 +555,53 @@ fn literal(v: &SqlValue, negative: bool) -> Result<Value, QueryError> {
     Ok(v)
 }
 
-/// The value at `p` in a twin document; `None` when undefined.
+/// A string literal's value. Azure escapes with backslashes, SQL by doubling the
+/// quote; the two read such literals differently, so they are refused.
+fn string(s: &str, quote: char) -> Result<Value, QueryError> {
+    if s.contains('\\') || s.contains(quote) {
+        return unsupported("escapes in string literals");
+    }
+    Ok(Value::String(s.to_string()))
+}
+
+/// The member at `p` in a twin document, with its name as the twin spells it; `None`
+/// when undefined. Names match in any case, as in Azure's `SELECT DeviceId` example
+/// (an exact match wins).
+fn lookup_entry<'a>(twin: &'a Value, p: &[String]) -> Option<(&'a str, &'a Value)> {
+    let mut entry = None;
+    let mut v = twin;
+    for k in p {
+        let m = v.as_object()?;
+        let (name, next) = m
+            .get_key_value(k)
+            .or_else(|| m.iter().find(|(n, _)| n.eq_ignore_ascii_case(k)))?;
+        entry = Some((name.as_str(), next));
+        v = next;
+    }
+    entry
+}
+
 fn lookup<'a>(twin: &'a Value, p: &[String]) -> Option<&'a Value> {
-    p.iter().try_fold(twin, |v, k| v.get(k))
+    lookup_entry(twin, p).map(|(_, v)| v)
+}
+
+/// The named members of `twin` at the paths; undefined ones are left out.
+fn row(fields: &[(Name, Path)], twin: &Value) -> Map<String, Value> {
+    let mut m = Map::new();
+    for (name, p) in fields {
+        if let Some((natural, v)) = lookup_entry(twin, p) {
+            match name {
+                Name::Alias(a) => m.insert(a.clone(), v.clone()),
+                Name::Natural => m.insert(natural.to_string(), v.clone()),
+                Name::Hidden => None,
+            };
+        }
+    }
+    m
+}
+
+fn same_path(a: &[String], b: &[String]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.eq_ignore_ascii_case(y))
 }
 
 /// Three-valued evaluation as in Azure's (Cosmos DB's) query language: `None` is
@@ -529,33 +659,37 @@ fn compare(a: &Value, op: CmpOp, b: &Value) -> Option<bool> {
 
 /// `COUNT()` rows: one without keys, else one per distinct key tuple in order of first
 /// appearance; an undefined key is left out of its row.
-fn count(
-    twins: impl Iterator<Item = Value>,
-    alias: &str,
-    keys: &[(Option<String>, Path)],
-) -> Vec<Value> {
-    let mut groups: Vec<(Vec<Option<Value>>, u64)> = Vec::new();
+fn count(twins: impl Iterator<Item = Value>, alias: &str, keys: &[(Name, Path)]) -> Vec<Value> {
+    /// One group: its key values, and its row's key members from its first twin.
+    struct Group {
+        key: Vec<Option<Value>>,
+        row: Map<String, Value>,
+        count: u64,
+    }
+    let mut groups: Vec<Group> = Vec::new();
     for t in twins {
         let key: Vec<Option<Value>> = keys.iter().map(|(_, p)| lookup(&t, p).cloned()).collect();
-        match groups.iter_mut().find(|(k, _)| *k == key) {
-            Some((_, n)) => *n += 1,
-            None => groups.push((key, 1)),
+        match groups.iter_mut().find(|g| g.key == key) {
+            Some(g) => g.count += 1,
+            None => groups.push(Group {
+                row: row(keys, &t),
+                key,
+                count: 1,
+            }),
         }
     }
     if keys.is_empty() && groups.is_empty() {
-        groups.push((Vec::new(), 0));
+        groups.push(Group {
+            key: Vec::new(),
+            row: Map::new(),
+            count: 0,
+        });
     }
     groups
         .into_iter()
-        .map(|(key, n)| {
-            let mut m = Map::new();
-            for ((name, _), v) in keys.iter().zip(key) {
-                if let (Some(name), Some(v)) = (name, v) {
-                    m.insert(name.clone(), v);
-                }
-            }
-            m.insert(alias.to_string(), n.into());
-            Value::Object(m)
+        .map(|mut g| {
+            g.row.insert(alias.to_string(), g.count.into());
+            Value::Object(g.row)
         })
         .collect()
 }
@@ -711,6 +845,34 @@ mod tests {
     }
 
     #[test]
+    fn azure_array_lists_double_quotes_and_any_case_names() {
+        assert_eq!(ids("deviceId IN ['a', 'c']"), ["a", "c"]);
+        assert_eq!(ids("deviceId NIN ['a', 'c']"), ["b"]);
+        assert_eq!(ids("deviceId nin ('a')"), ["b", "c"]);
+        assert_eq!(ids("tags.location = \"plant2\""), ["b"]);
+        assert_eq!(ids("DeviceID IN (\"b\", 'c')"), ["b", "c"]);
+        assert_eq!(
+            ids("TAGS.Location = 'plant1' AND Properties.Reported.TEMP > 20"),
+            ["a"]
+        );
+        let q = Query::parse("SELECT DeviceId, Tags.Location FROM DEVICES WHERE deviceId = 'a'")
+            .unwrap();
+        assert_eq!(
+            q.run(twins()),
+            [json!({"deviceId": "a", "location": "plant1"})]
+        );
+        // The limit Azure documents, in characters.
+        let long = format!(
+            "SELECT * FROM devices WHERE deviceId IN ({}'a')",
+            "'a', ".repeat(1620)
+        );
+        assert!(long.len() <= MAX_CHARS);
+        assert_eq!(Query::parse(&long).unwrap().run(twins()).len(), 1);
+        let too_long = format!("{long}{}", " ".repeat(MAX_CHARS));
+        assert!(refused(&too_long));
+    }
+
+    #[test]
     fn projections() {
         let q = Query::parse(
             "SELECT deviceId, tags.location, properties.reported.temp AS t FROM devices WHERE status = 'enabled'",
@@ -816,7 +978,18 @@ mod tests {
             "SELECT * FROM devices WHERE deviceId IN (SELECT 1)",
             "SELECT * FROM devices WHERE deviceId IN (tags.x)",
             "SELECT * FROM devices WHERE deviceId",
-            "SELECT * FROM devices WHERE etag = 'x'",
+            "SELECT * FROM devices WHERE moduleId = 'x'",
+            "SELECT * FROM devices WHERE jobs = 'x'",
+            "SELECT * FROM devices WHERE deviceId = 'it''s'",
+            "SELECT * FROM devices WHERE deviceId = 'a\\b'",
+            "SELECT * FROM devices WHERE deviceId = \"a\\\"b\"",
+            "SELECT * FROM devices WHERE deviceId IN [['a']]",
+            "SELECT * FROM devices WHERE deviceId IN ['a'",
+            "SELECT * FROM devices WHERE deviceId IN ['a')",
+            "SELECT * FROM devices WHERE deviceId IN ('a']",
+            "SELECT * FROM devices WHERE deviceId = undefined",
+            "SELECT * FROM devices WHERE deviceId = 0x1F",
+            "SELECT deviceId, DEVICEID FROM devices",
             "SELECT * FROM devices WHERE properties.x = 1",
             "SELECT * FROM devices WHERE \"tags\".x = 1",
             "SELECT * FROM devices ORDER BY deviceId",
@@ -884,10 +1057,18 @@ mod tests {
             "deviceId AND ".repeat(995)
         );
         assert!(refused(&flat));
-        let sums = format!(
-            "SELECT * FROM devices WHERE deviceId = {}1",
-            "1 + ".repeat(995)
+        // The deepest trees the token limit lets through (numbers are not counted).
+        for op in ["+", "-", "*", "=", "<"] {
+            let sums = format!(
+                "SELECT * FROM devices WHERE deviceId = {}1",
+                format!("1 {op} ").repeat(MAX_TOKENS - 7)
+            );
+            assert!(refused(&sums), "{op}");
+        }
+        let ands = format!(
+            "SELECT * FROM devices WHERE {}deviceId",
+            "deviceId AND ".repeat(MAX_TOKENS / 2 - 3)
         );
-        assert!(refused(&sums));
+        assert!(refused(&ands));
     }
 }

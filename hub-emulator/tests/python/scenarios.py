@@ -666,6 +666,9 @@ def scenario_query():
         ["q-a", "q-d"],
         None,
     )
+    # Azure's documented spellings: IN/NIN with arrays, double-quoted strings, names in any case.
+    assert ids("SELECT * FROM devices WHERE deviceId IN ['q-b', 'q-d']") == (["q-b", "q-d"], None)
+    assert ids('SELECT * FROM devices WHERE Tags.Site = "north" AND deviceId NIN [\'q-a\']') == (["q-c", "q-d"], None)
     # The twins carry what the device reported.
     twin = rm.query_iot_hub(QuerySpecification(query="SELECT * FROM devices WHERE deviceId = 'q-d'")).items[0]
     assert twin.tags == {"site": "north"} and twin.properties.reported["temp"] == 21.5, twin
