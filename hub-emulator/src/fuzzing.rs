@@ -69,3 +69,29 @@ impl Usernames {
         })
     }
 }
+
+/// Runs `text` as `POST /devices/query` would: parsed and, when in the subset, evaluated
+/// over a few sample twins; the same text is also tried as a continuation token. `false`
+/// when the query is refused.
+pub fn twin_query(text: &str) -> bool {
+    use serde_json::json;
+    let twins = [
+        json!({"deviceId": "a", "status": "enabled", "connectionState": "Connected",
+               "tags": {"site": "north", "floor": 1, "deep": {"x": [1, {"y": null}]}},
+               "properties": {"desired": {"rate": 5, "$version": 2},
+                              "reported": {"temp": 20.5, "ok": true, "fw": "1.0", "$version": 3}}}),
+        json!({"deviceId": "b", "status": "disabled", "connectionState": "Disconnected",
+               "tags": {"site": "south", "floor": "1"},
+               "properties": {"desired": {"$version": 1}, "reported": {"temp": -3, "fw": null}}}),
+        json!({"deviceId": "c", "properties": {"desired": {}, "reported": {}}}),
+    ];
+    let _ = crate::query::page(twins.to_vec(), Some(text), 2);
+    match crate::query::Query::parse(text) {
+        Ok(q) => {
+            let _ = q.item_type();
+            let _ = q.run(twins);
+            true
+        }
+        Err(_) => false,
+    }
+}

@@ -1,6 +1,7 @@
 //! Bounded, stable-Rust stand-in for the cargo-fuzz targets in `fuzz/`: a seeded PRNG feeds
 //! a few hundred thousand random and mutated inputs to the emulator's parsers of untrusted
-//! input (MQTT packet decoding, property bags, CONNECT usernames, SAS tokens). Nothing may
+//! input (MQTT packet decoding, property bags, CONNECT usernames, SAS tokens, twin
+//! queries). Nothing may
 //! panic, and valid inputs must still parse, round-tripping where that is meaningful.
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use rumqttc::mqttbytes::v4::{
 use tether_hub_emulator::C2dRequest;
 use tether_hub_emulator::fuzzing::{
     Identity, PropertyBag, SasToken, Usernames, c2d_topic, encode_component, next_packet,
+    twin_query,
 };
 use tether_hub_emulator::generate_sas_token;
 
@@ -465,4 +467,98 @@ fn sas_tokens_round_trip_and_garbage_never_panics() {
         parsed += usize::from(check_token(&String::from_utf8_lossy(&input)));
     }
     assert!(parsed > 8_000, "only {parsed} mutated tokens parsed");
+}
+
+#[test]
+fn twin_queries_in_the_subset_parse_and_garbage_never_panics() {
+    let mut rng = Rng::new(0x5E1EC7);
+    let valid = [
+        "SELECT * FROM devices",
+        "SELECT TOP 2 * FROM devices WHERE tags.site = 'north' AND NOT properties.reported.temp >= 30",
+        "select deviceId, tags.site AS s, properties.reported.fw from devices where status <> 'disabled'",
+        "SELECT * FROM devices WHERE deviceId IN ['a', \"b\"] OR tags.floor NIN [1, 2.5, -3, null, true]",
+        "SELECT * FROM devices WHERE IS_DEFINED(properties.desired.rate) AND (tags.floor < 2 OR tags.floor > '0')",
+        "SELECT tags.site, COUNT() AS n FROM devices WHERE deviceId != 'x' GROUP BY tags.site",
+        "SELECT COUNT() AS numberOfDevices FROM devices",
+        "SELECT DeviceId, LastActivityTime FROM devices WHERE connectionState = 'Disconnected'",
+    ];
+    for v in valid {
+        assert!(twin_query(v), "{v}");
+    }
+    let corpus: Vec<Vec<u8>> = valid.iter().map(|s| s.as_bytes().to_vec()).collect();
+    // Token soup: the query language's own words and symbols in random order.
+    let words = [
+        "SELECT",
+        "TOP",
+        "*",
+        "FROM",
+        "devices",
+        "devices.modules",
+        "WHERE",
+        "AND",
+        "OR",
+        "NOT",
+        "IN",
+        "NIN",
+        "IS_DEFINED",
+        "COUNT()",
+        "AS",
+        "GROUP",
+        "BY",
+        "(",
+        ")",
+        "[",
+        "]",
+        ",",
+        ".",
+        "=",
+        "!=",
+        "<>",
+        "<",
+        "<=",
+        ">",
+        ">=",
+        "+",
+        "-",
+        "'a'",
+        "\"b\"",
+        "1",
+        "2.5",
+        "-0",
+        "1e400",
+        "null",
+        "true",
+        "tags",
+        "tags.site",
+        "properties.reported.temp",
+        "deviceId",
+        "$",
+        "@x",
+        ";",
+        "--",
+        "/*",
+        "'",
+        "\\",
+    ];
+    let mut accepted = 0;
+    for i in 0..60_000 {
+        let input = if i % 3 == 0 {
+            let n = rng.below(24);
+            (0..n)
+                .map(|_| *rng.pick(&words))
+                .collect::<Vec<_>>()
+                .join(" ")
+                .into_bytes()
+        } else if i % 3 == 1 {
+            rng.bytes_below(60)
+        } else {
+            let seed = rng.pick(&corpus).clone();
+            rng.mutate(seed, &corpus)
+        };
+        if let Ok(text) = std::str::from_utf8(&input) {
+            accepted += usize::from(twin_query(text));
+        }
+    }
+    // The mutations keep some queries valid, so evaluation is exercised too.
+    assert!(accepted > 100, "{accepted}");
 }
