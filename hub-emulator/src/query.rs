@@ -873,6 +873,28 @@ mod tests {
     }
 
     #[test]
+    fn azure_documentation_examples_parse() {
+        for text in [
+            "SELECT * FROM devices WHERE tags.location.region = 'US'",
+            "SELECT * FROM devices WHERE tags.location.region = 'US' AND properties.reported.telemetryConfig.sendFrequencyInSecs >= 60",
+            "SELECT * FROM devices WHERE properties.reported.connectivity IN ['wired', 'wifi']",
+            "SELECT * FROM devices WHERE is_defined(properties.reported.connectivity)",
+            "SELECT * FROM devices WHERE properties.reported.connectivity.type = 'cellular'",
+            "SELECT properties.reported.telemetryConfig.status AS status, COUNT() AS numberOfDevices FROM devices GROUP BY properties.reported.telemetryConfig.status",
+            "SELECT COUNT() as totalNumberOfDevices FROM devices",
+            "SELECT DeviceId, LastActivityTime FROM devices WHERE status = 'enabled' AND connectionState = 'Disconnected'",
+            // Keywords as member names.
+            "SELECT tags.order, tags.value FROM devices WHERE tags.type = 'x' OR tags.select.from = 1",
+        ] {
+            assert!(
+                Query::parse(text).is_ok(),
+                "{text}: {:?}",
+                Query::parse(text)
+            );
+        }
+    }
+
+    #[test]
     fn projections() {
         let q = Query::parse(
             "SELECT deviceId, tags.location, properties.reported.temp AS t FROM devices WHERE status = 'enabled'",
