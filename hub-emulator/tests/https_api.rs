@@ -1123,6 +1123,8 @@ async fn twin_query_paging_rights_and_refusals() {
     let r = query(&read, text, Some("2"), Some(&token)).await.unwrap();
     assert!(r.headers().get("x-ms-continuation").is_none());
     assert_eq!(ids(&r.json::<Vec<Value>>().await.unwrap()), ["q4"]);
+    let r = query(&read, text, Some("2"), Some("")).await.unwrap();
+    assert_eq!(ids(&r.json::<Vec<Value>>().await.unwrap()), ["q1", "q3"]);
 
     // Projections and counts are `json` items.
     let r = query(

@@ -157,8 +157,17 @@ async fn query_twins(
 ) -> Result<Response, ApiError> {
     authorize(&shared, &q, &headers, &["devices", "query"], READ)?;
     let body: QueryBody = parse_json(&body)?;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let max = match header("x-ms-max-item-count") {
+    // A paging header that is present but not text is refused, not ignored.
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| ApiError::invalid(format!("{name} must be text")))
+            })
+            .transpose()
+    };
+    let max = match header("x-ms-max-item-count")? {
         None => DEFAULT_PAGE,
         Some(v) => v
             .trim()
@@ -179,8 +188,9 @@ async fn query_twins(
             .map(|d| d.twin_json(st.is_connected(&d.id)))
             .collect()
     };
-    let page =
-        query::page(parsed.run(twins), header("x-ms-continuation"), max).map_err(bad_query)?;
+    // An empty token, as a client may send before the first page, asks for the first.
+    let token = header("x-ms-continuation")?.filter(|t| !t.is_empty());
+    let page = query::page(parsed.run(twins), token, max).map_err(bad_query)?;
     let mut resp = axum::Json(page.items).into_response();
     let h = resp.headers_mut();
     h.insert(
