@@ -164,10 +164,15 @@ impl Control {
         let st = self.shared.lock();
         let d = st.p.devices.get(device_id)?;
         let primary_key = d.primary_key.clone().unwrap_or_default();
+        // X.509 devices have no key; Azure's connection strings say `x509=true` instead.
+        let credential = match d.primary_key {
+            Some(_) => format!("SharedAccessKey={primary_key}"),
+            None => "x509=true".into(),
+        };
         Some(DeviceInfo {
             device_id: device_id.into(),
             connection_string: format!(
-                "HostName={};DeviceId={device_id};SharedAccessKey={primary_key}",
+                "HostName={};DeviceId={device_id};{credential}",
                 self.shared.hostname
             ),
             primary_key,

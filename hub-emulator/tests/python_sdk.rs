@@ -257,6 +257,15 @@ fn sdk_registry_crud() {
 }
 
 #[test]
+fn sdk_registry_x509_self_signed_and_ca_devices() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        run_scenario(&hub, "registry_x509", json!({})).await;
+        common::stop(hub).await;
+    });
+}
+
+#[test]
 fn sdk_twin_query_by_tag_and_reported_with_paging() {
     on_port_8883(async {
         let hub = start_hub().await;

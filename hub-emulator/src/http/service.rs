@@ -23,7 +23,7 @@ use crate::state::device::{Device, valid_device_id};
 use crate::state::methods::{MAX_PAYLOAD_BYTES, MethodError};
 use crate::state::policy::Permission;
 use crate::twin::ServiceTwinError;
-use crate::util::{b64_decode, iso8601};
+use crate::util::{b64_decode, iso8601, new_key};
 
 type Q = Query<HashMap<String, String>>;
 type S = State<Arc<Shared>>;
@@ -222,6 +222,14 @@ struct AuthBody {
     #[serde(rename = "type")]
     kind: Option<String>,
     symmetric_key: Option<SymmetricKey>,
+    x509_thumbprint: Option<Thumbprints>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Thumbprints {
+    primary_thumbprint: Option<String>,
+    secondary_thumbprint: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -247,6 +255,66 @@ fn check_key(key: &Option<String>) -> Result<Option<String>, ApiError> {
         Some(_) => Err(ApiError::invalid(
             "The symmetric key must be a base64 string of 16 to 64 bytes",
         )),
+    }
+}
+
+/// Thumbprints are the hex SHA-1 (40 digits) or SHA-256 (64 digits) of a certificate.
+fn check_thumbprint(t: &Option<String>) -> Result<Option<String>, ApiError> {
+    match t.as_deref() {
+        None | Some("") => Ok(None),
+        Some(t) if [40, 64].contains(&t.len()) && t.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(t.to_string()))
+        }
+        Some(t) => Err(ApiError::invalid(format!(
+            "Invalid thumbprint {t}: expected the hex SHA-1 or SHA-256 of a certificate"
+        ))),
+    }
+}
+
+/// The credentials a PUT gives a device, checked against its authentication type so
+/// nothing sent is silently dropped.
+struct Credentials {
+    kind: String,
+    primary_key: Option<String>,
+    secondary_key: Option<String>,
+    primary_thumbprint: Option<String>,
+    secondary_thumbprint: Option<String>,
+}
+
+fn credentials(auth: Option<&AuthBody>) -> Result<Credentials, ApiError> {
+    let keys = auth.and_then(|a| a.symmetric_key.as_ref());
+    let prints = auth.and_then(|a| a.x509_thumbprint.as_ref());
+    let c = Credentials {
+        kind: auth
+            .and_then(|a| a.kind.clone())
+            .unwrap_or_else(|| "sas".into()),
+        primary_key: check_key(&keys.and_then(|k| k.primary_key.clone()))?,
+        secondary_key: check_key(&keys.and_then(|k| k.secondary_key.clone()))?,
+        primary_thumbprint: check_thumbprint(&prints.and_then(|p| p.primary_thumbprint.clone()))?,
+        secondary_thumbprint: check_thumbprint(
+            &prints.and_then(|p| p.secondary_thumbprint.clone()),
+        )?,
+    };
+    let has_keys = c.primary_key.is_some() || c.secondary_key.is_some();
+    let has_prints = c.primary_thumbprint.is_some() || c.secondary_thumbprint.is_some();
+    match c.kind.as_str() {
+        "sas" | "none" if has_prints => Err(ApiError::invalid(format!(
+            "Thumbprints are not allowed with authentication type {}",
+            c.kind
+        ))),
+        "selfSigned" if has_keys => Err(ApiError::invalid(
+            "Symmetric keys are not allowed with authentication type selfSigned",
+        )),
+        "selfSigned" if c.primary_thumbprint.is_none() => Err(ApiError::invalid(
+            "A selfSigned device needs a primary thumbprint",
+        )),
+        "certificateAuthority" if has_keys || has_prints => Err(ApiError::invalid(
+            "Keys and thumbprints are not allowed with authentication type certificateAuthority",
+        )),
+        "sas" | "none" | "selfSigned" | "certificateAuthority" => Ok(c),
+        other => Err(ApiError::invalid(format!(
+            "Invalid authentication type {other}"
+        ))),
     }
 }
 
@@ -280,22 +348,7 @@ async fn put_device(
             )));
         }
     };
-    let keys = body
-        .authentication
-        .as_ref()
-        .and_then(|a| a.symmetric_key.as_ref());
-    let primary = check_key(&keys.and_then(|k| k.primary_key.clone()))?;
-    let secondary = check_key(&keys.and_then(|k| k.secondary_key.clone()))?;
-    let auth_type = body
-        .authentication
-        .as_ref()
-        .and_then(|a| a.kind.clone())
-        .unwrap_or_else(|| "sas".into());
-    if !["sas", "selfSigned", "certificateAuthority", "none"].contains(&auth_type.as_str()) {
-        return Err(ApiError::invalid(format!(
-            "Invalid authentication type {auth_type}"
-        )));
-    }
+    let creds = credentials(body.authentication.as_ref())?;
     let wanted = if_match(&headers);
 
     let mut st = shared.lock();
@@ -315,7 +368,12 @@ async fn put_device(
         (false, None) => {
             st.p.devices.insert(
                 id.clone(),
-                Device::new(&id, etag, primary.clone(), secondary.clone()),
+                Device::new(
+                    &id,
+                    etag,
+                    creds.primary_key.clone(),
+                    creds.secondary_key.clone(),
+                ),
             );
             true
         }
@@ -329,20 +387,31 @@ async fn put_device(
         return Err(ApiError::precondition_failed());
     }
     if !created {
-        if let Some(k) = primary {
-            d.primary_key = Some(k);
-        }
-        if let Some(k) = secondary {
-            d.secondary_key = Some(k);
-        }
         d.etag = etag;
     }
+    if creds.kind == "sas" || creds.kind == "none" {
+        // Keys not sent are kept, or generated for a device leaving X.509.
+        d.primary_key = creds
+            .primary_key
+            .or(d.primary_key.take())
+            .or_else(|| Some(new_key()));
+        d.secondary_key = creds
+            .secondary_key
+            .or(d.secondary_key.take())
+            .or_else(|| Some(new_key()));
+    } else {
+        // X.509 devices have no keys: a SAS token must not open them.
+        d.primary_key = None;
+        d.secondary_key = None;
+    }
+    d.primary_thumbprint = creds.primary_thumbprint;
+    d.secondary_thumbprint = creds.secondary_thumbprint;
     if d.enabled != enabled {
         d.status_updated = iso8601(SystemTime::now());
     }
     d.enabled = enabled;
     d.status_reason = body.status_reason;
-    d.auth_type = auth_type;
+    d.auth_type = creds.kind;
     d.iot_edge = body.capabilities.and_then(|c| c.iot_edge).unwrap_or(false);
     let resp = json_with_etag(d.identity_json(connected), &d.etag());
     drop(st);

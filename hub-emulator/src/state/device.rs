@@ -34,6 +34,11 @@ pub(crate) struct Device {
     pub auth_type: String,
     pub primary_key: Option<String>,
     pub secondary_key: Option<String>,
+    /// X.509 thumbprints (hex SHA-1 or SHA-256) of a `selfSigned` device.
+    #[serde(default)]
+    pub primary_thumbprint: Option<String>,
+    #[serde(default)]
+    pub secondary_thumbprint: Option<String>,
     pub iot_edge: bool,
     pub connection_state_updated: String,
     pub last_activity: String,
@@ -67,6 +72,8 @@ impl Device {
             auth_type: "sas".into(),
             primary_key: Some(primary_key.unwrap_or_else(new_key)),
             secondary_key: Some(secondary_key.unwrap_or_else(new_key)),
+            primary_thumbprint: None,
+            secondary_thumbprint: None,
             iot_edge: false,
             connection_state_updated: NULL_DATE.into(),
             last_activity: NULL_DATE.into(),
@@ -90,6 +97,13 @@ impl Device {
             .collect()
     }
 
+    fn thumbprints_json(&self) -> Value {
+        json!({
+            "primaryThumbprint": self.primary_thumbprint,
+            "secondaryThumbprint": self.secondary_thumbprint,
+        })
+    }
+
     /// The registry JSON (swagger `Device`).
     pub fn identity_json(&self, connected: bool) -> Value {
         json!({
@@ -105,7 +119,7 @@ impl Device {
             "cloudToDeviceMessageCount": self.c2d.len(),
             "authentication": {
                 "symmetricKey": { "primaryKey": self.primary_key, "secondaryKey": self.secondary_key },
-                "x509Thumbprint": { "primaryThumbprint": null, "secondaryThumbprint": null },
+                "x509Thumbprint": self.thumbprints_json(),
                 "type": self.auth_type,
             },
             "capabilities": { "iotEdge": self.iot_edge },
@@ -138,10 +152,7 @@ impl Device {
         m.insert("lastActivityTime".into(), self.last_activity.clone().into());
         m.insert("cloudToDeviceMessageCount".into(), self.c2d.len().into());
         m.insert("authenticationType".into(), self.auth_type.clone().into());
-        m.insert(
-            "x509Thumbprint".into(),
-            json!({ "primaryThumbprint": null, "secondaryThumbprint": null }),
-        );
+        m.insert("x509Thumbprint".into(), self.thumbprints_json());
         m.insert("modelId".into(), "".into());
         m.extend(self.twin.service_members());
         m.insert("capabilities".into(), json!({ "iotEdge": self.iot_edge }));

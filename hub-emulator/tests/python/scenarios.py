@@ -638,6 +638,32 @@ def scenario_registry():
     assert (status, code) == (404, "DeviceNotFound"), (status, code)
 
 
+def scenario_registry_x509():
+    from msrest.exceptions import HttpOperationError
+
+    rm = registry()
+    sha1, sha256 = "AB" * 20, "cd" * 32
+    dev = rm.create_device_with_x509("py-x509-self", sha1, sha256, "enabled")
+    auth = dev.authentication
+    assert auth.type == "selfSigned", auth
+    assert (auth.x509_thumbprint.primary_thumbprint, auth.x509_thumbprint.secondary_thumbprint) == (sha1, sha256)
+    assert auth.symmetric_key is None or auth.symmetric_key.primary_key is None, auth.symmetric_key
+    got = rm.get_device("py-x509-self").authentication
+    assert got.type == "selfSigned" and got.x509_thumbprint.secondary_thumbprint == sha256, got
+
+    ca = rm.create_device_with_certificate_authority("py-x509-ca", "enabled")
+    assert ca.authentication.type == "certificateAuthority", ca.authentication
+    got = rm.get_device("py-x509-ca").authentication
+    assert got.type == "certificateAuthority" and got.x509_thumbprint.primary_thumbprint is None, got
+
+    try:
+        rm.create_device_with_x509("py-x509-bad", "not-a-thumbprint", sha256, "enabled")
+        raise AssertionError("bad thumbprint accepted")
+    except HttpOperationError as e:
+        body = json.loads(e.response.json()["Message"])
+        assert e.response.status_code == 400 and body["errorCode"] == 400004, (e.response.status_code, body)
+
+
 def scenario_query():
     from azure.iot.hub.models import QuerySpecification, Twin
     from msrest.exceptions import HttpOperationError
