@@ -202,8 +202,9 @@ impl Hub {
         let (mqtt_addr, https_addr) = (local(&mqtt_listener)?, local(&https_listener)?);
 
         let acceptor = TlsAcceptor::from(tls.server_config);
+        let mqtt_acceptor = TlsAcceptor::from(tls.mqtt_config);
         let mut tasks = vec![
-            tokio::spawn(mqtt::serve(mqtt_listener, acceptor.clone(), shared.clone())),
+            tokio::spawn(mqtt::serve(mqtt_listener, mqtt_acceptor, shared.clone())),
             tokio::spawn(http::serve(
                 https_listener,
                 acceptor,

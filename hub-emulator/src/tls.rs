@@ -8,9 +8,14 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::ServerConfig;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, ServerConfig, SignatureScheme};
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
 
 use crate::HubError;
 
@@ -24,6 +29,9 @@ pub(crate) struct TlsMaterial {
     pub ca_path: PathBuf,
     pub ca_pem: String,
     pub server_config: Arc<ServerConfig>,
+    /// The MQTT listener's config: like `server_config`, but asking for a client
+    /// certificate (X.509 devices).
+    pub mqtt_config: Arc<ServerConfig>,
 }
 
 impl TlsMaterial {
@@ -50,17 +58,26 @@ impl TlsMaterial {
         );
         let key = PrivateKeyDer::from_pem_slice(server_key.as_bytes())
             .map_err(|e| HubError::Tls(format!("{}: {e}", files[3].display())))?;
-        let mut config = ServerConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()
-            .map_err(|e| HubError::Tls(e.to_string()))?
+        let builder = || {
+            ServerConfig::builder_with_provider(crypto_provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| HubError::Tls(e.to_string()))
+        };
+        let mut config = builder()?
             .with_no_client_auth()
-            .with_single_cert(chain, key)
+            .with_single_cert(chain.clone(), key.clone_key())
             .map_err(|e| HubError::Tls(e.to_string()))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let mut mqtt_config = builder()?
+            .with_client_cert_verifier(Arc::new(AnyClientCert(crypto_provider())))
+            .with_single_cert(chain, key)
+            .map_err(|e| HubError::Tls(e.to_string()))?;
+        mqtt_config.alpn_protocols = config.alpn_protocols.clone();
         Ok(TlsMaterial {
             ca_path: files[0].clone(),
             ca_pem,
             server_config: Arc::new(config),
+            mqtt_config: Arc::new(mqtt_config),
         })
     }
 }
@@ -69,6 +86,76 @@ impl TlsMaterial {
 /// workspace may enable both ring and aws-lc-rs, leaving rustls without a default.
 pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// The SHA-1 and SHA-256 thumbprints (uppercase hex) of a DER certificate: IoT Hub
+/// matches a self-signed device's certificate by either.
+pub(crate) fn thumbprints(der: &[u8]) -> [String; 2] {
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02X}")).collect::<String>();
+    [hex(&Sha1::digest(der)), hex(&Sha256::digest(der))]
+}
+
+/// Asks for a client certificate without requiring one or checking its issuer. The
+/// handshake still proves the client holds the certificate's key (the signature checks
+/// below); whether the certificate opens a device is decided at CONNECT against the
+/// registry, since a self-signed device certificate has no issuer to verify here.
+#[derive(Debug)]
+struct AnyClientCert(Arc<CryptoProvider>);
+
+impl ClientCertVerifier for AnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        // Parses the certificate too: a malformed one fails the handshake here.
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 fn generate(dir: &Path) -> Result<(), HubError> {

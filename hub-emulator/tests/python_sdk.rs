@@ -265,6 +265,48 @@ fn sdk_registry_x509_self_signed_and_ca_devices() {
     });
 }
 
+/// Writes a new self-signed certificate and key for `cn` into `dir`; returns their paths
+/// and the certificate's SHA-256 thumbprint.
+fn write_self_signed(dir: &std::path::Path, name: &str, cn: &str) -> (PathBuf, PathBuf, String) {
+    use sha2::{Digest, Sha256};
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key).expect("cert");
+    let (cert_file, key_file) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    std::fs::write(&cert_file, cert.pem()).expect("write cert");
+    std::fs::write(&key_file, key.serialize_pem()).expect("write key");
+    let thumbprint = Sha256::digest(cert.der())
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    (cert_file, key_file, thumbprint)
+}
+
+#[test]
+fn sdk_x509_self_signed_device_sends_telemetry_wrong_cert_refused() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        let dir = common::unique_dir("py-x509");
+        let (cert, key, thumbprint) = write_self_signed(&dir, "device", "py-x509-dev");
+        let (wrong_cert, wrong_key, _) = write_self_signed(&dir, "wrong", "py-x509-dev");
+        run_scenario(
+            &hub,
+            "x509_self_signed",
+            json!({ "cert_file": cert, "key_file": key, "thumbprint": thumbprint,
+                    "wrong_cert_file": wrong_cert, "wrong_key_file": wrong_key }),
+        )
+        .await;
+        common::stop(hub).await;
+        let _ = std::fs::remove_dir_all(dir);
+    });
+}
+
 #[test]
 fn sdk_twin_query_by_tag_and_reported_with_paging() {
     on_port_8883(async {

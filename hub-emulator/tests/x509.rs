@@ -1,11 +1,21 @@
 //! X.509 device identities: the registry keeps thumbprints (or refuses bad ones) and
-//! persists them.
+//! persists them; self-signed devices connect over MQTT by certificate thumbprint.
 
 mod common;
 
+use std::sync::Arc;
+
 use common::*;
+use rumqttc::mqttbytes::QoS;
+use rumqttc::mqttbytes::v4::{ConnectReturnCode, Packet, Publish};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
+use sha1::Sha1;
+use sha2::{Digest, Sha256};
 use tether_hub_emulator::{Hub, HubConfig};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 const API: &str = "api-version=2021-04-12";
 const SHA1: &str = "A1B2C3D4E5F60718293A4B5C6D7E8F9001122334";
@@ -136,4 +146,127 @@ async fn registry_keeps_x509_identities_and_refuses_bad_ones() {
     );
     stop(hub).await;
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A self-signed certificate with CN `cn`: its DER and its key.
+fn self_signed(cn: &str) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key).unwrap();
+    let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    (cert.der().clone(), der)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Opens MQTT over TLS presenting `cert` (if any), sends CONNECT with `password`.
+async fn connect_with_cert(
+    hub: &Hub,
+    device_id: &str,
+    cert: Option<(CertificateDer<'static>, PrivateKeyDer<'static>)>,
+    password: &str,
+) -> (Client, ConnectReturnCode) {
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(hub.ca_cert_pem().as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match cert {
+        Some((c, k)) => builder.with_client_auth_cert(vec![c], k).unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = TcpStream::connect(hub.mqtt_addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut client = Client::from_stream(tls);
+    let mut c = connect_packet(device_id, &device_username(device_id), password);
+    c.clean_session = true;
+    client.send(Packet::Connect(c)).await;
+    match client.recv().await {
+        Some(Packet::ConnAck(ack)) => (client, ack.code),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn self_signed_devices_connect_by_certificate_thumbprint() {
+    let hub = start_hub().await;
+    let (cert_a, key_a) = self_signed("x-self");
+    let (cert_b, key_b) = self_signed("x-self");
+    let (stranger, stranger_key) = self_signed("x-self");
+    // Primary by SHA-256 (uppercase), secondary by SHA-1: either hash, either slot.
+    let r = put(
+        &hub,
+        "x-self",
+        json!({"deviceId": "x-self", "authentication": {"type": "selfSigned", "x509Thumbprint": {
+            "primaryThumbprint": hex(&Sha256::digest(&cert_a)).to_uppercase(),
+            "secondaryThumbprint": hex(&Sha1::digest(&cert_b))}}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+
+    for (cert, key) in [(cert_a, key_a), (cert_b, key_b)] {
+        let (mut c, code) = connect_with_cert(&hub, "x-self", Some((cert, key)), "").await;
+        assert_eq!(code, ConnectReturnCode::Success);
+        let mut p = Publish::new("devices/x-self/messages/events/", QoS::AtLeastOnce, "hi");
+        p.pkid = 1;
+        c.send(Packet::Publish(p)).await;
+        assert!(matches!(c.recv().await, Some(Packet::PubAck(_))));
+    }
+    let events: Value = http(&hub)
+        .get(format!(
+            "{}/emulator/events?since=0&deviceId=x-self&type=telemetry",
+            base_url(&hub)
+        ))
+        .header("Authorization", control_auth(&hub))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let method = events["events"][0]["systemProperties"]["iothub-connection-auth-method"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let method: Value = serde_json::from_str(&method).unwrap();
+    assert_eq!(method["type"], "x509Certificate");
+
+    // Another certificate, none, or a SAS-looking password: refused.
+    let (_, code) = connect_with_cert(&hub, "x-self", Some((stranger, stranger_key)), "").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+    let (_, code) = connect_with_cert(&hub, "x-self", None, "").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+
+    // A SAS device: its certificate is ignored, its token is what counts.
+    let info = hub.create_device("x-sas").unwrap();
+    let token = device_token("x-sas", &info.primary_key, 3600);
+    let (_, code) = connect_with_cert(&hub, "x-sas", Some(self_signed("x-sas")), &token).await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    let (_, code) = connect_with_cert(&hub, "x-sas", Some(self_signed("x-sas")), "").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+
+    // CA-signed devices are refused until a CA can be registered.
+    let r = put(
+        &hub,
+        "x-ca",
+        json!({"deviceId": "x-ca", "authentication": {"type": "certificateAuthority"}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let (_, code) = connect_with_cert(&hub, "x-ca", Some(self_signed("x-ca")), "").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+    stop(hub).await;
 }

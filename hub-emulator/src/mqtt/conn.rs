@@ -19,6 +19,7 @@ use crate::dps::RETRY_AFTER_SECS;
 use crate::events::EventKind;
 use crate::messages::{MAX_D2C_BYTES, PropertyBag};
 use crate::state::Shared;
+use crate::state::auth::DeviceAuthError;
 use crate::state::faults::ActiveFault;
 use crate::state::provisioning::EnrollmentMatch;
 use crate::state::session::{SessionCmd, Subs};
@@ -124,7 +125,12 @@ impl<S: AsyncRead + AsyncWrite> Link<S> {
 }
 
 /// Serves one connection from its first byte to close.
-pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(io: S, shared: Arc<Shared>) {
+/// `client_cert` is the DER leaf certificate the client presented in the TLS handshake.
+pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
+    io: S,
+    shared: Arc<Shared>,
+    client_cert: Option<Vec<u8>>,
+) {
     let shutdown = shared.shutdown.clone();
     let (reader, writer) = tokio::io::split(io);
     let mut link = Link {
@@ -187,8 +193,13 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(io: S, share
                 }
                 Some(ActiveFault::Throttled) | None => {}
             }
-            match shared.authenticate_device(&device_id, password) {
+            match shared.authenticate_device(&device_id, password, client_cert.as_deref()) {
                 Ok(auth) => run_device(shared, &mut link, device_id, connect, auth, shutdown).await,
+                Err(e @ DeviceAuthError::NoCaRegistered) => {
+                    // Not a credential mistake but a missing emulator feature: say so loudly.
+                    tracing::warn!("connect {device_id} refused: {e}");
+                    let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
+                }
                 Err(e) => {
                     tracing::debug!("connect {device_id} refused: {e}");
                     let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
@@ -282,7 +293,8 @@ async fn run_device<S: AsyncRead + AsyncWrite>(
         conn_id,
         subs,
         next_pkid: 0,
-        auth_method: json!({ "scope": auth.scope, "type": "sas", "issuer": "iothub" }).to_string(),
+        auth_method: json!({ "scope": auth.scope, "type": auth.kind, "issuer": auth.issuer })
+            .to_string(),
         generation_id: auth.generation_id,
     };
     let close = session

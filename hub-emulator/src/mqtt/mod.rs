@@ -25,7 +25,14 @@ pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: 
     };
     let shutdown = shared.shutdown.clone();
     crate::net::serve_tls(listener, acceptor, shutdown, admit, move |tls| {
-        conn::run(tls, shared.clone())
+        // The leaf of the client's chain, if it sent one (X.509 devices).
+        let client_cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|c| c.to_vec());
+        conn::run(tls, shared.clone(), client_cert)
     })
     .await
 }

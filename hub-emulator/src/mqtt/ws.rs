@@ -16,7 +16,8 @@ const PIPE_BYTES: usize = 64 * 1024;
 
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
-    let conn = tokio::spawn(super::conn::run(ours, shared));
+    // The HTTPS port asks for no client certificate: X.509 devices use port 8883.
+    let conn = tokio::spawn(super::conn::run(ours, shared, None));
     let (mut from_conn, mut to_conn) = tokio::io::split(theirs);
     let (mut sink, mut stream) = socket.split();
     let inbound = async {

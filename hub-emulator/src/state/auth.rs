@@ -1,6 +1,6 @@
-//! SAS authentication of device connections and service requests against the registry
-//! and the hub's policies. An `impl Shared` block above the state core, so the core
-//! need not know about tokens.
+//! Authentication of device connections (SAS or X.509 thumbprint) and service requests
+//! against the registry and the hub's policies. An `impl Shared` block above the state
+//! core, so the core need not know about tokens.
 
 use crate::sas::{SasError, SasToken};
 use crate::state::Shared;
@@ -8,15 +8,79 @@ use crate::state::policy::Permission;
 
 /// How a device authenticated its MQTT connection.
 pub(crate) struct DeviceAuth {
+    /// When the SAS token expires; `u64::MAX` for a certificate.
     pub expiry: u64,
     /// `"device"` for device keys, `"hub"` for a hub policy (stamped on D2C messages).
     pub scope: &'static str,
+    /// `"sas"` or `"x509Certificate"`, and who issued the credential, as IoT Hub stamps
+    /// them in `iothub-connection-auth-method`.
+    pub kind: &'static str,
+    pub issuer: &'static str,
     pub generation_id: String,
 }
 
+/// Why a device connection was refused. Every variant maps to CONNACK 5.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeviceAuthError {
+    #[error(transparent)]
+    Sas(#[from] SasError),
+    #[error("selfSigned device presented no client certificate")]
+    NoCertificate,
+    #[error("client certificate matches neither registered thumbprint")]
+    ThumbprintMismatch,
+    #[error(
+        "certificateAuthority device, but no CA is registered (the emulator does not \
+         support CA-signed devices yet)"
+    )]
+    NoCaRegistered,
+}
+
 impl Shared {
-    /// Checks a device's MQTT password: device keys, or a policy with DeviceConnect.
+    /// Checks a device's credentials by its registry type: the TLS client certificate
+    /// (`client_cert`, DER) of an X.509 device, else the MQTT password (device keys, or
+    /// a policy with DeviceConnect). A SAS device's certificate is ignored, as on Azure.
     pub fn authenticate_device(
+        &self,
+        device_id: &str,
+        password: &str,
+        client_cert: Option<&[u8]>,
+    ) -> Result<DeviceAuth, DeviceAuthError> {
+        {
+            let st = self.lock();
+            let device =
+                st.p.devices
+                    .get(device_id)
+                    .filter(|d| d.enabled)
+                    .ok_or(SasError::UnknownDevice)?;
+            match device.auth_type.as_str() {
+                "selfSigned" => {
+                    let cert = client_cert.ok_or(DeviceAuthError::NoCertificate)?;
+                    let registered = [&device.primary_thumbprint, &device.secondary_thumbprint];
+                    let matched = crate::tls::thumbprints(cert).iter().any(|t| {
+                        registered
+                            .iter()
+                            .filter_map(|r| r.as_deref())
+                            .any(|r| r.eq_ignore_ascii_case(t))
+                    });
+                    if !matched {
+                        return Err(DeviceAuthError::ThumbprintMismatch);
+                    }
+                    return Ok(DeviceAuth {
+                        expiry: u64::MAX,
+                        scope: "device",
+                        kind: "x509Certificate",
+                        issuer: "external",
+                        generation_id: device.generation_id.clone(),
+                    });
+                }
+                "certificateAuthority" => return Err(DeviceAuthError::NoCaRegistered),
+                _ => {}
+            }
+        }
+        Ok(self.authenticate_device_sas(device_id, password)?)
+    }
+
+    fn authenticate_device_sas(
         &self,
         device_id: &str,
         password: &str,
@@ -52,6 +116,8 @@ impl Shared {
         Ok(DeviceAuth {
             expiry: token.expiry,
             scope,
+            kind: "sas",
+            issuer: "iothub",
             generation_id: device.generation_id.clone(),
         })
     }

@@ -101,6 +101,14 @@ impl Client {
         Client::try_open(hub).await.expect("tls handshake")
     }
 
+    /// A client on an already-open TLS stream (one with a client certificate, say).
+    pub fn from_stream(stream: TlsStream<TcpStream>) -> Client {
+        Client {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Like [`Client::open`], but `None` when the server refuses the connection.
     pub async fn try_open(hub: &Hub) -> Option<Client> {
         let stream = tls_connect(hub, hub.mqtt_addr()).await?;

@@ -664,6 +664,39 @@ def scenario_registry_x509():
         assert e.response.status_code == 400 and body["errorCode"] == 400004, (e.response.status_code, body)
 
 
+def scenario_x509_self_signed():
+    from azure.iot.device import X509
+
+    rm = registry()
+    dev = "py-x509-dev"
+    rm.create_device_with_x509(dev, CFG["thumbprint"], None, "enabled")
+
+    def client_for(cert, key):
+        return IoTHubDeviceClient.create_from_x509_certificate(
+            x509=X509(cert, key), hostname="localhost", device_id=dev,
+            server_verification_cert=CA_PEM, connection_retry=False,
+        )
+
+    since = last_seq()
+    client = client_for(CFG["cert_file"], CFG["key_file"])
+    client.connect()
+    client.send_message(Message("from x509"))
+    e = wait_event(dev, "telemetry", since)
+    assert e["body"] == "from x509", e
+    method = json.loads(e["systemProperties"]["iothub-connection-auth-method"])
+    assert method["type"] == "x509Certificate", method
+    client.shutdown()
+
+    client = client_for(CFG["wrong_cert_file"], CFG["wrong_key_file"])
+    try:
+        client.connect()
+        raise AssertionError("device connected with a certificate not registered")
+    except CredentialError as e:
+        assert "not authorised" in str(e.__cause__), repr(e.__cause__)
+    assert not client.connected
+    client.shutdown()
+
+
 def scenario_query():
     from azure.iot.hub.models import QuerySpecification, Twin
     from msrest.exceptions import HttpOperationError
