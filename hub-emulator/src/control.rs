@@ -118,6 +118,15 @@ pub struct DeviceInfo {
     pub connection_string: String,
 }
 
+/// A CA registered for `certificateAuthority` devices.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CaInfo {
+    /// SHA-256 of the certificate (uppercase hex).
+    pub thumbprint: String,
+    pub subject: String,
+}
+
 /// Keys must be base64 of 16 to 64 bytes; absent keys are generated.
 fn key_or_new(key: Option<String>) -> Result<String, ControlError> {
     match key {
@@ -157,6 +166,20 @@ impl Control {
             .record(device_id, EventKind::DeviceCreated);
         self.device_info(device_id)
             .ok_or_else(|| ControlError::DeviceNotFound(device_id.into()))
+    }
+
+    /// Registers a CA certificate (PEM) as verified: `certificateAuthority` devices whose
+    /// chain leads to it may connect. Registering it again changes nothing.
+    pub fn add_ca(&self, pem: &str) -> Result<CaInfo, ControlError> {
+        let (thumbprint, ca) = crate::x509::RegisteredCa::parse(pem)
+            .map_err(|e| ControlError::Invalid(e.to_string()))?;
+        let info = CaInfo {
+            thumbprint: thumbprint.clone(),
+            subject: ca.subject.clone(),
+        };
+        self.shared.lock().p.cas.insert(thumbprint, ca);
+        self.shared.changed();
+        Ok(info)
     }
 
     /// Credentials of a registered device.

@@ -29,6 +29,7 @@ mod state;
 mod tls;
 mod twin;
 mod util;
+mod x509;
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
-pub use control::{Control, DeviceInfo, Enrollment, EnrollmentInfo, Fault};
+pub use control::{CaInfo, Control, DeviceInfo, Enrollment, EnrollmentInfo, Fault};
 pub use events::{Event, EventFilter, EventKind};
 pub use messages::C2dRequest;
 pub use sas::{derive_device_key, generate_sas_token};

@@ -308,6 +308,47 @@ fn sdk_x509_self_signed_device_sends_telemetry_wrong_cert_refused() {
 }
 
 #[test]
+fn sdk_x509_ca_signed_device_sends_telemetry() {
+    on_port_8883(async {
+        let hub = start_hub().await;
+        let dir = common::unique_dir("py-x509-ca");
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "py root");
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "py-x509-ca-dev");
+        let cert = params.signed_by(&key, &issuer).expect("leaf");
+        let files = [
+            ("ca.pem", ca_cert.pem()),
+            ("device.pem", cert.pem()),
+            ("device.key", key.serialize_pem()),
+        ]
+        .map(|(name, text)| {
+            let path = dir.join(name);
+            std::fs::write(&path, text).expect("write");
+            path
+        });
+        run_scenario(
+            &hub,
+            "x509_ca",
+            json!({ "device_id": "py-x509-ca-dev", "ca_cert_file": files[0],
+                    "cert_file": files[1], "key_file": files[2] }),
+        )
+        .await;
+        common::stop(hub).await;
+        let _ = std::fs::remove_dir_all(dir);
+    });
+}
+
+#[test]
 fn sdk_twin_query_by_tag_and_reported_with_paging() {
     on_port_8883(async {
         let hub = start_hub().await;

@@ -258,7 +258,77 @@ async fn self_signed_devices_connect_by_certificate_thumbprint() {
     let (_, code) = connect_with_cert(&hub, "x-sas", Some(self_signed("x-sas")), "").await;
     assert_eq!(code, ConnectReturnCode::NotAuthorized);
 
-    // CA-signed devices are refused until a CA can be registered.
+    stop(hub).await;
+}
+
+/// A CA (root if `issuer` is `None`) named `cn`: its DER and an issuer to sign with.
+fn ca(
+    cn: &str,
+    issuer: Option<&rcgen::Issuer<'static, rcgen::KeyPair>>,
+) -> (
+    CertificateDer<'static>,
+    rcgen::Issuer<'static, rcgen::KeyPair>,
+) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = match issuer {
+        None => params.self_signed(&key).unwrap(),
+        Some(i) => params.signed_by(&key, i).unwrap(),
+    };
+    (cert.der().clone(), rcgen::Issuer::new(params, key))
+}
+
+/// A device certificate with CN `cn` signed by `issuer`.
+fn leaf(
+    cn: &str,
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+) -> (CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+    (cert.der().clone(), der)
+}
+
+fn pem(der: &CertificateDer<'_>) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        lines.join("\n")
+    )
+}
+
+async fn add_ca(hub: &Hub, pem: &str, auth: Option<String>) -> reqwest::Response {
+    let mut req = http(hub)
+        .post(format!("{}/emulator/cas", base_url(hub)))
+        .json(&json!({ "certificate": pem }));
+    if let Some(auth) = auth {
+        req = req.header("Authorization", auth);
+    }
+    req.send().await.unwrap()
+}
+
+#[tokio::test]
+async fn ca_signed_devices_connect_with_a_chain_to_a_registered_ca() {
+    let hub = start_hub().await;
     let r = put(
         &hub,
         "x-ca",
@@ -266,6 +336,68 @@ async fn self_signed_devices_connect_by_certificate_thumbprint() {
     )
     .await;
     assert_eq!(r.status(), 200);
+    let (root, root_issuer) = ca("root", None);
+    let (inter, inter_issuer) = ca("intermediate", Some(&root_issuer));
+
+    // Until a CA is registered, every certificate is refused.
+    let (_, code) = connect_with_cert(&hub, "x-ca", Some(leaf("x-ca", &root_issuer)), "").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+
+    // Registration needs the control token, and a CA certificate.
+    assert_eq!(add_ca(&hub, &pem(&root), None).await.status(), 401);
+    let (not_ca, _) = leaf("x-ca", &root_issuer);
+    let r = add_ca(&hub, &pem(&not_ca), Some(control_auth(&hub))).await;
+    assert_eq!(r.status(), 400);
+    let r = add_ca(&hub, &pem(&root), Some(control_auth(&hub))).await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(
+        body["thumbprint"],
+        hex(&Sha256::digest(&root)).to_uppercase()
+    );
+
+    let (_, code) = connect_with_cert(&hub, "x-ca", Some(leaf("x-ca", &root_issuer)), "").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    // Through an intermediate the client sends along.
+    let (cert, key) = leaf("x-ca", &inter_issuer);
+    let chain_client = {
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(hub.ca_cert_pem().as_bytes()) {
+            roots.add(ca.unwrap()).unwrap();
+        }
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(vec![cert, inter], key)
+        .unwrap()
+    };
+    let tcp = TcpStream::connect(hub.mqtt_addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = TlsConnector::from(Arc::new(chain_client))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut c = Client::from_stream(tls);
+    c.send(Packet::Connect(connect_packet(
+        "x-ca",
+        &device_username("x-ca"),
+        "",
+    )))
+    .await;
+    assert!(matches!(
+        c.recv().await,
+        Some(Packet::ConnAck(a)) if a.code == ConnectReturnCode::Success
+    ));
+
+    // A CN other than the device id, or an unregistered issuer: refused.
+    let (_, code) = connect_with_cert(&hub, "x-ca", Some(leaf("other", &root_issuer)), "").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
+    let (_, stranger) = ca("stranger", None);
+    let (_, code) = connect_with_cert(&hub, "x-ca", Some(leaf("x-ca", &stranger)), "").await;
+    assert_eq!(code, ConnectReturnCode::NotAuthorized);
     let (_, code) = connect_with_cert(&hub, "x-ca", Some(self_signed("x-ca")), "").await;
     assert_eq!(code, ConnectReturnCode::NotAuthorized);
     stop(hub).await;

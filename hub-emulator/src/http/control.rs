@@ -42,6 +42,7 @@ pub(super) fn routes(token: Arc<ControlToken>) -> Router<Arc<Shared>> {
         .route("/emulator/faults", post(fault))
         .route("/emulator/clock", post(clock))
         .route("/emulator/enrollments", post(enrollment))
+        .route("/emulator/cas", post(add_ca))
         // On every route above, before its handler reads anything.
         .route_layer(middleware::from_fn_with_state(token, require_token))
 }
@@ -227,6 +228,18 @@ async fn clock(State(shared): S, body: Bytes) -> Result<Response, ApiError> {
     let body: ClockBody = parse_json(&body)?;
     control(shared).set_clock_offset(body.offset_secs);
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+struct CaBody {
+    /// The CA certificate in PEM.
+    certificate: String,
+}
+
+async fn add_ca(State(shared): S, body: Bytes) -> Result<Response, ApiError> {
+    let body: CaBody = parse_json(&body)?;
+    let info = control(shared).add_ca(&body.certificate)?;
+    Ok(axum::Json(info).into_response())
 }
 
 async fn enrollment(State(shared): S, body: Bytes) -> Result<Response, ApiError> {

@@ -125,11 +125,12 @@ impl<S: AsyncRead + AsyncWrite> Link<S> {
 }
 
 /// Serves one connection from its first byte to close.
-/// `client_cert` is the DER leaf certificate the client presented in the TLS handshake.
+/// `client_chain` is the certificate chain (DER, leaf first) the client presented in the
+/// TLS handshake, empty if none.
 pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
     io: S,
     shared: Arc<Shared>,
-    client_cert: Option<Vec<u8>>,
+    client_chain: Vec<Vec<u8>>,
 ) {
     let shutdown = shared.shutdown.clone();
     let (reader, writer) = tokio::io::split(io);
@@ -193,7 +194,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
                 }
                 Some(ActiveFault::Throttled) | None => {}
             }
-            match shared.authenticate_device(&device_id, password, client_cert.as_deref()) {
+            match shared.authenticate_device(&device_id, password, &client_chain) {
                 Ok(auth) => run_device(shared, &mut link, device_id, connect, auth, shutdown).await,
                 Err(e @ DeviceAuthError::NoCaRegistered) => {
                     // Not a credential mistake but a missing emulator feature: say so loudly.

@@ -25,14 +25,14 @@ pub(crate) async fn serve(listener: TcpListener, acceptor: TlsAcceptor, shared: 
     };
     let shutdown = shared.shutdown.clone();
     crate::net::serve_tls(listener, acceptor, shutdown, admit, move |tls| {
-        // The leaf of the client's chain, if it sent one (X.509 devices).
-        let client_cert = tls
+        // The client's certificate chain, leaf first, if it sent one (X.509 devices).
+        let client_chain = tls
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|c| c.to_vec());
-        conn::run(tls, shared.clone(), client_cert)
+            .map(|chain| chain.iter().map(|c| c.to_vec()).collect())
+            .unwrap_or_default();
+        conn::run(tls, shared.clone(), client_chain)
     })
     .await
 }

@@ -17,7 +17,7 @@ const PIPE_BYTES: usize = 64 * 1024;
 pub(crate) async fn serve(socket: WebSocket, shared: Arc<Shared>) {
     let (ours, theirs) = tokio::io::duplex(PIPE_BYTES);
     // The HTTPS port asks for no client certificate: X.509 devices use port 8883.
-    let conn = tokio::spawn(super::conn::run(ours, shared, None));
+    let conn = tokio::spawn(super::conn::run(ours, shared, Vec::new()));
     let (mut from_conn, mut to_conn) = tokio::io::split(theirs);
     let (mut sink, mut stream) = socket.split();
     let inbound = async {

@@ -5,6 +5,7 @@
 use crate::sas::{SasError, SasToken};
 use crate::state::Shared;
 use crate::state::policy::Permission;
+use crate::x509::{ChainError, verify_device_chain};
 
 /// How a device authenticated its MQTT connection.
 pub(crate) struct DeviceAuth {
@@ -28,22 +29,22 @@ pub(crate) enum DeviceAuthError {
     NoCertificate,
     #[error("client certificate matches neither registered thumbprint")]
     ThumbprintMismatch,
-    #[error(
-        "certificateAuthority device, but no CA is registered (the emulator does not \
-         support CA-signed devices yet)"
-    )]
+    #[error("certificateAuthority device, but no CA is registered (POST /emulator/cas)")]
     NoCaRegistered,
+    #[error(transparent)]
+    Chain(#[from] ChainError),
 }
 
 impl Shared {
     /// Checks a device's credentials by its registry type: the TLS client certificate
-    /// (`client_cert`, DER) of an X.509 device, else the MQTT password (device keys, or
-    /// a policy with DeviceConnect). A SAS device's certificate is ignored, as on Azure.
+    /// chain (`client_chain`, DER, leaf first) of an X.509 device, else the MQTT password
+    /// (device keys, or a policy with DeviceConnect). A SAS device's certificate is
+    /// ignored, as on Azure.
     pub fn authenticate_device(
         &self,
         device_id: &str,
         password: &str,
-        client_cert: Option<&[u8]>,
+        client_chain: &[Vec<u8>],
     ) -> Result<DeviceAuth, DeviceAuthError> {
         {
             let st = self.lock();
@@ -54,7 +55,7 @@ impl Shared {
                     .ok_or(SasError::UnknownDevice)?;
             match device.auth_type.as_str() {
                 "selfSigned" => {
-                    let cert = client_cert.ok_or(DeviceAuthError::NoCertificate)?;
+                    let cert = client_chain.first().ok_or(DeviceAuthError::NoCertificate)?;
                     let registered = [&device.primary_thumbprint, &device.secondary_thumbprint];
                     let matched = crate::tls::thumbprints(cert).iter().any(|t| {
                         registered
@@ -73,7 +74,24 @@ impl Shared {
                         generation_id: device.generation_id.clone(),
                     });
                 }
-                "certificateAuthority" => return Err(DeviceAuthError::NoCaRegistered),
+                "certificateAuthority" => {
+                    if st.p.cas.is_empty() {
+                        return Err(DeviceAuthError::NoCaRegistered);
+                    }
+                    verify_device_chain(
+                        device_id,
+                        client_chain,
+                        st.p.cas.values(),
+                        self.now_secs(),
+                    )?;
+                    return Ok(DeviceAuth {
+                        expiry: u64::MAX,
+                        scope: "device",
+                        kind: "x509Certificate",
+                        issuer: "external",
+                        generation_id: device.generation_id.clone(),
+                    });
+                }
                 _ => {}
             }
         }

@@ -50,6 +50,9 @@ pub(crate) struct Persisted {
     /// DPS registration states by lower-cased registration id.
     pub registrations: BTreeMap<String, Value>,
     pub etag_counter: u64,
+    /// Verified CAs for `certificateAuthority` devices, by SHA-256 thumbprint.
+    #[serde(default)]
+    pub cas: BTreeMap<String, crate::x509::RegisteredCa>,
 }
 
 pub(crate) struct State {

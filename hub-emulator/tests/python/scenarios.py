@@ -697,6 +697,28 @@ def scenario_x509_self_signed():
     client.shutdown()
 
 
+def scenario_x509_ca():
+    from azure.iot.device import X509
+
+    rm = registry()
+    dev = CFG["device_id"]
+    rm.create_device_with_certificate_authority(dev, "enabled")
+    with open(CFG["ca_cert_file"]) as f:
+        registered = control("POST", "/emulator/cas", {"certificate": f.read()})
+    assert len(registered["thumbprint"]) == 64, registered
+
+    since = last_seq()
+    client = IoTHubDeviceClient.create_from_x509_certificate(
+        x509=X509(CFG["cert_file"], CFG["key_file"]), hostname="localhost", device_id=dev,
+        server_verification_cert=CA_PEM, connection_retry=False,
+    )
+    client.connect()
+    client.send_message(Message("from a CA-signed device"))
+    e = wait_event(dev, "telemetry", since)
+    assert e["body"] == "from a CA-signed device", e
+    client.shutdown()
+
+
 def scenario_query():
     from azure.iot.hub.models import QuerySpecification, Twin
     from msrest.exceptions import HttpOperationError
