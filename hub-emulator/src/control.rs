@@ -354,6 +354,9 @@ impl Control {
             .sessions
             .get(device_id)
             .map(|s| s.token_expiry)
+            // A certificate session has no token: refusing every token up to "never"
+            // would lock the device out of SAS for good.
+            .filter(|&e| e != crate::state::auth::NO_TOKEN_EXPIRY)
             .unwrap_or(0)
             .max(self.shared.now_secs());
         let device =

@@ -258,6 +258,37 @@ async fn self_signed_devices_connect_by_certificate_thumbprint() {
     let (_, code) = connect_with_cert(&hub, "x-sas", Some(self_signed("x-sas")), "").await;
     assert_eq!(code, ConnectReturnCode::NotAuthorized);
 
+    // "Expire token" on a certificate session drops it but, once the device is back on
+    // SAS, its tokens still work.
+    let (cert, key) = self_signed("x-back");
+    let thumbprint = hex(&Sha256::digest(&cert));
+    let r = put(
+        &hub,
+        "x-back",
+        json!({"deviceId": "x-back", "authentication": {"type": "selfSigned",
+            "x509Thumbprint": {"primaryThumbprint": thumbprint}}}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let (_c, code) = connect_with_cert(&hub, "x-back", Some((cert, key)), "").await;
+    assert_eq!(code, ConnectReturnCode::Success);
+    hub.control().expire_token("x-back").unwrap();
+    let sas_key = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+    let r = http(&hub)
+        .put(format!("{}/devices/x-back?{API}", base_url(&hub)))
+        .header("Authorization", service_auth(&hub, "iothubowner"))
+        .header("If-Match", "*")
+        .json(
+            &json!({"deviceId": "x-back", "authentication": {"type": "sas",
+            "symmetricKey": {"primaryKey": sas_key, "secondaryKey": sas_key}}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let token = device_token("x-back", sas_key, 3600);
+    let (_, code) = connect_with_cert(&hub, "x-back", None, &token).await;
+    assert_eq!(code, ConnectReturnCode::Success);
     stop(hub).await;
 }
 

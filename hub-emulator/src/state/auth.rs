@@ -7,9 +7,12 @@ use crate::state::Shared;
 use crate::state::policy::Permission;
 use crate::x509::{ChainError, verify_device_chain};
 
+/// `DeviceAuth::expiry` of a certificate connection: it has no token to expire.
+pub(crate) const NO_TOKEN_EXPIRY: u64 = u64::MAX;
+
 /// How a device authenticated its MQTT connection.
 pub(crate) struct DeviceAuth {
-    /// When the SAS token expires; `u64::MAX` for a certificate.
+    /// When the SAS token expires; [`NO_TOKEN_EXPIRY`] for a certificate.
     pub expiry: u64,
     /// `"device"` for device keys, `"hub"` for a hub policy (stamped on D2C messages).
     pub scope: &'static str,
@@ -67,7 +70,7 @@ impl Shared {
                         return Err(DeviceAuthError::ThumbprintMismatch);
                     }
                     return Ok(DeviceAuth {
-                        expiry: u64::MAX,
+                        expiry: NO_TOKEN_EXPIRY,
                         scope: "device",
                         kind: "x509Certificate",
                         issuer: "external",
@@ -85,7 +88,7 @@ impl Shared {
                         self.now_secs(),
                     )?;
                     return Ok(DeviceAuth {
-                        expiry: u64::MAX,
+                        expiry: NO_TOKEN_EXPIRY,
                         scope: "device",
                         kind: "x509Certificate",
                         issuer: "external",
