@@ -15,15 +15,9 @@ use crate::state::session::{PendingMethod, SessionCmd};
 /// (IoT Hub direct methods doc; quotas: "Direct method payload size: 128 KB").
 pub(crate) const MAX_PAYLOAD_BYTES: usize = 128 * 1024;
 
-/// Outcome of a direct method invocation that did not get a usable device response.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum MethodError {
-    DeviceNotFound,
-    NotOnline(Duration),
-    Timeout(Duration),
-    /// The device answered with a payload of this many bytes, above [`MAX_PAYLOAD_BYTES`].
-    ResponseTooLarge(usize),
-}
+// Defined beside the pending method that carries it, so that the session does not
+// import this module back.
+pub(crate) use crate::state::session::MethodError;
 
 impl Shared {
     /// Invokes a direct method and waits for the device's answer.

@@ -3,12 +3,24 @@
 //! device's answer. Plain data below the state core, which holds it; the operations on
 //! it are in `connections` and `methods`.
 
+use std::time::Duration;
+
 use rumqttc::mqttbytes::v4::Publish;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::state::methods::MethodError;
+/// Outcome of a direct method invocation that did not get a usable device response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MethodError {
+    DeviceNotFound,
+    NotOnline(Duration),
+    Timeout(Duration),
+    /// The device answered with a payload of this many bytes, above the 128 KB limit of
+    /// direct-method payloads.
+    ResponseTooLarge(usize),
+}
+
 
 /// Which of the four device topics a session subscribed to.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
