@@ -13,14 +13,14 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_tests::bench::percentile;
-use tether_tests::build_agent;
+use tether_tests::{build_agent, silent_server};
 use tether_tests::tether_run::TetherRun;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 const TOKEN_X: &str = "attacker-token-0123456789";
 const QUEUE_MIB: u64 = 16;
@@ -109,22 +109,6 @@ fn sample(pid: u32) -> (Arc<AtomicBool>, tokio::task::JoinHandle<(u64, u64)>) {
     (stop, task)
 }
 
-/// A TCP server that accepts and never reads or answers; returns how many it holds.
-async fn silent_server() -> anyhow::Result<(SocketAddr, Arc<AtomicU64>)> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let held = Arc::new(AtomicU64::new(0));
-    let count = held.clone();
-    tokio::spawn(async move {
-        let mut sockets = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            sockets.push(socket);
-            count.fetch_add(1, Ordering::Relaxed);
-        }
-    });
-    Ok((addr, held))
-}
-
 /// A connection from one of the attacker's addresses, 127.0.0.2 and up (the victim's
 /// client is 127.0.0.1).
 async fn connect_as_attacker(addr: SocketAddr, which: u8) -> std::io::Result<TcpStream> {
@@ -206,7 +190,7 @@ fn main() -> anyhow::Result<()> {
 async fn run() -> anyhow::Result<Vec<Row>> {
     let dir = tempfile::tempdir()?;
     let probe = build_agent("probe")?;
-    let (silent, _held) = silent_server().await?;
+    let silent = silent_server().await?;
     let manifest = format!(
         r#"
 [host]

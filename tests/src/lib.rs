@@ -194,6 +194,20 @@ impl ClosedPort {
     }
 }
 
+/// A loopback server that takes connections and never reads or answers them, held until
+/// the test's runtime ends: requests to it stay in flight, MQTT connects get no CONNACK.
+pub async fn silent_server() -> anyhow::Result<std::net::SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    Ok(addr)
+}
+
 /// Waits until something accepts TCP connections on `port`.
 pub async fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;

@@ -11,7 +11,7 @@ use tether_host::config::HostConfig;
 use tether_host::manage::ManageServer;
 use tether_host::manifest::Manifest;
 use tether_host::{AgentStatus, Host};
-use tether_tests::{LogWatch, build_agent, build_bin};
+use tether_tests::{LogWatch, build_agent, build_bin, silent_server};
 
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN_A: &str = "tenant-a-token-0123456789";
@@ -599,7 +599,7 @@ async fn a_redirect_goes_back_to_the_agent_and_is_not_followed() -> anyhow::Resu
 #[tokio::test]
 async fn mqtt_connections_stop_at_the_agents_limit_and_its_neighbour_keeps_answering() -> anyhow::Result<()> {
     // A "broker" that accepts and never answers: every client stays connecting.
-    let (broker, _server) = silent_server().await?;
+    let broker = silent_server().await?;
     let port = broker.port();
     let entries = probe_entry("hoarder", "a", &format!("allowed_hosts = [\"mqtt://127.0.0.1:{port}\"]\nlimits = {{ mqtt_connections = 3 }}"))?
         + &probe_entry("victim", "b", "")?;
@@ -615,22 +615,9 @@ async fn mqtt_connections_stop_at_the_agents_limit_and_its_neighbour_keeps_answe
     Ok(())
 }
 
-/// A server that takes connections and never reads or answers: requests to it stay in flight.
-async fn silent_server() -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
-    Ok((addr, task))
-}
-
 #[tokio::test]
 async fn outgoing_requests_in_flight_their_bodies_and_timeouts_are_bounded() -> anyhow::Result<()> {
-    let (addr, _server) = silent_server().await?;
+    let addr = silent_server().await?;
     let allowed = format!("allowed_hosts = [\"http://{addr}\"]");
     let limits = "limits = { http_in_flight = 4, http_body_bytes = 500000, http_in_flight_bytes = 1000000, http_max_timeout_secs = 1 }";
     let entries = probe_entry("a1", "a", &format!("{allowed}\n{limits}"))? + &probe_entry("b1", "b", "")?;
