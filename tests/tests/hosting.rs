@@ -414,6 +414,7 @@ async fn bad_deploys_get_400_and_the_old_version_keeps_answering() -> anyhow::Re
     let echo = std::fs::read(build_agent("http-echo")?)?;
     let (status, body) = s.call("POST", "/api/agents/a1/deploy", TOKEN_A, echo).await;
     assert_eq!(status, 200, "{body}");
+    assert_eq!(artefacts(), before + 1, "the compile worker's artefact went into the cache");
     s.logs.wait_for("a1", "Agent restarted: reload", WAIT).await?;
     s.wait_running(&["a1"]).await?;
     assert_eq!(s.agent_get("a1", "/x").await, (200, "GET /x {} ".into()));

@@ -80,6 +80,19 @@ impl CompileCache {
             crate::atomic_file::write(&path, &bytes)?;
             Ok(())
         });
+        self.written(digest, &path, written);
+    }
+
+    /// Takes `file`, an artefact a compile worker wrote in the cache directory, as
+    /// `digest`'s, by renaming it. The worker does not sync it: after a power loss a torn
+    /// artefact fails wasmtime's header check and is compiled again.
+    pub fn adopt(&self, digest: &str, file: &Path) {
+        let path = self.path(digest);
+        let moved = std::fs::rename(file, &path).map_err(anyhow::Error::from);
+        self.written(digest, &path, moved);
+    }
+
+    fn written(&self, digest: &str, path: &Path, written: anyhow::Result<()>) {
         if let Err(e) = written {
             tracing::warn!(path = %path.display(), "cannot cache compiled component: {e:#}");
         }

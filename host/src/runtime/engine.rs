@@ -147,7 +147,7 @@ impl Runtime {
             return self.link(&component, digest);
         }
         self.modules.check(bytes)?;
-        let component = match &self.worker {
+        let (component, artefact) = match &self.worker {
             Some(exe) => {
                 let deadline = self.modules.compile_deadline(bytes.len());
                 let artefact = worker::compile(exe, self.memory_mib, bytes, &self.cache_dir, deadline, &self.abandon).map_err(|failed| match failed {
@@ -156,12 +156,16 @@ impl Runtime {
                     worker::Failed::Run(why) => LoadError::Compile(why),
                     worker::Failed::Refused(why) => LoadError::NotComponent(one_line(&why)),
                 })?;
-                artefact.load(&self.engine).map_err(|e| LoadError::NotComponent(one_line(&e)))?
+                (artefact.load(&self.engine).map_err(|e| LoadError::NotComponent(one_line(&e)))?, Some(artefact))
             }
-            None => Component::new(&self.engine, bytes).map_err(|e| LoadError::NotComponent(one_line(&e)))?,
+            None => (Component::new(&self.engine, bytes).map_err(|e| LoadError::NotComponent(one_line(&e)))?, None),
         };
         let module = self.link(&component, digest)?;
-        self.cache.put(&module.digest, &component);
+        match artefact {
+            // The worker's file is the artefact already: moved, not written again.
+            Some(artefact) => self.cache.adopt(&module.digest, artefact.path()),
+            None => self.cache.put(&module.digest, &component),
+        }
         Ok(module)
     }
 

@@ -52,6 +52,11 @@ pub(crate) enum Failed {
 pub(crate) struct Artefact(PathBuf);
 
 impl Artefact {
+    /// Where it is, in the cache directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
     /// Loads it into `engine`.
     pub fn load(&self, engine: &Engine) -> wasmtime::Result<Component> {
         // SAFETY: the file was written just now by this host's own binary, for an engine of
