@@ -116,11 +116,40 @@ pub struct ConnectOptions {
     pub will: Option<Will>,
     /// Extra CA certificates (PEM) trusted for this connection.
     pub ca_pem: Option<String>,
+    /// A TLS client certificate, presented for `ssl://` when the server asks (beyond imp).
+    /// A certificate or key that cannot be used is refused at `connect` with
+    /// [`MqttError::InvalidArgument`], and the host logs why.
+    pub client_certificate: Option<ClientCertificate>,
 }
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        ConnectOptions { username: None, password: None, keepalive: 60, clean_session: true, will: None, ca_pem: None }
+        ConnectOptions { username: None, password: None, keepalive: 60, clean_session: true, will: None, ca_pem: None, client_certificate: None }
+    }
+}
+
+/// A TLS client certificate and its key (beyond imp): X.509 authentication.
+///
+/// ```
+/// use tether_guest::mqtt::{ClientCertificate, ConnectOptions};
+/// let options = ConnectOptions {
+///     client_certificate: Some(ClientCertificate { cert_pem: "-----BEGIN CERTIFICATE-----...".into(), key_pem: "-----BEGIN PRIVATE KEY-----...".into() }),
+///     ..ConnectOptions::default()
+/// };
+/// # let _ = options;
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The certificate, then any intermediates, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key_pem: String,
+}
+
+/// Shows the certificate's length only: the key is a secret and must not reach a log.
+impl std::fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientCertificate").field("cert_pem", &format_args!("{} bytes", self.cert_pem.len())).field("key_pem", &"..").finish()
     }
 }
 
@@ -209,6 +238,7 @@ impl Client {
             clean_session: options.clean_session,
             will,
             ca_pem: options.ca_pem.clone(),
+            client_certificate: options.client_certificate.as_ref().map(|c| host::ClientCertificate { cert_pem: c.cert_pem.clone(), key_pem: c.key_pem.clone() }),
         })?;
         self.0.handle.set(Some(handle));
         self.0.last_handle.set(Some(handle));

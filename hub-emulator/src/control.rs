@@ -76,10 +76,13 @@ impl Shared {
 /// (control API): `{"type":"individual","registrationId":..,"deviceId":..}` or
 /// `{"type":"group","groupId":..}`, optional `primaryKey`/`secondaryKey`.
 #[derive(Debug, Clone, Deserialize)]
+// Unknown fields are refused: an `attestation` (X.509, TPM) the emulator does not serve
+// would otherwise become a symmetric-key enrollment with generated keys.
 #[serde(
     tag = "type",
     rename_all = "camelCase",
-    rename_all_fields = "camelCase"
+    rename_all_fields = "camelCase",
+    deny_unknown_fields
 )]
 pub enum Enrollment {
     /// One device; `device_id` defaults to the registration id.

@@ -682,6 +682,18 @@ async fn control_api_c2d_events_connection_and_faults() {
         .unwrap();
     assert_eq!(r["id"], "e1");
     assert_eq!(r["primaryKey"].as_str().unwrap().len(), 44);
+    // X.509 attestation is not served: refused, not stored as a key enrollment.
+    let r = http
+        .post(format!("{base}/emulator/enrollments"))
+        .header("Authorization", &ctl)
+        .json(&json!({"type": "individual", "registrationId": "e2",
+            "attestation": {"type": "x509", "x509": {"clientCertificates": {}}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("unknown field `attestation`"), "{text}");
     stop(hub).await;
 }
 

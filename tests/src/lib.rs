@@ -225,6 +225,8 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Clients must present a certificate signed by `ca`.
+    pub require_client_certificate: bool,
 }
 
 /// A real mosquitto broker on a free port, killed on drop.
@@ -280,6 +282,9 @@ impl Mosquitto {
         );
         if let Some(t) = tls {
             conf += &format!("cafile {}\ncertfile {}\nkeyfile {}\n", t.ca.display(), t.cert.display(), t.key.display());
+            if t.require_client_certificate {
+                conf += "require_certificate true\n";
+            }
         }
         let conf_path = dir.path().join("mosquitto.conf");
         std::fs::write(&conf_path, conf).map_err(|e| failed(e.into()))?;

@@ -325,3 +325,72 @@ async fn an_oversize_message_is_refused_before_sending_and_the_connection_stays(
     assert_eq!(az.call("/send", &[("size", size.as_str()), ("props", "a:b")]).await?, "sent [0]", "at the limit it goes");
     Ok(())
 }
+
+/// A self-signed certificate and its key, as PEM, with `cn` as its common name; and the
+/// certificate's SHA-256 thumbprint, as IoT Hub's registry holds it.
+fn self_signed(cn: &str) -> anyhow::Result<(String, String, String)> {
+    use sha2::Digest;
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    let cert = params.self_signed(&key)?;
+    let thumbprint = sha2::Sha256::digest(cert.der()).iter().map(|b| format!("{b:02X}")).collect();
+    Ok((cert.pem(), key.serialize_pem(), thumbprint))
+}
+
+/// A new client for `device` with `cert` and `key`, connected: what `on_connected` got.
+async fn connect_x509(az: &AzureEnv, device: &str, cert: Option<&str>, key: &str) -> anyhow::Result<String> {
+    let cs = az.hub.device_connection_string(device).unwrap_or_default();
+    let port = az.hub.mqtt_addr().port().to_string();
+    let mut query = vec![("cs", cs.as_str()), ("port", port.as_str()), ("key", key)];
+    query.extend(cert.map(|c| ("cert", c)));
+    anyhow::ensure!(az.call("/new", &query).await? == "ok");
+    az.call("/connect", &[]).await
+}
+
+#[tokio::test]
+async fn x509_devices_connect_with_the_certificate_the_agent_presents() -> anyhow::Result<()> {
+    let mut az = AzureEnv::start().await?;
+
+    // Self-signed: the registry holds the certificate's thumbprint, and the connection
+    // string IoT Hub gives such a device has no key.
+    let (cert, key, thumbprint) = self_signed("x-self")?;
+    let (status, body) = az
+        .service("PUT", "/devices/x-self", Some(json!({"deviceId": "x-self", "authentication": {"type": "selfSigned", "x509Thumbprint": {"primaryThumbprint": thumbprint}}})))
+        .await?;
+    assert_eq!(status, 200, "{body}");
+    assert!(az.hub.device_connection_string("x-self").unwrap_or_default().ends_with(";x509=true"));
+    assert_eq!(connect_x509(&az, "x-self", Some(&cert), &key).await?, "connected 0");
+    let since = az.hub.control().events(0, &EventFilter::default()).last().map_or(0, |e| e.seq);
+    assert_eq!(az.call("/send", &[("body", "by certificate")]).await?, "sent [0]");
+    let filter = EventFilter { device_id: Some("x-self".into()), kind: Some("telemetry".into()) };
+    let events = az.hub.control().wait_events(since, &filter, WAIT).await;
+    assert_eq!(serde_json::to_value(events.first().ok_or_else(|| anyhow::anyhow!("no telemetry"))?)?["body"], "by certificate");
+    assert_eq!(az.call("/disconnect", &[]).await?, "disconnected 0");
+
+    // Another certificate for the same device: IoT Hub refuses it (CONNACK 5).
+    let (other, other_key, _) = self_signed("x-self")?;
+    assert_eq!(connect_x509(&az, "x-self", Some(&other), &other_key).await?, "connected 5");
+    // A key that is not the certificate's, or no certificate at all for an x509=true
+    // device: refused in the agent before any connection, with the reason in its log.
+    assert_eq!(connect_x509(&az, "x-self", Some(&cert), &other_key).await?, "connected -1");
+    az.t.logs.wait_for("az", "the key does not fit the certificate", WAIT).await?;
+    assert_eq!(connect_x509(&az, "x-self", None, "").await?, "connected 1100");
+    az.t.logs.wait_for("az", "says x509=true: set ClientOptions.client_certificate", WAIT).await?;
+
+    // CA-signed: the device certificate is signed by a CA verified in the hub.
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "tether test device CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate()?)?;
+    az.hub.control().add_ca(&ca.pem())?;
+    let (status, body) = az.service("PUT", "/devices/x-ca", Some(json!({"deviceId": "x-ca", "authentication": {"type": "certificateAuthority"}}))).await?;
+    assert_eq!(status, 200, "{body}");
+    let leaf_key = rcgen::KeyPair::generate()?;
+    let mut leaf = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    leaf.distinguished_name.push(rcgen::DnType::CommonName, "x-ca");
+    let leaf = leaf.signed_by(&leaf_key, &ca)?;
+    assert_eq!(connect_x509(&az, "x-ca", Some(&leaf.pem()), &leaf_key.serialize_pem()).await?, "connected 0");
+    assert_eq!(az.call("/disconnect", &[]).await?, "disconnected 0");
+    Ok(())
+}

@@ -174,6 +174,36 @@ async fn tls_with_a_custom_ca_from_host_config_or_connect_options() -> anyhow::R
     Ok(())
 }
 
+#[tokio::test]
+async fn a_broker_that_requires_client_certificates_gets_the_agents() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let files = TlsFiles { require_client_certificate: true, ..make_ca_and_server_cert(dir.path())? };
+    let broker = Mosquitto::start(Some(&files)).await?;
+    let url = format!("/mqtt/connect?url=ssl://localhost:{}", broker.port);
+    let cert = std::fs::read_to_string(dir.path().join("client.pem"))?;
+    let key = std::fs::read_to_string(dir.path().join("client.key"))?;
+    let ca = files.ca.clone();
+    let t = TestHost::start(move |c| c.trusted_ca_files = vec![ca]).await?;
+    t.spawn("probe", "probe", &[("client_cert", &cert), ("client_key", &key)])?;
+    // Without a certificate the broker ends the handshake: imp's socket error.
+    assert_eq!(get(&t.url("probe", &url)).await, "connect -1");
+    assert_eq!(get(&t.url("probe", &format!("{url}&cert=1"))).await, "connect 0");
+    assert_eq!(get(&t.url("probe", "/mqtt/pub?topic=x&qos=1&msg=y")).await, "pub 0");
+    t.stop().await;
+
+    // A key that is not the certificate's is refused before connecting, with the reason.
+    let mut t = TestHost::start(|_| {}).await?;
+    let other_key = rcgen::KeyPair::generate()?.serialize_pem();
+    t.spawn("probe", "probe", &[("client_cert", &cert), ("client_key", &other_key)])?;
+    assert_eq!(get(&t.url("probe", &format!("{url}&cert=1"))).await, "refused InvalidArgument -1");
+    t.logs.wait_for("probe", "the key does not fit the certificate", WAIT).await?;
+    // A client certificate needs TLS.
+    assert_eq!(get(&t.url("probe", &format!("/mqtt/connect?url=tcp://localhost:{}&cert=1", broker.port))).await, "refused InvalidArgument -1");
+    t.logs.wait_for("probe", "a client certificate needs an ssl:// URL", WAIT).await?;
+    t.stop().await;
+    Ok(())
+}
+
 fn make_ca_and_server_cert(dir: &std::path::Path) -> anyhow::Result<TlsFiles> {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -182,9 +212,15 @@ fn make_ca_and_server_cert(dir: &std::path::Path) -> anyhow::Result<TlsFiles> {
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate()?)?;
     let server_key = KeyPair::generate()?;
     let server = CertificateParams::new(vec!["localhost".to_owned()])?.signed_by(&server_key, &ca)?;
-    let files = TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key") };
+    let files = TlsFiles { ca: dir.join("ca.pem"), cert: dir.join("server.pem"), key: dir.join("server.key"), require_client_certificate: false };
     std::fs::write(&files.ca, ca.pem())?;
     std::fs::write(&files.cert, server.pem())?;
     std::fs::write(&files.key, server_key.serialize_pem())?;
+    // A client certificate from the same CA, for brokers that require one.
+    let client_key = KeyPair::generate()?;
+    let mut client = CertificateParams::new(Vec::<String>::new())?;
+    client.distinguished_name.push(rcgen::DnType::CommonName, "probe");
+    std::fs::write(dir.join("client.pem"), client.signed_by(&client_key, &ca)?.pem())?;
+    std::fs::write(dir.join("client.key"), client_key.serialize_pem())?;
     Ok(files)
 }

@@ -50,6 +50,7 @@
 //! |---|---|---|
 //! | Reconnect by itself, backoff with jitter, features enabled again | [`ClientOptions::reconnect`] ([`Reconnect`]) | lost connection reported (1100), the agent decides |
 //! | Durable outbox: accepted = kept until IoT Hub acknowledges it, across crashes and host restarts; a `$.mid` per message | [`ClientOptions::outbox`], [`Client::outbox_len`] | messages in flight are lost |
+//! | X.509 devices: a TLS client certificate instead of a SAS token, for `x509=true` connection strings (self-signed by thumbprint or CA-signed) | [`ClientOptions::client_certificate`], [`ClientCertificate`] | keys only |
 //! | The recommended settings: QoS 1, reconnect, outbox | [`ClientOptions::resilient`] | - |
 //! | Body plus properties checked against 256 KB before sending | 1006 [`ERROR_MESSAGE_TOO_LARGE`] | IoT Hub closes the connection |
 //! | Outbox quota used up | 1007 [`ERROR_OUTBOX_FULL`] | - |
@@ -107,6 +108,8 @@ mod registry;
 mod shared_access_signature;
 
 pub use client::{Client, ClientOptions, MethodReply, Reconnect};
+/// The X.509 identity of [`ClientOptions::client_certificate`].
+pub use crate::mqtt::ClientCertificate;
 pub use connection_string::ConnectionString;
 pub use device::Device;
 pub use direct_method_response::DirectMethodResponse;

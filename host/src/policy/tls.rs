@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use rustls_pki_types::pem::PemObject;
 
 /// Errors reading CA certificates.
@@ -18,6 +18,9 @@ pub enum TlsError {
     /// PEM text without a usable certificate.
     #[error("no valid CA certificate in {0}")]
     NoCertificate(String),
+    /// A client certificate without a certificate, or without a usable key.
+    #[error("client certificate: {0}")]
+    ClientCertificate(String),
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
@@ -41,17 +44,32 @@ impl TlsTrust {
         Ok(TlsTrust { roots, base })
     }
 
-    /// A client configuration trusting the host's roots and, if given, `extra_pem`.
-    pub fn client_config(&self, extra_pem: Option<&str>) -> Result<Arc<ClientConfig>, TlsError> {
-        match extra_pem {
-            None => Ok(self.base.clone()),
-            Some(pem) => {
-                let mut roots = self.roots.clone();
-                add_pem(&mut roots, pem.as_bytes(), "the agent's ca-pem")?;
-                Ok(Arc::new(build(roots)?))
-            }
+    /// A client configuration trusting the host's roots and, if given, `extra_pem`;
+    /// presenting `identity` (certificate chain PEM, key PEM) if the server asks.
+    pub fn client_config(&self, extra_pem: Option<&str>, identity: Option<(&str, &str)>) -> Result<Arc<ClientConfig>, TlsError> {
+        if extra_pem.is_none() && identity.is_none() {
+            return Ok(self.base.clone());
         }
+        let mut roots = self.roots.clone();
+        if let Some(pem) = extra_pem {
+            add_pem(&mut roots, pem.as_bytes(), "the agent's ca-pem")?;
+        }
+        let identity = identity.map(|(cert, key)| client_identity(cert, key)).transpose()?;
+        Ok(Arc::new(build_with(roots, identity)?))
     }
+}
+
+/// The chain and key of a client certificate, checked to be usable.
+fn client_identity(cert_pem: &str, key_pem: &str) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::ClientCertificate(format!("cert-pem is not PEM certificates: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError::ClientCertificate("cert-pem holds no CERTIFICATE block".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+        .map_err(|e| TlsError::ClientCertificate(format!("key-pem holds no usable private key (PKCS#8, PKCS#1 or SEC1): {e}")))?;
+    Ok((chain, key))
 }
 
 fn add_pem(roots: &mut RootCertStore, pem: &[u8], origin: &str) -> Result<(), TlsError> {
@@ -68,12 +86,20 @@ fn add_pem(roots: &mut RootCertStore, pem: &[u8], origin: &str) -> Result<(), Tl
 }
 
 fn build(roots: RootCertStore) -> Result<ClientConfig, TlsError> {
+    build_with(roots, None)
+}
+
+fn build_with(roots: RootCertStore, identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>) -> Result<ClientConfig, TlsError> {
     // An explicit provider: rustls refuses to guess when more than one is compiled in.
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    Ok(ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    let builder = ClientConfig::builder_with_provider(provider).with_safe_default_protocol_versions()?.with_root_certificates(roots);
+    match identity {
+        None => Ok(builder.with_no_client_auth()),
+        // rustls checks here that the key matches the certificate's public key.
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::ClientCertificate(format!("the key does not fit the certificate: {e}"))),
+    }
 }
 
 /// The base configuration, for reqwest.

@@ -179,6 +179,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
                     .await;
                 }
             }
+            // A registration without a token is most likely X.509 attestation, which
+            // only Azure's DPS serves: say so where the user looks.
+            Err(_) if password.is_empty() => {
+                tracing::warn!("dps connect {reg_id} refused: no SAS token; this DPS attests symmetric keys only (no X.509 or TPM attestation)");
+                let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
+            }
             Err(e) => {
                 tracing::debug!("dps connect {reg_id} refused: {e}");
                 let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;

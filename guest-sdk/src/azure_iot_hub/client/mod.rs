@@ -24,6 +24,8 @@ use state::{Feature, Handler};
 
 pub use retry::Reconnect;
 
+use crate::mqtt::ClientCertificate;
+
 /// Client settings (imp's options table), with the documented defaults.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -63,6 +65,13 @@ pub struct ClientOptions {
     /// [`ERROR_OUTBOX_FULL`](crate::azure_iot_hub::ERROR_OUTBOX_FULL) when the queue quota
     /// is used up. Use one name per client.
     pub outbox: Option<String>,
+    /// Authenticate with this X.509 certificate instead of a SAS token (beyond 5.1.0,
+    /// which has only keys). Default `None`. Use it with the connection string IoT Hub
+    /// gives X.509 devices, `HostName=...;DeviceId=...;x509=true`: the device's
+    /// registry entry holds the certificate's thumbprint (self-signed) or the device
+    /// certificate is signed by a CA verified in the hub (CA-signed). No token is made
+    /// or refreshed; `token_ttl` and `token_auto_refresh` do not apply.
+    pub client_certificate: Option<ClientCertificate>,
 }
 
 impl Default for ClientOptions {
@@ -79,6 +88,7 @@ impl Default for ClientOptions {
             port: 8883,
             reconnect: None,
             outbox: None,
+            client_certificate: None,
         }
     }
 }

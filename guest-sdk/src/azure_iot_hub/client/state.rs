@@ -692,9 +692,10 @@ impl Machine {
     /// When (Unix seconds) to refresh the token, if auto-refresh is on: a little before
     /// expiry, 2 minutes or a tenth of a short TTL (5.1.0 refreshed exactly at expiry; the
     /// documentation says before).
+    /// Never for an X.509 device: it has no token.
     pub(super) fn refresh_due(&self) -> Option<u64> {
         let margin = (self.options.token_ttl / 10).min(120);
-        self.options.token_auto_refresh.then(|| self.token_expires_at.saturating_sub(margin))
+        (self.options.token_auto_refresh && self.options.client_certificate.is_none()).then(|| self.token_expires_at.saturating_sub(margin))
     }
 
     /// The token refresh is due: whether to start it now. It waits (pauses) while
@@ -865,6 +866,14 @@ mod tests {
         assert_eq!(m.reply_sent("1", 0).map(|c| c.code()), Some(0));
         assert_eq!(m.reply("2", reply(), Box::new(|_, _| ()), 30.5).map(|c| c.code()), Some(ERROR_OP_TIMED_OUT));
         assert!(!m.busy());
+    }
+
+    #[test]
+    fn an_x509_device_has_no_token_to_refresh() {
+        let certificate = crate::mqtt::ClientCertificate { cert_pem: "cert".into(), key_pem: "key".into() };
+        let mut m = Machine::new(ClientOptions { client_certificate: Some(certificate), ..ClientOptions::default() });
+        m.token_issued(1000);
+        assert_eq!(m.refresh_due(), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::{Client, ClientOptions, MethodReply};
 use crate::azure_iot_hub::{
     API_VERSION, ConnectionString, DirectMethodResponse, ERROR_GENERAL, ERROR_MESSAGE_TOO_LARGE, MAX_MESSAGE_BYTES, Message, SasError, SharedAccessSignature, encode_uri,
 };
-use crate::mqtt::{self, ConnectOptions, MessageOptions};
+use crate::mqtt::{self, ClientCertificate, ConnectOptions, MessageOptions};
 use crate::{imp, server};
 
 /// What runs once a chain of (un)subscriptions is over, with 0 or the first failure's code.
@@ -33,6 +33,8 @@ pub(super) struct Inner {
     host: String,
     device_id: String,
     key: String,
+    /// The connection string says `x509=true`: the device authenticates by certificate.
+    x509: bool,
     options: ClientOptions,
     pub(super) mqtt: mqtt::Client,
     on_connected: Box<dyn Fn(i32)>,
@@ -64,6 +66,7 @@ pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, o
         host: cs.host_name.unwrap_or_default(),
         device_id: cs.device_id.unwrap_or_default(),
         key: cs.shared_access_key.unwrap_or_default(),
+        x509: cs.all.get("x509").is_some_and(|v| v.eq_ignore_ascii_case("true")),
         machine: RefCell::new(Machine::new(options.clone())),
         options,
         mqtt: mqtt::create_client(),
@@ -122,12 +125,18 @@ fn complete(completions: impl IntoIterator<Item = Completion>) {
 fn connect_options(host: &str, device_id: &str, key: &str, keep_alive: u16, expiry: u64) -> Result<ConnectOptions, SasError> {
     let resource = encode_uri(&format!("{host}/devices/{device_id}"));
     let sas = SharedAccessSignature::new(&resource, None, key, expiry)?;
-    Ok(ConnectOptions {
+    Ok(ConnectOptions { password: Some(sas.to_string()), ..x509_connect_options(host, device_id, keep_alive, None) })
+}
+
+/// Connect options with IoT Hub's username and no password: an X.509 device proves who
+/// it is with `certificate` in the TLS handshake instead.
+fn x509_connect_options(host: &str, device_id: &str, keep_alive: u16, certificate: Option<&ClientCertificate>) -> ConnectOptions {
+    ConnectOptions {
         username: Some(format!("{host}/{device_id}/?api-version={API_VERSION}")),
-        password: Some(sas.to_string()),
         keepalive: keep_alive,
+        client_certificate: certificate.cloned(),
         ..ConnectOptions::default()
-    })
+    }
 }
 
 impl Client {
@@ -159,16 +168,30 @@ impl Client {
 
     fn mqtt_connect(&self) -> Result<(), i32> {
         let i = &self.0;
-        if i.host.is_empty() || i.device_id.is_empty() || i.key.is_empty() {
-            self.error("the connection string needs HostName, DeviceId and SharedAccessKey");
+        if i.host.is_empty() || i.device_id.is_empty() {
+            self.error("the connection string needs HostName and DeviceId");
             return Err(ERROR_GENERAL);
         }
-        let expiry = imp::time() + i.options.token_ttl;
-        let options = connect_options(&i.host, &i.device_id, &i.key, i.options.keep_alive, expiry).map_err(|e| {
-            self.error(e.to_string());
-            ERROR_GENERAL
-        })?;
-        self.machine().token_issued(expiry);
+        let options = match &i.options.client_certificate {
+            Some(certificate) => x509_connect_options(&i.host, &i.device_id, i.options.keep_alive, Some(certificate)),
+            None if i.x509 => {
+                self.error("the connection string says x509=true: set ClientOptions.client_certificate to the device's certificate and key");
+                return Err(ERROR_GENERAL);
+            }
+            None if i.key.is_empty() => {
+                self.error("the connection string needs SharedAccessKey (or x509=true with ClientOptions.client_certificate)");
+                return Err(ERROR_GENERAL);
+            }
+            None => {
+                let expiry = imp::time() + i.options.token_ttl;
+                let options = connect_options(&i.host, &i.device_id, &i.key, i.options.keep_alive, expiry).map_err(|e| {
+                    self.error(e.to_string());
+                    ERROR_GENERAL
+                })?;
+                self.machine().token_issued(expiry);
+                options
+            }
+        };
         let url = format!("ssl://{}:{}", i.host, i.options.port);
         self.debug(format!("connecting to {url} as {}", i.device_id));
         i.mqtt.connect(&url, &i.device_id, &options).map_err(|e| e.code())
@@ -656,5 +679,15 @@ mod tests {
         assert_eq!(options.keepalive, 30);
         assert!(options.clean_session);
         assert_eq!(connect_options("h", "d", "not base64!", 60, 1).err(), Some(SasError::InvalidKey));
+        assert_eq!(options.client_certificate, None);
+    }
+
+    #[test]
+    fn x509_connect_options_carry_the_username_and_certificate_and_no_password() {
+        let certificate = ClientCertificate { cert_pem: "cert".into(), key_pem: "key".into() };
+        let options = x509_connect_options("myhub.azure-devices.net", "dev1", 30, Some(&certificate));
+        assert_eq!(options.username.as_deref(), Some("myhub.azure-devices.net/dev1/?api-version=2016-11-14"));
+        assert_eq!(options.password, None);
+        assert_eq!(options.client_certificate, Some(certificate));
     }
 }

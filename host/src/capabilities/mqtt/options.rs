@@ -52,8 +52,15 @@ pub(super) fn mqtt_options(policy: &Policy, log: &Logger, o: &ConnectOptions) ->
         m.set_last_will(LastWill::new(will.topic.clone(), will.payload.clone(), qos(will.qos)?, will.retain));
     }
     if tls {
-        let config = policy.network.tls.client_config(o.ca_pem.as_deref()).map_err(|_| MqttError::InvalidArgument)?;
+        let identity = o.client_certificate.as_ref().map(|c| (c.cert_pem.as_str(), c.key_pem.as_str()));
+        let config = policy.network.tls.client_config(o.ca_pem.as_deref(), identity).map_err(|e| {
+            log.write(Level::Error, &format!("mqtt: {e}"));
+            MqttError::InvalidArgument
+        })?;
         m.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    } else if o.client_certificate.is_some() {
+        log.write(Level::Error, "mqtt: a client certificate needs an ssl:// URL");
+        return Err(MqttError::InvalidArgument);
     }
     if reach == Reach::PublicOnly {
         m.set_proxy(policy.network.guard.clone());

@@ -57,6 +57,7 @@ fn new_client(q: &dyn Fn(&str) -> Option<String>) {
         max_pending_send_requests: num("max_send", 3) as usize,
         max_pending_twin_requests: num("max_twin", 3) as usize,
         port: num("port", 8883) as u16,
+        client_certificate: q("cert").map(|cert_pem| az::ClientCertificate { cert_pem, key_pem: q("key").unwrap_or_default() }),
         ..ClientOptions::default()
     };
     let client = Client::new(&q("cs").unwrap_or_default(), |e| wake_waiters(format!("connected {e}")), |e| wake_waiters(format!("disconnected {e}")), options);

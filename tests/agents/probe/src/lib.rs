@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use tether_guest::http::{HttpResponse, IncomingRequest};
-use tether_guest::mqtt::{self, ConnectOptions, MessageOptions};
+use tether_guest::mqtt::{self, ClientCertificate, ConnectOptions, MessageOptions};
 use tether_guest::queue::{self, Queue, QueueError};
 use tether_guest::{config, http, server};
 
@@ -61,7 +61,8 @@ fn mqtt_request(req: IncomingRequest, res: HttpResponse) {
     };
     let started = match req.path.as_str() {
         "/mqtt/connect" => {
-            let options = ConnectOptions { ca_pem: config("ca_pem").filter(|_| q("ca") == "1"), ..ConnectOptions::default() };
+            let client_certificate = (q("cert") == "1").then(|| ClientCertificate { cert_pem: config("client_cert").unwrap_or_default(), key_pem: config("client_key").unwrap_or_default() });
+            let options = ConnectOptions { ca_pem: config("ca_pem").filter(|_| q("ca") == "1"), client_certificate, ..ConnectOptions::default() };
             client.on_connect(move |code| answer(format!("connect {code}")));
             client.connect(&q("url"), "probe", &options)
         }
