@@ -108,3 +108,21 @@ impl TlsTrust {
         (*self.base).clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_that_cannot_be_used_is_refused_with_its_reason() {
+        let trust = TlsTrust::new(&[] as &[&str]).unwrap();
+        let refused = |cert: &str, key: &str| match trust.client_config(None, Some((cert, key))) {
+            Err(TlsError::ClientCertificate(why)) => why,
+            other => panic!("{:?}", other.map(|_| ())),
+        };
+        assert!(refused("", "").contains("no CERTIFICATE block"));
+        let cert = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        assert!(refused(cert, "not a key").contains("no usable private key"));
+        assert!(trust.client_config(None, None).is_ok());
+    }
+}
