@@ -202,8 +202,9 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
             }
             match shared.authenticate_device(&device_id, password, &client_chain) {
                 Ok(auth) => run_device(shared, &mut link, device_id, connect, auth, shutdown).await,
-                Err(e @ DeviceAuthError::NoCaRegistered) => {
-                    // Not a credential mistake but a missing emulator feature: say so loudly.
+                Err(e @ (DeviceAuthError::NoCaRegistered | DeviceAuthError::NoCertificate)) => {
+                    // Not a credential mistake but a missing emulator feature or setup
+                    // (no CA, or X.509 over WebSocket): say so loudly.
                     tracing::warn!("connect {device_id} refused: {e}");
                     let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
                 }

@@ -28,7 +28,7 @@ pub(crate) struct DeviceAuth {
 pub(crate) enum DeviceAuthError {
     #[error(transparent)]
     Sas(#[from] SasError),
-    #[error("selfSigned device presented no client certificate")]
+    #[error("X.509 device presented no client certificate (certificates are read on the MQTT/TLS port only, not over WebSocket)")]
     NoCertificate,
     #[error("client certificate matches neither registered thumbprint")]
     ThumbprintMismatch,
@@ -80,6 +80,9 @@ impl Shared {
                 "certificateAuthority" => {
                     if st.p.cas.is_empty() {
                         return Err(DeviceAuthError::NoCaRegistered);
+                    }
+                    if client_chain.is_empty() {
+                        return Err(DeviceAuthError::NoCertificate);
                     }
                     verify_device_chain(
                         device_id,
