@@ -19,7 +19,8 @@
 //! ```
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::IntoFuture;
 use std::fmt;
 use std::rc::Rc;
 
@@ -131,6 +132,8 @@ type DisconnectHandler = Rc<dyn Fn(&str)>;
 /// Callbacks of one request.
 #[derive(Default)]
 struct Callbacks {
+    /// An awaited request: gets the outcome, and the other callbacks are not used.
+    on_outcome: Option<Box<dyn FnOnce(Outcome)>>,
     on_ack: Option<Box<dyn FnOnce()>>,
     on_reply: Option<ReplyHandler>,
     on_fail: Option<Box<dyn FnOnce(Failure)>>,
@@ -144,6 +147,8 @@ struct Table {
     on_connect: Option<ConnectHandler>,
     on_disconnect: Option<DisconnectHandler>,
     requests: HashMap<MessageId, Callbacks>,
+    /// Requests the SDK's own timeout ended: the host's later outcome for them is old news.
+    timed_out: HashSet<MessageId>,
 }
 
 thread_local! {
@@ -158,6 +163,40 @@ pub fn on<T: DeserializeOwned + 'static>(name: &str, handler: impl Fn(T) + 'stat
         handler(device_link::from_cbor(bytes).map_err(|e| e.to_string())?);
         Ok(None)
     });
+}
+
+/// The messages named `name`, decoded as `T`, to take one at a time with
+/// [`Messages::next`] (beyond imp: the async form of [`on`], which it replaces). They are
+/// kept, in order, from this call on until taken; a payload that does not decode as `T`
+/// is refused to the device and never reaches the stream.
+///
+/// ```no_run
+/// tether_guest::task::spawn(async {
+///     let mut readings = tether_guest::device::messages::<f64>("temperature");
+///     while let Some(celsius) = readings.next().await {
+///         tether_guest::server::log(format!("{celsius} °C"));
+///     }
+/// });
+/// ```
+pub fn messages<T: DeserializeOwned + 'static>(name: &str) -> Messages<T> {
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    set_handler(name, move |bytes| {
+        let value = device_link::from_cbor(bytes).map_err(|e| e.to_string())?;
+        // The stream was dropped: the message is refused rather than dropped unseen.
+        tx.unbounded_send(value).map_err(|_| "nobody takes these messages any more".to_owned())?;
+        Ok(None)
+    });
+    Messages(rx)
+}
+
+/// The stream of [`messages`].
+pub struct Messages<T>(futures::channel::mpsc::UnboundedReceiver<T>);
+
+impl<T> Messages<T> {
+    /// The next message; `None` once its handler was replaced or removed.
+    pub async fn next(&mut self) -> Option<T> {
+        futures::StreamExt::next(&mut self.0).await
+    }
 }
 
 /// Registers a handler whose return value is sent back as the reply (the device's
@@ -283,10 +322,97 @@ impl Request {
         let flags = if queued { host::SendFlags::ACK | host::SendFlags::QUEUED } else { host::SendFlags::ACK };
         let id = host::send(&name, &payload?, flags)?;
         if let Some(seconds) = timeout {
-            callbacks.timer = Some(imp::wakeup(seconds, move || finish(id, Outcome::Failed(Failure::TimedOut))));
+            callbacks.timer = Some(imp::wakeup(seconds, move || {
+                TABLE.with_borrow_mut(|t| t.timed_out.insert(id));
+                finish(id, Outcome::Failed(Failure::TimedOut))
+            }));
         }
         TABLE.with_borrow_mut(|t| t.requests.insert(id, callbacks));
         Ok(id)
+    }
+}
+
+/// Waits for the device's answer (beyond imp: the async form of the callbacks).
+/// Callbacks set on the request are not called when it is awaited.
+///
+/// ```no_run
+/// use tether_guest::device::{self, DeviceError};
+/// # async fn f() -> Result<(), DeviceError> {
+/// let position: u8 = device::request("vent", &50u8).timeout(5.0).await?.decode()?;
+/// # Ok(()) }
+/// ```
+impl IntoFuture for Request {
+    type Output = Result<Reply, DeviceError>;
+    type IntoFuture = futures::future::LocalBoxFuture<'static, Self::Output>;
+
+    fn into_future(mut self) -> Self::IntoFuture {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.callbacks = Callbacks {
+            on_outcome: Some(Box::new(move |outcome| {
+                let _ = tx.send(outcome);
+            })),
+            ..Callbacks::default()
+        };
+        let sent = self.send();
+        Box::pin(async move {
+            sent?;
+            // The callback is only dropped unsent when the agent is ending.
+            match rx.await.unwrap_or(Outcome::Failed(Failure::Disconnected)) {
+                Outcome::Acked => Ok(Reply { payload: None }),
+                Outcome::Replied(payload) => Ok(Reply { payload: Some(payload) }),
+                Outcome::Failed(failure) => Err(DeviceError::Failed(failure)),
+            }
+        })
+    }
+}
+
+/// The device's answer to an awaited [`Request`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// CBOR; `None` when the device acknowledged without reply data.
+    payload: Option<Vec<u8>>,
+}
+
+impl Reply {
+    /// Whether the device acknowledged without reply data.
+    pub fn is_ack(&self) -> bool {
+        self.payload.is_none()
+    }
+
+    /// The reply data as `T`. An acknowledgement decodes as `()` or `Option::None`.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, DeviceError> {
+        let decoded = match &self.payload {
+            Some(bytes) => device_link::from_cbor(bytes).map_err(|e| e.to_string()),
+            None => T::deserialize(serde::de::value::UnitDeserializer::<serde::de::value::Error>::new()).map_err(|_| "the device acknowledged without reply data".to_owned()),
+        };
+        decoded.map_err(|reason| DeviceError::BadReply { expected: std::any::type_name::<T>(), reason })
+    }
+}
+
+/// Why an awaited [`Request`] has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    /// Refused before sending.
+    #[error("not sent: {0}")]
+    NotSent(#[from] SendError),
+    /// Sent, and not handled.
+    #[error("{}", explain(*.0))]
+    Failed(Failure),
+    /// The device answered with data that is not the type asked for.
+    #[error("the device's reply is not a {expected}: {reason}")]
+    BadReply { expected: &'static str, reason: String },
+}
+
+/// What a person can do about each failure.
+fn explain(failure: Failure) -> &'static str {
+    match failure {
+        Failure::NoHandler => "the device has no handler for this message name",
+        Failure::TooLarge => "the device found the message too large",
+        Failure::Busy => "the device was busy; try again later",
+        Failure::BadPayload => "the device could not decode the payload",
+        Failure::Refused => "the device refused the message",
+        Failure::TimedOut => "no answer from the device in time; allow longer with .timeout(seconds)",
+        Failure::Disconnected => "the device disconnected before answering; .queued() waits for it to come back",
     }
 }
 
@@ -299,15 +425,26 @@ enum Outcome {
 
 /// Runs the callbacks of request `id` for `outcome`; each request finishes once.
 fn finish(id: MessageId, outcome: Outcome) {
-    let Some(mut cb) = TABLE.with_borrow_mut(|t| t.requests.remove(&id)) else {
+    let (callbacks, ended_already) = TABLE.with_borrow_mut(|t| {
+        let callbacks = t.requests.remove(&id);
+        // The SDK's timeout answered it; what the host says now changes nothing.
+        let ended_already = callbacks.is_none() && t.timed_out.remove(&id);
+        (callbacks, ended_already)
+    });
+    let Some(mut cb) = callbacks else {
         // A plain `send` that failed has no callbacks: say so rather than drop it silently.
-        if let Outcome::Failed(f) = outcome {
+        if let Outcome::Failed(f) = outcome
+            && !ended_already
+        {
             server::error(format!("device message {id} not delivered: {f}"));
         }
         return;
     };
     if let Some(timer) = cb.timer.take() {
         imp::cancel_wakeup(timer);
+    }
+    if let Some(f) = cb.on_outcome {
+        return f(outcome);
     }
     match outcome {
         Outcome::Replied(bytes) if cb.on_reply.is_some() => {

@@ -1,13 +1,14 @@
 //! Routes each event to the capability module that holds its callbacks.
 
 use crate::bindings::tether::agent::events::Event;
-use crate::{device, http, imp, mqtt, server};
+use crate::{device, http, imp, mqtt, server, task};
 
 /// Runs the agent's start function; a panic's message goes to the agent's error log
 /// before the instance traps, so the host's crash line has a cause to point to.
 pub fn start(f: fn()) {
     std::panic::set_hook(Box::new(|info| server::error(format!("panic: {info}"))));
-    f()
+    f();
+    task::run_ready();
 }
 
 /// Delivers one event.
@@ -30,4 +31,5 @@ pub fn on_event(event: Event) {
         Event::DeviceReply((id, payload)) => device::replied(id, payload),
         Event::DeviceFailed((id, failure)) => device::failed(id, failure),
     }
+    task::run_ready();
 }

@@ -71,6 +71,50 @@ pub fn curl_code(error: TransportError) -> u16 {
     }
 }
 
+/// Why an awaited request got no response (beyond imp, whose callback gets a status
+/// 0-99 instead). A response with any HTTP status, 4xx and 5xx included, is not an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{method} {url}: {}", describe(*kind))]
+pub struct HttpError {
+    pub method: String,
+    pub url: String,
+    /// What went wrong, as the host classified it.
+    pub kind: TransportError,
+}
+
+impl HttpError {
+    /// imp's status code for it: libcurl's error number (see [`curl_code`]).
+    pub fn code(&self) -> u16 {
+        curl_code(self.kind)
+    }
+}
+
+/// The transport error behind imp status `code`, if it is one [`curl_code`] gives.
+pub(crate) fn transport_error_of(code: u16) -> Option<TransportError> {
+    use TransportError::*;
+    [MalformedUrl, UnresolvedHost, ConnectFailed, Timeout, Tls, TooLarge, NotAllowed, TooManyInFlight, Other].into_iter().find(|k| curl_code(*k) == code)
+}
+
+/// What a person can do about each kind of failure.
+pub(crate) fn describe(kind: TransportError) -> &'static str {
+    match kind {
+        TransportError::MalformedUrl => "not an absolute http:// or https:// URL",
+        TransportError::UnresolvedHost => "the host name did not resolve; check its spelling and the host's DNS",
+        TransportError::ConnectFailed => "the connection was refused or failed; is the server up, and the port right?",
+        TransportError::Timeout => "no response in time; check the server, or allow longer with .timeout(seconds)",
+        TransportError::Tls => {
+            "TLS failed: the server's certificate is not trusted (add its CA to the host's trusted_ca_files) or the handshake was refused"
+        }
+        TransportError::TooLarge => "the request or the response body is over the host's limit (limits.http_body_bytes)",
+        TransportError::NotAllowed => "the host does not let this agent reach that destination (its allowed_hosts)",
+        TransportError::RateLimited => "over the agent's outgoing request rate (limits.http_rate); wait, then retry",
+        TransportError::TooManyInFlight => {
+            "too many requests or request bytes in flight (limits.http_in_flight, limits.http_in_flight_bytes); wait for one to finish"
+        }
+        TransportError::Other => "the connection failed while sending or receiving",
+    }
+}
+
 fn owned(headers: &[(&str, &str)]) -> Vec<(String, String)> {
     headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())).collect()
 }
@@ -115,6 +159,34 @@ impl Request {
     /// http::get("https://example.com/", &[]).send_async(|r| server::log(format!("{}", r.statuscode)));
     /// ```
     pub fn send_async(self, done: impl FnOnce(Response) + 'static) {
+        self.start(done)
+    }
+
+    /// Sends the request and waits for its response (beyond imp: the async form of
+    /// [`Request::send_async`]).
+    ///
+    /// ```no_run
+    /// use tether_guest::{http, server};
+    /// # async fn f() -> Result<(), http::HttpError> {
+    /// let r = http::get("https://example.com/", &[]).timeout(5.0).send().await?;
+    /// server::log(format!("{}: {}", r.statuscode, r.body_text()));
+    /// # Ok(()) }
+    /// ```
+    pub async fn send(self) -> Result<Response, HttpError> {
+        let (method, url) = (self.method.clone(), self.url.clone());
+        let (tx, rx) = futures::channel::oneshot::channel();
+        self.start(move |r| {
+            let _ = tx.send(r);
+        });
+        // The callback is only dropped unsent when the agent is ending.
+        let response = rx.await.unwrap_or_else(|_| Response::failed(TransportError::Other));
+        match response.error {
+            Some(kind) => Err(HttpError { method, url, kind }),
+            None => Ok(response),
+        }
+    }
+
+    fn start(self, done: impl FnOnce(Response) + 'static) {
         let req = host::Request { method: self.method, url: self.url, headers: self.headers, body: self.body, timeout_ms: self.timeout_ms };
         match host::send(&req) {
             Ok(id) => {
@@ -211,6 +283,64 @@ impl Drop for HttpResponse {
 /// ```
 pub fn on_request(handler: impl Fn(IncomingRequest, HttpResponse) + 'static) {
     ON_REQUEST.with_borrow_mut(|h| *h = Some(Rc::new(handler)));
+}
+
+/// The answer of an async request handler (see [`serve`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// `status` with `body`.
+    pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Answer {
+        Answer { status, headers: Vec::new(), body: body.into() }
+    }
+
+    /// `status` with `value` as JSON and its content type.
+    pub fn json(status: u16, value: &impl serde::Serialize) -> Answer {
+        match serde_json::to_vec(value) {
+            Ok(body) => Answer::new(status, body).header("content-type", "application/json"),
+            Err(e) => Answer::new(500, format!("cannot encode the answer as JSON: {e}\n")),
+        }
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: &str, value: &str) -> Answer {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// Handles requests to the agent's URL with an async handler that returns its answer
+/// (beyond imp: the async form of [`on_request`], which it replaces). Each request runs
+/// as a task of its own, so a slow one does not hold the others up.
+///
+/// ```no_run
+/// use tether_guest::http::{self, Answer};
+/// http::serve(|req| async move {
+///     let _ = tether_guest::imp::sleep(0.1).await;
+///     Answer::new(200, format!("you asked for {}", req.path))
+/// });
+/// ```
+pub fn serve<F, Fut>(handler: F)
+where
+    F: Fn(IncomingRequest) -> Fut + 'static,
+    Fut: std::future::Future<Output = Answer> + 'static,
+{
+    on_request(move |req, mut res| {
+        let answer = handler(req);
+        crate::task::spawn(async move {
+            let answer = answer.await;
+            for (name, value) in &answer.headers {
+                res.header(name, value);
+            }
+            // The client may have gone meanwhile: nobody is left to tell.
+            let _ = res.send(answer.status, answer.body);
+        });
+    });
 }
 
 pub(crate) fn request_arrived(r: host::IncomingRequest) {

@@ -50,6 +50,58 @@ pub fn try_wakeup(seconds: f64, callback: impl FnOnce() + 'static) -> Result<Tim
     Ok(Timer(id))
 }
 
+/// Waits `seconds` (beyond imp: the async form of [`wakeup`]). Dropping the future
+/// before it is done cancels the timer.
+///
+/// ```no_run
+/// tether_guest::task::spawn(async {
+///     if let Err(e) = tether_guest::imp::sleep(0.5).await {
+///         tether_guest::server::error(format!("no timer: {e}"));
+///     }
+/// });
+/// ```
+pub fn sleep(seconds: f64) -> Sleep {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    let timer = try_wakeup(seconds, move || {
+        let _ = tx.send(());
+    });
+    Sleep { timer: timer.map(Some), rx }
+}
+
+/// The future of [`sleep`]: `Ok(())` once the time has passed, or the reason no timer
+/// could be set.
+#[must_use = "a sleep does nothing unless awaited"]
+pub struct Sleep {
+    /// `None` once fired.
+    timer: Result<Option<Timer>, TimerError>,
+    rx: futures::channel::oneshot::Receiver<()>,
+}
+
+impl std::future::Future for Sleep {
+    type Output = Result<(), TimerError>;
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        if let Err(e) = self.timer {
+            return std::task::Poll::Ready(Err(e));
+        }
+        // The sender lives in the timer's callback, which only a fire or our own cancel
+        // in `drop` removes: a fire sends first, so the channel cannot end unsent here.
+        let ready = std::pin::Pin::new(&mut self.rx).poll(cx).is_ready();
+        if !ready {
+            return std::task::Poll::Pending;
+        }
+        self.timer = Ok(None);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        if let Ok(Some(timer)) = self.timer {
+            cancel_wakeup(timer);
+        }
+    }
+}
+
 /// Cancels a wakeup; no effect if it has fired already.
 pub fn cancel_wakeup(timer: Timer) {
     PENDING.with_borrow_mut(|p| p.remove(&timer.0));

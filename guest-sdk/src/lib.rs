@@ -54,6 +54,7 @@ pub mod imp;
 pub mod mqtt;
 pub mod queue;
 pub mod server;
+pub mod task;
 
 pub use server::config;
 

@@ -8,169 +8,109 @@
 //! Config: `dps_scope`, `dps_registration_id`, `dps_key`, optional `dps_endpoint` (default
 //! Azure's global endpoint) and `hub_port` (default 8883); or `connection_string`.
 //!
-//! The client runs with `ClientOptions::resilient()`: it reconnects by itself and keeps
-//! telemetry in a durable outbox, so a reading taken while the hub is unreachable, or
-//! just before the agent crashes, still arrives once the hub is back.
+//! Written with the async layer (`DeviceClient`, `device::request(..).await`). The client
+//! runs with `ClientOptions::resilient()`: it reconnects by itself, enabling its features
+//! again, and keeps telemetry in a durable outbox, so a reading taken while the hub is
+//! unreachable, or just before the agent crashes, still arrives once the hub is back.
 
-use std::cell::RefCell;
-
-use serde_json::{Map, Value, json};
-use tether_guest::azure_iot_hub::{Client, ClientOptions, DirectMethodResponse, Dps, ERROR_NOT_REGISTERED, Message, MethodReply};
-use tether_guest::{config, device, server};
-
-thread_local! {
-    static CLIENT: RefCell<Option<Client>> = const { RefCell::new(None) };
-    /// Features stay enabled across the client's own reconnects: enable them once.
-    static ENABLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-fn client() -> Option<Client> {
-    CLIENT.with_borrow(Clone::clone)
-}
+use serde_json::{Value, json};
+use tether_guest::azure_iot_hub::{AzureError, ClientOptions, DeviceClient, DirectMethodResponse, Dps, Message, TwinProperties};
+use tether_guest::device::{self, DeviceError};
+use tether_guest::{config, server, task};
 
 fn start() {
     device::on_connect(|info| server::log(format!("device {} connected (firmware {})", info.id, info.firmware)));
     device::on_disconnect(|reason| server::log(format!("device disconnected: {reason}")));
-    device::on("temperature", |celsius: f64| {
-        // The outbox takes it whether or not the hub is reachable now.
-        let Some(client) = client() else { return };
-        let body = json!({ "temperature": celsius }).to_string();
-        let message = Message::with_properties(body, [("$.ct", "application/json"), ("$.ce", "utf-8")]);
-        client.send_message(message, move |err, _| match err {
-            0 => server::log(format!("telemetry sent: {celsius:.2} °C")),
-            err => server::error(format!("telemetry failed: {err}")),
-        });
+    // Readings are kept from now on, also while the agent provisions and connects.
+    let readings = device::messages::<f64>("temperature");
+    task::spawn(async {
+        if let Err(e) = run(readings).await {
+            server::error(format!("{e}"));
+        }
     });
-    match config("connection_string") {
-        Some(cs) => connect(&cs),
-        None => provision(),
+}
+
+async fn run(mut readings: device::Messages<f64>) -> Result<(), AzureError> {
+    let cs = match config("connection_string") {
+        Some(cs) => cs,
+        None => provision().await?,
+    };
+    let port = config("hub_port").and_then(|p| p.parse().ok()).unwrap_or(8883);
+    let hub = DeviceClient::new(&cs, ClientOptions { port, ..ClientOptions::resilient() });
+    hub.connect().await?;
+    server::log("connected to IoT Hub");
+
+    let h = hub.clone();
+    hub.on_desired(move |desired| task::spawn(apply_desired(h.clone(), desired))).await?;
+    // What was desired while the agent was away.
+    apply_desired(hub.clone(), hub.twin().await?.desired).await;
+    hub.on_method(on_method).await?;
+    server::log("direct methods enabled");
+    hub.on_message(on_c2d).await?;
+    server::log("cloud-to-device messages enabled");
+    while let Some(celsius) = readings.next().await {
+        // A task per reading: the outbox takes each at once, while IoT Hub may be away.
+        task::spawn(send_reading(hub.clone(), celsius));
+    }
+    Ok(())
+}
+
+async fn send_reading(hub: DeviceClient, celsius: f64) {
+    let body = json!({ "temperature": celsius }).to_string();
+    let message = Message::with_properties(body, [("$.ct", "application/json"), ("$.ce", "utf-8")]);
+    match hub.send_message(message).await {
+        Ok(()) => server::log(format!("telemetry sent: {celsius:.2} °C")),
+        Err(e) => server::error(format!("telemetry: {e}")),
     }
 }
 
 /// Asks DPS for this device's connection string, registering it the first time.
-fn provision() {
+async fn provision() -> Result<String, AzureError> {
     let (Some(scope), Some(registration), Some(key)) = (config("dps_scope"), config("dps_registration_id"), config("dps_key")) else {
-        return server::error("config needs connection_string, or dps_scope, dps_registration_id and dps_key");
+        let message = "config needs connection_string, or dps_scope, dps_registration_id and dps_key".into();
+        return Err(AzureError { operation: "start", code: 0, message });
     };
     let mut dps = Dps::new(&scope, &registration, &key);
     if let Some(endpoint) = config("dps_endpoint") {
         dps = dps.with_endpoint(&endpoint);
     }
-    let d = dps.clone();
-    dps.get_connection_string(move |err, _, cs| match (err, cs) {
-        (0, Some(cs)) => {
-            server::log("device is registered already");
-            connect(&cs)
-        }
-        (ERROR_NOT_REGISTERED, _) => {
-            server::log("registering the device through DPS...");
-            d.register(|err, resp, cs| match cs {
-                Some(cs) => {
-                    server::log("registered through DPS");
-                    connect(&cs)
-                }
-                None => server::error(format!("DPS registration failed: {err} {}", resp.unwrap_or_default())),
-            });
-        }
-        (err, _) => server::error(format!("DPS lookup failed: {err}")),
-    });
-}
-
-fn connect(connection_string: &str) {
-    let port = config("hub_port").and_then(|p| p.parse().ok()).unwrap_or(8883);
-    let client = Client::new(connection_string, on_connected, on_disconnected, ClientOptions { port, ..ClientOptions::resilient() });
-    CLIENT.with_borrow_mut(|c| *c = Some(client.clone()));
-    client.connect();
-}
-
-fn on_connected(err: i32) {
-    let Some(client) = client() else { return };
-    if err != 0 {
-        // Transient failures are retried by the client; this one will not heal.
-        let cause = client.last_disconnect_cause().unwrap_or_default();
-        return server::error(format!("cannot connect to IoT Hub: {err} {cause}; check the device's key and that it is enabled"));
-    }
-    server::log("connected to IoT Hub");
-    if ENABLED.replace(true) {
-        return retrieve_desired(&client);
-    }
-    let c = client.clone();
-    client.enable_twin(apply_desired, move |err| match err {
-        0 => retrieve_desired(&c),
-        err => server::error(format!("enabling the twin failed: {err}")),
-    });
-    client.enable_direct_methods(on_method, |err| report("direct methods", err));
-    client.enable_incoming_messages(on_c2d, |err| report("cloud-to-device messages", err));
-}
-
-/// Applies what was desired while the agent was away.
-fn retrieve_desired(client: &Client) {
-    client.retrieve_twin_properties(|err, _, desired| match (err, desired) {
-        (0, Some(Value::Object(desired))) => apply_desired(desired),
-        (0, _) => {}
-        (err, _) => server::error(format!("retrieving the twin failed: {err}")),
-    });
-}
-
-fn report(feature: &str, err: i32) {
-    match err {
-        0 => server::log(format!("{feature} enabled")),
-        err => server::error(format!("enabling {feature} failed: {err}")),
-    }
-}
-
-fn on_disconnected(err: i32) {
-    if err != 0 {
-        let cause = client().and_then(|c| c.last_disconnect_cause()).unwrap_or_default();
-        server::error(format!("disconnected from IoT Hub: {err} {cause}; the client reconnects by itself"));
-    }
+    let provisioned = dps.provision().await?;
+    server::log(if provisioned.registered { "registered through DPS" } else { "device is registered already" });
+    Ok(provisioned.connection_string)
 }
 
 /// A desired `interval` (seconds) goes to the device and is reported back.
-fn apply_desired(desired: Map<String, Value>) {
-    let Some(interval) = desired.get("interval").and_then(Value::as_f64).filter(|s| *s > 0.0) else { return };
+async fn apply_desired(hub: DeviceClient, desired: TwinProperties) {
+    let Some(interval) = desired.values.get("interval").and_then(Value::as_f64).filter(|s| *s > 0.0) else { return };
     server::log(format!("desired reporting interval: {interval} s"));
     if let Err(e) = device::send_queued("set-interval", &interval) {
         return server::error(format!("cannot tell the device: {e}"));
     }
-    let Some(client) = client() else { return };
-    let mut reported = Map::new();
-    reported.insert("interval".into(), json!(interval));
-    client.update_twin_properties(reported, |err, _| match err {
-        0 => server::log("reported the new interval"),
-        err => server::error(format!("reporting the interval failed: {err}")),
-    });
+    match hub.update_reported(json!({ "interval": interval })).await {
+        Ok(()) => server::log("reported the new interval"),
+        Err(e) => server::error(format!("reporting the interval: {e}")),
+    }
 }
 
-fn on_method(name: String, params: Option<Value>, reply: MethodReply) {
+/// Answers a direct method by asking the device.
+async fn on_method(name: String, params: Option<Value>) -> DirectMethodResponse {
     server::log(format!("direct method {name}({})", params.clone().unwrap_or(Value::Null)));
     let param = |k: &str| params.as_ref().and_then(|p| p.get(k)).cloned();
-    let answer = std::rc::Rc::new(RefCell::new(Some(reply)));
-    let respond = move |status: i32, body: Value| {
-        if let Some(reply) = answer.borrow_mut().take() {
-            reply.send(DirectMethodResponse::new(status, Some(body)), |err, _| {
-                if err != 0 {
-                    server::error(format!("method reply failed: {err}"));
-                }
-            });
-        }
-    };
-    let (on_done, on_fail) = (respond.clone(), respond.clone());
-    let request = match name.as_str() {
+    let answer: Result<Value, DeviceError> = match name.as_str() {
         "blink" => {
             let times = param("times").and_then(|t| t.as_i64()).unwrap_or(3);
-            device::request("blink", &times).on_ack(move || on_done(200, json!({ "blinked": times })))
+            device::request("blink", &times).timeout(5.0).await.map(|_| json!({ "blinked": times }))
         }
         "led" => {
             let on = param("on").and_then(|v| v.as_bool()).unwrap_or(true);
-            device::request("led", &on).on_ack(move || on_done(200, json!({ "led": on })))
+            device::request("led", &on).timeout(5.0).await.map(|_| json!({ "led": on }))
         }
-        "get-led" => device::request("get-led", &()).on_reply(move |on: bool| on_done(200, json!({ "led": on }))),
-        _ => return respond(404, json!({ "error": format!("no method {name}") })),
+        "get-led" => device::request("get-led", &()).timeout(5.0).await.and_then(|reply| reply.decode::<bool>()).map(|on| json!({ "led": on })),
+        _ => return DirectMethodResponse::new(404, Some(json!({ "error": format!("no method {name}") }))),
     };
-    let sent = request.on_fail(move |f| on_fail(503, json!({ "error": f.to_string() }))).timeout(5.0).send();
-    if let Err(e) = sent {
-        respond(503, json!({ "error": e.to_string() }));
+    match answer {
+        Ok(body) => DirectMethodResponse::new(200, Some(body)),
+        Err(e) => DirectMethodResponse::new(503, Some(json!({ "error": e.to_string() }))),
     }
 }
 

@@ -6,7 +6,7 @@ use std::rc::Rc;
 use serde_json::{Value, json};
 
 use super::shared_access_signature::encode_uri;
-use super::{DPS_API_VERSION, ERROR_GENERAL, ERROR_NOT_REGISTERED, SharedAccessSignature};
+use super::{AzureError, DPS_API_VERSION, ERROR_GENERAL, ERROR_NOT_REGISTERED, SharedAccessSignature};
 use crate::{http, imp, server};
 
 /// Azure's global provisioning endpoint, the default.
@@ -19,6 +19,15 @@ struct Inner {
     registration_id: String,
     device_key: String,
     endpoint: String,
+}
+
+/// What [`Dps::provision`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Provisioned {
+    /// `HostName=...;DeviceId=...;SharedAccessKey=...`.
+    pub connection_string: String,
+    /// Whether this call registered the device (DPS did not know it before).
+    pub registered: bool,
 }
 
 /// A device's provisioning client.
@@ -124,6 +133,46 @@ impl Dps {
             404 => done(ERROR_NOT_REGISTERED, body, None),
             _ => done(i32::from(status), body, None),
         });
+    }
+
+    /// The device's connection string (beyond 5.1.0: the async form of
+    /// [`Dps::get_connection_string`], then [`Dps::register`] if DPS does not know the
+    /// device yet).
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), tether_guest::azure_iot_hub::AzureError> {
+    /// use tether_guest::azure_iot_hub::Dps;
+    /// let provisioned = Dps::new("0ne00000000", "my-device", "a2V5").provision().await?;
+    /// tether_guest::server::log(format!("registered now: {}", provisioned.registered));
+    /// # Ok(()) }
+    /// ```
+    pub async fn provision(&self) -> Result<Provisioned, AzureError> {
+        let lookup = |dps: &Dps, on_completed: OnCompleted| dps.get_connection_string(on_completed);
+        match self.complete("dps lookup", lookup).await {
+            Ok(connection_string) => Ok(Provisioned { connection_string, registered: false }),
+            Err(e) if e.code == ERROR_NOT_REGISTERED => {
+                let register = |dps: &Dps, on_completed: OnCompleted| dps.register(on_completed);
+                let connection_string = self.complete("dps register", register).await?;
+                Ok(Provisioned { connection_string, registered: true })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Runs a callback operation to its connection string, or its error.
+    async fn complete(&self, operation: &'static str, start: impl FnOnce(&Dps, OnCompleted)) -> Result<String, AzureError> {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        start(self, Box::new(move |code, body, cs| {
+            let _ = tx.send((code, body, cs));
+        }));
+        let (code, body, cs) = rx.await.unwrap_or((ERROR_GENERAL, None, None));
+        match cs {
+            Some(cs) if code == 0 => Ok(cs),
+            _ => {
+                let detail = body.as_ref().and_then(|b| b.get("message")).and_then(Value::as_str).map(str::to_owned);
+                Err(AzureError::https(operation, code, detail))
+            }
+        }
     }
 
     fn url(&self, suffix: &str) -> String {

@@ -101,6 +101,7 @@
 mod client;
 mod connection_string;
 mod device;
+mod device_client;
 mod direct_method_response;
 mod dps;
 mod message;
@@ -108,12 +109,13 @@ mod registry;
 mod shared_access_signature;
 
 pub use client::{Client, ClientOptions, MethodReply, Reconnect};
+pub use device_client::{AzureError, DeviceClient, Twin, TwinProperties};
 /// The X.509 identity of [`ClientOptions::client_certificate`].
 pub use crate::mqtt::ClientCertificate;
 pub use connection_string::ConnectionString;
 pub use device::Device;
 pub use direct_method_response::DirectMethodResponse;
-pub use dps::{DEFAULT_DPS_ENDPOINT, Dps};
+pub use dps::{DEFAULT_DPS_ENDPOINT, Dps, Provisioned};
 pub use message::Message;
 pub use registry::{ERROR_MISSING_DEVICE_ID, ERROR_MISSING_DEVICE_INFO, Registry, RegistryError};
 pub use shared_access_signature::{SasError, SharedAccessSignature, derive_device_key, encode_uri, hmac_base64};
