@@ -9,7 +9,7 @@ use tether_hub_emulator::{Hub, HubConfig};
 use crate::TestHost;
 
 /// An emulator on ephemeral ports, a host trusting its CA, and the `azure-probe` agent
-/// running as `az`.
+/// (or another) running as `az`.
 pub struct AzureEnv {
     pub hub: Hub,
     pub t: TestHost,
@@ -20,11 +20,16 @@ pub struct AzureEnv {
 impl AzureEnv {
     /// Starts everything.
     pub async fn start() -> anyhow::Result<AzureEnv> {
+        Self::start_with("azure-probe").await
+    }
+
+    /// Starts everything with `package` as the agent `az`.
+    pub async fn start_with(package: &str) -> anyhow::Result<AzureEnv> {
         let state = tempfile::tempdir()?;
         let hub = Hub::start(HubConfig { mqtt_port: 0, https_port: 0, state_dir: state.path().to_owned(), ..HubConfig::default() }).await?;
         let ca = hub.ca_cert_path().to_owned();
         let t = TestHost::start(move |c| c.trusted_ca_files = vec![ca]).await?;
-        t.spawn("az", "azure-probe", &[])?;
+        t.spawn("az", package, &[])?;
         let http = reqwest::Client::builder()
             .tls_certs_only([reqwest::Certificate::from_pem(hub.ca_cert_pem().as_bytes())?])
             .build()?;
