@@ -19,6 +19,7 @@
 //! | `server.log(s)` / `server.error(s)` | [`server::log`] / [`server::error`] |
 //! | `server.save(t)` / `server.load()` | [`server::save`] / [`server::load`] |
 //! | `imp.wakeup(t, cb)` / `imp.cancelwakeup(t)` | [`imp::wakeup`] / [`imp::cancel_wakeup`] |
+//! | `time()` | [`imp::time`] |
 //! | `http.get/post/put/httpdelete/request` | [`http::get`], [`http::post`], [`http::put`], [`http::delete`], [`http::request`] |
 //! | `req.sendasync(cb)` | [`http::Request::send_async`] |
 //! | `http.onrequest(cb)` | [`http::on_request`] |
@@ -32,6 +33,7 @@
 //! | `device.on(name, cb)` | [`device::on`] ([`device::on_request`] to reply) |
 //! | `device.onconnect(cb)` / `device.ondisconnect(cb)` / `device.isconnected()` | [`device::on_connect`] / [`device::on_disconnect`] / [`device::is_connected`] |
 //! | MessageManager `mm.send(name, data, {onAck, onReply, onFail, onTimeout}, timeout)` | [`device::request`]`(name, data).on_ack(..).on_reply(..).on_fail(..).on_timeout(..).timeout(s).send()` |
+//! | (beyond imp) async/await over the same events | [`task::spawn`], [`imp::sleep`], [`http::Request::send`], [`http::serve`], awaiting a [`device::Request`], [`device::messages`], [`azure_iot_hub::DeviceClient`] |
 //! | (beyond imp) a durable FIFO, e.g. an outbox | [`queue::Queue::open`], [`queue::Queue::append`], [`queue::Queue::entries`], [`queue::Queue::remove`], [`queue::stats`] |
 
 // The generated import of `connect-options` takes one argument per field.
