@@ -6,14 +6,21 @@
 //! be strings), sequences/tuples → arrays, `Option::None` → null, unit `()` → empty array,
 //! unit enum variants → their name, other variants → a one-entry map `{variant: content}`.
 //! Integers must fit i64; an `f32` field must be fed a value exactly representable as f32.
+//! A float field also takes an integer (a board that sends `21` for 21.0 °C), as JSON and
+//! imp do; the integer must be exactly representable in the float type.
+//!
+//! Decoding walks the checked [`Value`] with a deserializer of its own, rather than
+//! minicbor-serde's, because minicbor-serde refuses an integer for a float field.
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
 
+use ::serde::de::value::{MapDeserializer, SeqDeserializer};
 use ::serde::de::{
-    self, Deserialize, DeserializeOwned, Deserializer, MapAccess, SeqAccess, Visitor,
+    self, Deserialize, DeserializeOwned, Deserializer, IntoDeserializer, MapAccess, SeqAccess,
+    Visitor,
 };
 use ::serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
@@ -57,7 +64,155 @@ pub fn to_value<T: Serialize + ?Sized>(value: &T) -> Result<Value, SerdeError> {
 
 /// Converts a [`Value`] to any serde type.
 pub fn from_value<T: DeserializeOwned>(value: &Value) -> Result<T, SerdeError> {
-    minicbor_serde::from_slice(&value.encode()).map_err(|e| SerdeError::Decode(e.to_string()))
+    T::deserialize(ValueDe(value)).map_err(|e| SerdeError::Decode(e.to_string()))
+}
+
+type DeError = de::value::Error;
+
+/// A deserializer over a borrowed [`Value`] (what `(&value).into_deserializer()` gives).
+pub struct ValueDe<'a>(&'a Value);
+
+impl<'de> IntoDeserializer<'de, DeError> for &'de Value {
+    type Deserializer = ValueDe<'de>;
+    fn into_deserializer(self) -> ValueDe<'de> {
+        ValueDe(self)
+    }
+}
+
+impl ValueDe<'_> {
+    fn unexpected(&self) -> de::Unexpected<'_> {
+        match self.0 {
+            Value::Null => de::Unexpected::Unit,
+            Value::Bool(b) => de::Unexpected::Bool(*b),
+            Value::Int(i) => de::Unexpected::Signed(*i),
+            Value::Float(f) => de::Unexpected::Float(*f),
+            Value::String(s) => de::Unexpected::Str(s),
+            Value::Bytes(b) => de::Unexpected::Bytes(b),
+            Value::Array(_) => de::Unexpected::Seq,
+            Value::Map(_) => de::Unexpected::Map,
+        }
+    }
+}
+
+impl<'de> Deserializer<'de> for ValueDe<'de> {
+    type Error = DeError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Value::Null => visitor.visit_unit(),
+            Value::Bool(b) => visitor.visit_bool(*b),
+            Value::Int(i) => visitor.visit_i64(*i),
+            Value::Float(f) => visitor.visit_f64(*f),
+            Value::String(s) => visitor.visit_borrowed_str(s),
+            Value::Bytes(b) => visitor.visit_borrowed_bytes(b),
+            Value::Array(items) => {
+                let mut seq = SeqDeserializer::new(items.iter());
+                let value = visitor.visit_seq(&mut seq)?;
+                seq.end()?;
+                Ok(value)
+            }
+            Value::Map(map) => {
+                let mut map = MapDeserializer::new(map.iter().map(|(k, v)| (k.as_str(), v)));
+                let value = visitor.visit_map(&mut map)?;
+                map.end()?;
+                Ok(value)
+            }
+        }
+    }
+
+    fn deserialize_f64<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Value::Int(i) if (*i as f64) as i64 == *i => visitor.visit_f64(*i as f64),
+            Value::Int(_) => Err(de::Error::invalid_value(self.unexpected(), &"an integer exactly representable as f64")),
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_f32<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Value::Int(i) if (*i as f32) as i64 == *i => visitor.visit_f32(*i as f32),
+            Value::Float(f) if f.is_nan() || (*f as f32) as f64 == *f => visitor.visit_f32(*f as f32),
+            Value::Int(_) | Value::Float(_) => Err(de::Error::invalid_value(self.unexpected(), &"a number exactly representable as f32")),
+            _ => self.deserialize_any(visitor),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Value::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    /// `()` is written as an empty array; null is taken too.
+    fn deserialize_unit<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Value::Null => visitor.visit_unit(),
+            Value::Array(items) if items.is_empty() => visitor.visit_unit(),
+            _ => Err(de::Error::invalid_type(self.unexpected(), &"unit (an empty array or null)")),
+        }
+    }
+
+    fn deserialize_unit_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_unit(visitor)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(self, _name: &'static str, visitor: V) -> Result<V::Value, DeError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    /// Unit variants are their name; others a one-entry map `{variant: content}`.
+    fn deserialize_enum<V: Visitor<'de>>(self, _name: &'static str, _variants: &'static [&'static str], visitor: V) -> Result<V::Value, DeError> {
+        match self.0 {
+            Value::String(s) => visitor.visit_enum(s.as_str().into_deserializer()),
+            Value::Map(map) if map.len() == 1 => match map.iter().next() {
+                Some((variant, value)) => visitor.visit_enum(EnumDe { variant, value }),
+                None => Err(de::Error::invalid_length(0, &"one variant")),
+            },
+            _ => Err(de::Error::invalid_type(self.unexpected(), &"a variant name or a one-entry map")),
+        }
+    }
+
+    ::serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 char str string bytes byte_buf seq tuple
+        tuple_struct map struct identifier ignored_any
+    }
+}
+
+/// A variant with content: `{variant: value}`.
+struct EnumDe<'a> {
+    variant: &'a str,
+    value: &'a Value,
+}
+
+impl<'de> de::EnumAccess<'de> for EnumDe<'de> {
+    type Error = DeError;
+    type Variant = ValueDe<'de>;
+
+    fn variant_seed<S: de::DeserializeSeed<'de>>(self, seed: S) -> Result<(S::Value, ValueDe<'de>), DeError> {
+        let variant = seed.deserialize(self.variant.into_deserializer())?;
+        Ok((variant, ValueDe(self.value)))
+    }
+}
+
+impl<'de> de::VariantAccess<'de> for ValueDe<'de> {
+    type Error = DeError;
+
+    fn unit_variant(self) -> Result<(), DeError> {
+        de::Deserialize::deserialize(self)
+    }
+
+    fn newtype_variant_seed<S: de::DeserializeSeed<'de>>(self, seed: S) -> Result<S::Value, DeError> {
+        seed.deserialize(self)
+    }
+
+    fn tuple_variant<V: Visitor<'de>>(self, _len: usize, visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_any(visitor)
+    }
+
+    fn struct_variant<V: Visitor<'de>>(self, _fields: &'static [&'static str], visitor: V) -> Result<V::Value, DeError> {
+        self.deserialize_any(visitor)
+    }
 }
 
 /// Encodes any serde type as a payload (the canonical subset encoding).
@@ -267,5 +422,32 @@ mod tests {
             from_cbor::<Value>(&[0x81; 64]),
             Err(SerdeError::Cbor(CborError::TooDeep))
         ));
+    }
+
+    #[test]
+    fn float_fields_take_integers_that_fit() {
+        #[derive(Deserialize, Debug, PartialEq)]
+        struct T {
+            celsius: f64,
+            humidity: f32,
+            count: u8,
+        }
+        let mut m = BTreeMap::new();
+        for (k, x) in [("celsius", 21), ("humidity", 40), ("count", 3)] {
+            m.insert(String::from(k), Value::Int(x));
+        }
+        let t: T = from_value(&Value::Map(m.clone())).unwrap();
+        assert_eq!(t, T { celsius: 21.0, humidity: 40.0, count: 3 });
+        assert_eq!(from_value::<f64>(&Value::Int(-7)).unwrap(), -7.0);
+        // Not exactly representable: refused rather than rounded.
+        assert!(from_value::<f64>(&Value::Int(i64::MAX - 1)).is_err());
+        assert!(from_value::<f32>(&Value::Int(16_777_217)).is_err());
+        assert!(from_value::<f32>(&Value::Float(0.1)).is_err());
+        assert_eq!(from_value::<f32>(&Value::Float(0.5)).unwrap(), 0.5);
+        // Integer fields still refuse floats.
+        m.insert(String::from("count"), Value::Float(3.5));
+        assert!(from_value::<T>(&Value::Map(m)).is_err());
+        assert_eq!(from_value::<()>(&Value::Array(Vec::new())).unwrap(), ());
+        assert_eq!(from_value::<Option<u8>>(&Value::Null).unwrap(), None);
     }
 }
