@@ -2,7 +2,7 @@
 //! file that holds `bindgen!` costs a slow rebuild.
 
 wasmtime::component::bindgen!({
-    path: "../wit",
+    path: "../guest-sdk/wit",
     world: "agent",
     // Host functions never block: they start work on tokio and report through events.
     // Exports are async so that a busy agent yields its thread at every epoch tick.
