@@ -13,7 +13,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runs one agent until Ctrl-C.
+    /// Writes a crate for an agent of your own, from a template.
+    New(cli::new::NewArgs),
+    /// Builds an agent crate and checks it against the agent world.
+    Build(cli::build::BuildArgs),
+    /// Runs one agent (a component, or a crate directory it builds first) until Ctrl-C.
     Run(cli::run::RunArgs),
     /// Runs every agent of a host manifest, and the management API, until Ctrl-C.
     Serve(cli::serve::ServeArgs),
@@ -40,9 +44,15 @@ async fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,wasmtime=warn,cranelift=warn")),
         )
         .with_target(false)
+        // Logs go to stderr, leaving stdout to what a command prints for scripts; colour
+        // only on a terminal, and never with NO_COLOR set (https://no-color.org).
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::New(args) => cli::new::new(&args),
+        Command::Build(args) => cli::build::build(&args),
         Command::Run(args) => cli::run::run(args).await,
         Command::Serve(args) => cli::serve::serve(args).await,
         Command::Agents(args) => cli::agents::agents(args).await,

@@ -1,9 +1,11 @@
 //! The `tether` commands, one file each, and the Ctrl-C/SIGTERM watch they share.
 
 pub mod agents;
+pub mod build;
 pub mod compile_worker;
 pub mod demo;
 pub mod hub;
+pub mod new;
 pub mod run;
 pub mod serve;
 mod shutdown;

@@ -11,10 +11,12 @@ use super::Shutdown;
 /// `tether run`'s arguments.
 #[derive(clap::Args)]
 pub struct RunArgs {
-    /// The agent: a wasm32-wasip2 component of the tether:agent world.
+    /// The agent: a wasm32-wasip2 component of the tether:agent world, or an agent
+    /// crate's directory (built first, as `tether build` does).
+    #[arg(default_value = ".")]
     agent: PathBuf,
     /// TOML with [host] settings (listen address, directories, limits) and [agent]
-    /// id and config values; see README.md.
+    /// id and config values; see README.md. Default for a crate: its tether.toml.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Overrides host.http_listen, e.g. 127.0.0.1:8080.
@@ -24,7 +26,18 @@ pub struct RunArgs {
 
 /// Runs one agent until Ctrl-C or SIGTERM.
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let (module_path, config_path, listen) = (args.agent.as_path(), args.config.as_deref(), args.listen);
+    let (module_path, config_path) = if args.agent.is_dir() {
+        let config = args.config.as_deref().map(std::path::absolute).transpose()?;
+        let module = std::path::absolute(super::build::build_crate(&args.agent)?)?;
+        // The crate's tether.toml, and the relative paths in it (tether-data/...), are
+        // the crate's, wherever `tether run` was started.
+        std::env::set_current_dir(&args.agent).with_context(|| format!("cannot enter {}", args.agent.display()))?;
+        let crate_config = PathBuf::from("tether.toml");
+        (module, config.or_else(|| crate_config.is_file().then_some(crate_config)))
+    } else {
+        (args.agent.clone(), args.config.clone())
+    };
+    let (module_path, config_path, listen) = (module_path.as_path(), config_path.as_deref(), args.listen);
     let shutdown = Shutdown::watch()?;
     let mut config = match config_path {
         Some(path) => RunConfig::load(path)?,
