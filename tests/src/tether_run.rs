@@ -36,8 +36,14 @@ impl TetherRun {
 
     /// Starts `tether` with `args` and waits until it prints `ready` (or fails to start).
     pub async fn spawn(args: &[&OsStr], ready: &str, timeout: Duration) -> anyhow::Result<TetherRun> {
+        Self::spawn_with_env(args, &[], ready, timeout).await
+    }
+
+    /// Like [`TetherRun::spawn`], with extra environment variables.
+    pub async fn spawn_with_env(args: &[&OsStr], env: &[(&str, &OsStr)], ready: &str, timeout: Duration) -> anyhow::Result<TetherRun> {
         let mut child = tokio::process::Command::new(build_bin("tether-host", "tether")?)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
