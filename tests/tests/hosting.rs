@@ -1058,6 +1058,11 @@ async fn tether_serve_and_the_agents_cli() -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "a1 not running: {stdout}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The same as JSON, for scripts.
+    let (code, stdout, stderr) = cli(&["--json", "list"], TOKEN_A)?;
+    assert_eq!(code, 0, "{stderr}");
+    let list: serde_json::Value = serde_json::from_str(&stdout)?;
+    assert!(list["agents"].as_array().is_some_and(|a| a.iter().any(|a| a["id"] == "a1")), "{stdout}");
     let (code, _, stderr) = cli(&["stop", "b1"], TOKEN_A)?;
     assert_eq!(code, 1);
     assert!(stderr.contains("404") && stderr.contains("no agent"), "{stderr}");
@@ -1089,7 +1094,7 @@ async fn tether_serve_and_the_agents_cli() -> anyhow::Result<()> {
     let echo = build_agent("http-echo")?;
     let (code, stdout, stderr) = cli(&["deploy", "a1", &echo.display().to_string()], TOKEN_A)?;
     assert_eq!(code, 0, "{stderr}");
-    assert!(stdout.contains("\"module\""), "{stdout}");
+    assert!(stdout.starts_with(&format!("deployed {} to a1: module ", echo.display())), "{stdout}");
     let line = tokio::time::timeout(WAIT, async {
         while let Ok(Some(line)) = lines.next_line().await {
             if line.contains("Agent restarted: reload") {

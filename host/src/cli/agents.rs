@@ -14,6 +14,10 @@ pub struct AgentsArgs {
     /// The tenant's bearer token.
     #[arg(long, env = "TETHER_TOKEN", hide_env_values = true)]
     token: String,
+    /// Print the management API's JSON answers as they are (one per line for logs),
+    /// for scripts.
+    #[arg(long)]
+    json: bool,
     #[command(subcommand)]
     action: AgentsAction,
 }
@@ -71,7 +75,11 @@ pub async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
             while let Some(end) = pending.find("\n\n") {
                 let event: String = pending.drain(..end + 2).collect();
                 if let Some(Ok(line)) = event.trim_end().strip_prefix("data: ").map(serde_json::from_str::<serde_json::Value>) {
-                    println!("[{}] {}", line["agent"].as_str().unwrap_or("host"), line["text"].as_str().unwrap_or_default());
+                    if args.json {
+                        println!("{line}");
+                    } else {
+                        println!("[{}] {}", line["agent"].as_str().unwrap_or("host"), line["text"].as_str().unwrap_or_default());
+                    }
                 }
             }
         }
@@ -79,6 +87,10 @@ pub async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
     }
     let text = response.text().await.context("the management API's answer broke off")?;
     let value: serde_json::Value = serde_json::from_str(&text).context("the management API answered with invalid JSON")?;
+    if args.json {
+        println!("{value}");
+        return Ok(());
+    }
     match args.action {
         AgentsAction::List => {
             println!("{:<24} {:<11} {:>8} {:<12} {:<12} cause", "agent", "status", "restarts", "device", "module");
@@ -100,7 +112,19 @@ pub async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        _ => println!("{value}"),
+        AgentsAction::Deploy { id, module } => {
+            let digest = value["module"].as_str().unwrap_or_default();
+            println!(
+                "deployed {} to {id}: module {}, compiled in {} ms; it restarts over its kept store",
+                module.display(),
+                &digest[..digest.len().min(12)],
+                value["compile_ms"]
+            );
+        }
+        AgentsAction::Stop { id } => println!("{id}: stopping"),
+        AgentsAction::Start { id } => println!("{id}: starting"),
+        AgentsAction::Restart { id } => println!("{id}: restarting"),
+        AgentsAction::Logs { .. } => {}
     }
     Ok(())
 }
