@@ -129,3 +129,45 @@ fn hub_keeps_the_demo_enrollment_across_restarts() -> anyhow::Result<()> {
     assert_eq!(dps_line()?, first);
     Ok(())
 }
+
+/// `tether hub` prints a service token and curl lines a user can paste: the token reads
+/// the twin, the control token sends C2D.
+#[test]
+fn hub_prints_tokens_and_curl_lines_that_work() -> anyhow::Result<()> {
+    let tether = build_bin("tether-host", "tether")?;
+    let state = tempfile::tempdir()?;
+    let mut child = Command::new(&tether)
+        .args(["hub", "--mqtt-port", "0", "--https-port", "0", "--state-dir"])
+        .arg(state.path())
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let mut printed = Vec::new();
+    for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+        let last = line.contains("/emulator/devices/demo-device/c2d");
+        printed.push(line);
+        if last {
+            break;
+        }
+    }
+    let quoted = |prefix: &str| printed.iter().find_map(|l| l.trim().strip_prefix(prefix)?.strip_suffix('\'').map(str::to_owned));
+    let token = quoted("export TOKEN='").ok_or_else(|| anyhow::anyhow!("no TOKEN in {printed:?}"))?;
+    let control = quoted("export CONTROL_TOKEN='").ok_or_else(|| anyhow::anyhow!("no CONTROL_TOKEN in {printed:?}"))?;
+    let url = |needle: &str| printed.iter().find_map(|l| Some(l.split('\'').find(|p| p.contains(needle))?.to_owned()));
+    let twin = url("/twins/demo-device?").ok_or_else(|| anyhow::anyhow!("no twin URL in {printed:?}"))?;
+    let c2d = url("/c2d").ok_or_else(|| anyhow::anyhow!("no C2D URL in {printed:?}"))?;
+    let ca = std::fs::read(state.path().join("ca.pem"))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (twin_status, c2d_status) = runtime.block_on(async {
+        let client = reqwest::Client::builder().tls_certs_only([reqwest::Certificate::from_pem(&ca)?]).build()?;
+        let twin = client.get(&twin).header("authorization", &token).send().await?.status().as_u16();
+        let c2d = client.post(&c2d).bearer_auth(&control).body("hello").send().await?.status().as_u16();
+        anyhow::Ok((twin, c2d))
+    })?;
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
+    child.wait()?;
+    assert_eq!((twin_status, c2d_status), (200, 200), "{printed:#?}");
+    Ok(())
+}

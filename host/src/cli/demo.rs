@@ -101,31 +101,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         }
     });
 
-    let (host_part, key) = {
-        let cs = hub.service_connection_string();
-        let get = |k: &str| cs.split(';').find_map(|p| p.strip_prefix(k)?.strip_prefix('=').map(str::to_owned)).unwrap_or_default();
-        (get("HostName"), get("SharedAccessKey"))
-    };
-    let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 86_400;
-    let token = tether_hub_emulator::generate_sas_token(&host_part, &key, Some("iothubowner"), expiry).unwrap_or_default();
-    let ca = hub.ca_cert_path().display().to_string();
-    let control_token = hub.control_token();
+    let try_it = super::hub::try_it(&hub, DEMO_DEVICE, "blink", r#"{"times":3}"#, "the agent asks the board to blink", r#"{"led": true}"#)?;
     println!(
         "\nTether demo: hub emulator, simulated board and the azure-demo agent are running.\n\
-         From a second terminal:\n\
-         \n  export TOKEN='{token}'\
-         \n  export CONTROL_TOKEN='{control_token}'\
-         \n  # a direct method: the agent asks the board to blink\
-         \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' \\\
-         \n    -d '{{\"methodName\":\"blink\",\"payload\":{{\"times\":3}},\"responseTimeoutInSeconds\":10}}' \\\
-         \n    'https://{https}/twins/{DEMO_DEVICE}/methods?api-version=2021-04-12'\
-         \n  # a desired property: the board reports every second\
-         \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' -X PATCH \\\
-         \n    -d '{{\"properties\":{{\"desired\":{{\"interval\":1}}}}}}' 'https://{https}/twins/{DEMO_DEVICE}?api-version=2021-04-12'\
-         \n  # a cloud-to-device message: the board switches its LED on\
-         \n  curl --cacert {ca} -H \"Authorization: Bearer $CONTROL_TOKEN\" -d '{{\"led\": true}}' \\\
-         \n    'https://{https}/emulator/devices/{DEMO_DEVICE}/c2d'\
-         \n\nCtrl-C ends the demo.\n"
+         From a second terminal:\n{try_it}\nCtrl-C ends the demo.\n"
     );
 
     tokio::select! {

@@ -1,5 +1,6 @@
 //! `tether hub`: the Azure IoT Hub + DPS emulator on its own.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -45,6 +46,34 @@ pub async fn start_hub(args: HubArgs) -> anyhow::Result<tether_hub_emulator::Hub
     tether_hub_emulator::Hub::start(config).await.with_context(|| format!("cannot start the hub emulator on {ports}"))
 }
 
+/// Ready-to-paste lines for a second terminal: a service token valid for a day, the
+/// control token, and curl commands that invoke `method` with `payload` on `device`, set
+/// its desired `interval`, and send it `c2d`.
+pub fn try_it(hub: &tether_hub_emulator::Hub, device: &str, method: &str, payload: &str, what_method_does: &str, c2d: &str) -> anyhow::Result<String> {
+    let cs = hub.service_connection_string();
+    let get = |k: &str| cs.split(';').find_map(|p| p.strip_prefix(k)?.strip_prefix('=').map(str::to_owned)).unwrap_or_default();
+    let expiry = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() + 86_400;
+    let token = tether_hub_emulator::generate_sas_token(&get("HostName"), &get("SharedAccessKey"), Some("iothubowner"), expiry).context("the hub's owner key is not base64")?;
+    let ca = hub.ca_cert_path().display();
+    let https = format!("localhost:{}", hub.https_addr().port());
+    let control = hub.control_token();
+    let c2d = c2d.replace('\'', "'\\''");
+    Ok(format!(
+        "\n  export TOKEN='{token}'\
+         \n  export CONTROL_TOKEN='{control}'\
+         \n  # a direct method: {what_method_does}\
+         \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' \\\
+         \n    -d '{{\"methodName\":\"{method}\",\"payload\":{payload},\"responseTimeoutInSeconds\":10}}' \\\
+         \n    'https://{https}/twins/{device}/methods?api-version=2021-04-12'\
+         \n  # a desired property: the reporting interval, 1 s\
+         \n  curl --cacert {ca} -H \"Authorization: $TOKEN\" -H 'Content-Type: application/json' -X PATCH \\\
+         \n    -d '{{\"properties\":{{\"desired\":{{\"interval\":1}}}}}}' 'https://{https}/twins/{device}?api-version=2021-04-12'\
+         \n  # a cloud-to-device message\
+         \n  curl --cacert {ca} -H \"Authorization: Bearer $CONTROL_TOKEN\" -d '{c2d}' \\\
+         \n    'https://{https}/emulator/devices/{device}/c2d'\n"
+    ))
+}
+
 /// Runs the emulator until Ctrl-C or SIGTERM, after printing how to reach it.
 pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::watch()?;
@@ -64,7 +93,10 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
             .add_enrollment(Enrollment::Individual { registration_id: DEMO_REGISTRATION.into(), device_id: None, primary_key: None, secondary_key: None })
             .context("cannot add the demo enrollment")?,
     };
-    println!(
+    let try_it = try_it(&hub, DEMO_DEVICE, "ping", "{}", "answered by the device once it is connected", "hello")?;
+    // One write, and a reader that has gone (`tether hub | head`) is no reason to fail.
+    let _ = writeln!(
+        std::io::stdout(),
         "Azure IoT Hub + DPS emulator running.\n\
          \n  CA certificate:        {ca}\
          \n  device MQTT (TLS):     {mqtt}\
@@ -73,7 +105,8 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
          \n    (send `Authorization: Bearer <token>`; stored in {control_file})\
          \n\n  device connection string ({DEMO_DEVICE}):\n    {device}\
          \n  registry connection string (iothubowner):\n    {service}\
-         \n  DPS: scope {scope}, registration id {reg}, key {key}\n",
+         \n  DPS: scope {scope}, registration id {reg}, key {key}\n\
+         \nTry it from a second terminal:\n{try_it}",
         ca = hub.ca_cert_path().display(),
         mqtt = hub.mqtt_addr(),
         https = hub.https_addr(),
