@@ -48,7 +48,10 @@ async fn device_client_connects_sends_keeps_a_twin_and_answers_methods() -> anyh
     let cs = az.hub.create_device("async-1")?.connection_string;
     let port = az.hub.mqtt_addr().port().to_string();
     assert_eq!(az.call("/hub/send", &[]).await?, "no client: /hub/new first");
-    assert_eq!(az.call("/hub/new", &[("cs", &cs), ("port", &port)]).await?, "ok");
+    // The port in the connection string's HostName, not in the options.
+    let cs_with_port = cs.replace("HostName=localhost;", &format!("HostName=localhost:{port};"));
+    assert_ne!(cs_with_port, cs);
+    assert_eq!(az.call("/hub/new", &[("cs", &cs_with_port)]).await?, "ok");
     assert_eq!(az.call("/hub/send", &[("body", "early")]).await?, "error 1000 send_message: not connected; connect first");
     assert_eq!(az.call("/hub/connect", &[]).await?, "connected");
     assert_eq!(az.call("/hub/connect", &[]).await?, "connected", "already connected is not an error");

@@ -51,9 +51,10 @@ impl Dps {
     }
 
     /// Talks to another provisioning endpoint (e.g. the local emulator's
-    /// `https://localhost:8443`) instead of Azure's global one.
+    /// `https://localhost:8443`, or just `localhost:8443`) instead of Azure's global one.
     pub fn with_endpoint(self, endpoint: &str) -> Dps {
         let inner = &self.0;
+        let endpoint = if endpoint.contains("://") { endpoint.to_owned() } else { format!("https://{endpoint}") };
         Dps(Rc::new(Inner {
             scope_id: inner.scope_id.clone(),
             registration_id: inner.registration_id.clone(),

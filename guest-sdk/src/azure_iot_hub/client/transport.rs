@@ -51,7 +51,13 @@ pub(super) struct Inner {
 }
 
 /// A client for the device of `cs`, its MQTT callbacks wired to the state machine.
-pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, on_disconnected: Box<dyn Fn(i32)>, options: ClientOptions) -> Client {
+pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, on_disconnected: Box<dyn Fn(i32)>, mut options: ClientOptions) -> Client {
+    // `HostName=host:port` names the MQTT port (beyond 5.1.0), as it names the HTTPS port
+    // in a Registry's connection string; the host alone goes into the username and token.
+    let (host, port) = split_port(cs.host_name.as_deref().unwrap_or_default());
+    if let Some(port) = port {
+        options.port = port;
+    }
     let outbox = options.outbox.as_deref().map(|name| {
         let (outbox, left) = Outbox::open(name, random_bits());
         match left {
@@ -63,7 +69,7 @@ pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, o
     });
     let inner = Rc::new(Inner {
         outbox,
-        host: cs.host_name.unwrap_or_default(),
+        host: host.to_owned(),
         device_id: cs.device_id.unwrap_or_default(),
         key: cs.shared_access_key.unwrap_or_default(),
         x509: cs.all.get("x509").is_some_and(|v| v.eq_ignore_ascii_case("true")),
@@ -86,6 +92,17 @@ pub(super) fn new_client(cs: ConnectionString, on_connected: Box<dyn Fn(i32)>, o
     let w = weak;
     inner.mqtt.on_message(move |m| with(&w, |c| c.mqtt_message(m)));
     Client(inner)
+}
+
+/// `host:port` as the host and its port; a host without a (numeric) port as it is.
+fn split_port(host: &str) -> (&str, Option<u16>) {
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.is_empty() && !name.ends_with(':') => match port.parse() {
+            Ok(port) => (name, Some(port)),
+            Err(_) => (host, None),
+        },
+        _ => (host, None),
+    }
 }
 
 /// The machine's clock: monotonic seconds.
@@ -680,6 +697,13 @@ mod tests {
         assert!(options.clean_session);
         assert_eq!(connect_options("h", "d", "not base64!", 60, 1).err(), Some(SasError::InvalidKey));
         assert_eq!(options.client_certificate, None);
+    }
+
+    #[test]
+    fn a_host_name_may_name_the_port() {
+        assert_eq!(split_port("localhost:18883"), ("localhost", Some(18883)));
+        assert_eq!(split_port("myhub.azure-devices.net"), ("myhub.azure-devices.net", None));
+        assert_eq!(split_port("h:notaport"), ("h:notaport", None));
     }
 
     #[test]
