@@ -41,6 +41,9 @@ pub struct Response {
     pub body: Vec<u8>,
     /// Why there is no HTTP response, when there is none.
     pub error: Option<TransportError>,
+    /// What happened then, in words (beyond imp), e.g. "the certificate of
+    /// localhost:24443 is not trusted (UnknownIssuer)".
+    pub error_message: Option<String>,
 }
 
 impl Response {
@@ -49,8 +52,8 @@ impl Response {
         String::from_utf8_lossy(&self.body).into_owned()
     }
 
-    fn failed(error: TransportError) -> Response {
-        Response { statuscode: curl_code(error), headers: BTreeMap::new(), body: Vec::new(), error: Some(error) }
+    fn failed(failure: host::TransportFailure) -> Response {
+        Response { statuscode: curl_code(failure.kind), headers: BTreeMap::new(), body: Vec::new(), error: Some(failure.kind), error_message: Some(failure.message) }
     }
 }
 
@@ -74,18 +77,36 @@ pub fn curl_code(error: TransportError) -> u16 {
 /// Why an awaited request got no response (beyond imp, whose callback gets a status
 /// 0-99 instead). A response with any HTTP status, 4xx and 5xx included, is not an error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{method} {url}: {}", describe(*kind))]
+#[error("{method} {url}: {message}; {}", advice(*kind))]
 pub struct HttpError {
     pub method: String,
     pub url: String,
     /// What went wrong, as the host classified it.
     pub kind: TransportError,
+    /// What happened, in the host's words.
+    pub message: String,
 }
 
 impl HttpError {
     /// imp's status code for it: libcurl's error number (see [`curl_code`]).
     pub fn code(&self) -> u16 {
         curl_code(self.kind)
+    }
+}
+
+/// The WIT name of a transport error, e.g. `too-many-in-flight`: short, for logs and tallies.
+pub fn error_name(kind: TransportError) -> &'static str {
+    match kind {
+        TransportError::MalformedUrl => "malformed-url",
+        TransportError::UnresolvedHost => "unresolved-host",
+        TransportError::ConnectFailed => "connect-failed",
+        TransportError::Timeout => "timeout",
+        TransportError::Tls => "tls",
+        TransportError::TooLarge => "too-large",
+        TransportError::NotAllowed => "not-allowed",
+        TransportError::RateLimited => "rate-limited",
+        TransportError::TooManyInFlight => "too-many-in-flight",
+        TransportError::Other => "other",
     }
 }
 
@@ -96,22 +117,18 @@ pub(crate) fn transport_error_of(code: u16) -> Option<TransportError> {
 }
 
 /// What a person can do about each kind of failure.
-pub(crate) fn describe(kind: TransportError) -> &'static str {
+pub(crate) fn advice(kind: TransportError) -> &'static str {
     match kind {
-        TransportError::MalformedUrl => "not an absolute http:// or https:// URL",
-        TransportError::UnresolvedHost => "the host name did not resolve; check its spelling and the host's DNS",
-        TransportError::ConnectFailed => "the connection was refused or failed; is the server up, and the port right?",
-        TransportError::Timeout => "no response in time; check the server, or allow longer with .timeout(seconds)",
-        TransportError::Tls => {
-            "TLS failed: the server's certificate is not trusted (add its CA to the host's trusted_ca_files) or the handshake was refused"
-        }
-        TransportError::TooLarge => "the request or the response body is over the host's limit (limits.http_body_bytes)",
-        TransportError::NotAllowed => "the host does not let this agent reach that destination (its allowed_hosts)",
-        TransportError::RateLimited => "over the agent's outgoing request rate (limits.http_rate); wait, then retry",
-        TransportError::TooManyInFlight => {
-            "too many requests or request bytes in flight (limits.http_in_flight, limits.http_in_flight_bytes); wait for one to finish"
-        }
-        TransportError::Other => "the connection failed while sending or receiving",
+        TransportError::MalformedUrl => "use an absolute http:// or https:// URL",
+        TransportError::UnresolvedHost => "check the host name, and the host's DNS",
+        TransportError::ConnectFailed => "is the server up, and the port right?",
+        TransportError::Timeout => "check the server, or allow longer with .timeout(seconds)",
+        TransportError::Tls => "for a server whose certificate comes from a private CA, add that CA to the host's trusted_ca_files",
+        TransportError::TooLarge => "the host's limit is limits.http_body_bytes",
+        TransportError::NotAllowed => "the host's allowed_hosts decide where this agent may go",
+        TransportError::RateLimited => "wait, then retry (limits.http_rate)",
+        TransportError::TooManyInFlight => "wait for one to finish (limits.http_in_flight, limits.http_in_flight_bytes)",
+        TransportError::Other => "retry; if it persists, check the server",
     }
 }
 
@@ -179,9 +196,10 @@ impl Request {
             let _ = tx.send(r);
         });
         // The callback is only dropped unsent when the agent is ending.
-        let response = rx.await.unwrap_or_else(|_| Response::failed(TransportError::Other));
+        let ending = host::TransportFailure { kind: TransportError::Other, message: "the agent is ending".into() };
+        let response = rx.await.unwrap_or_else(|_| Response::failed(ending));
         match response.error {
-            Some(kind) => Err(HttpError { method, url, kind }),
+            Some(kind) => Err(HttpError { method, url, kind, message: response.error_message.unwrap_or_default() }),
             None => Ok(response),
         }
     }
@@ -200,7 +218,7 @@ impl Request {
     }
 }
 
-pub(crate) fn response_arrived(id: u64, result: Result<host::Response, TransportError>) {
+pub(crate) fn response_arrived(id: u64, result: Result<host::Response, host::TransportFailure>) {
     let Some(done) = PENDING.with_borrow_mut(|p| p.remove(&id)) else { return };
     done(match result {
         Ok(r) => {
@@ -211,7 +229,7 @@ pub(crate) fn response_arrived(id: u64, result: Result<host::Response, Transport
                     v.push_str(&value);
                 }).or_insert(value);
             }
-            Response { statuscode: r.status, headers, body: r.body, error: None }
+            Response { statuscode: r.status, headers, body: r.body, error: None, error_message: None }
         }
         Err(e) => Response::failed(e),
     })

@@ -33,12 +33,22 @@ async fn awaited_timers_and_requests_give_results_and_errors_a_person_can_act_on
     // Transport failures: the curl number and what to do.
     let silent = tether_tests::silent_server().await?;
     let answer = az.call("/get", &[("url", &format!("http://{silent}/")), ("timeout", "0.3")]).await?;
-    assert_eq!(answer, format!("error 28 GET http://{silent}/: no response in time; check the server, or allow longer with .timeout(seconds)"));
+    assert_eq!(answer, format!("error 28 GET http://{silent}/: no response within 0.3 s; check the server, or allow longer with .timeout(seconds)"));
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let answer = az.call("/get", &[("url", &format!("http://{closed}/"))]).await?;
-    assert!(answer.starts_with("error 7 ") && answer.contains("the connection was refused or failed"), "{answer}");
+    assert!(answer.starts_with(&format!("error 7 GET http://{closed}/: cannot connect to {closed} (")) && answer.ends_with("; is the server up, and the port right?"), "{answer}");
     let answer = az.call("/get", &[("url", "not a url")]).await?;
-    assert_eq!(answer, "error 3 GET not a url: not an absolute http:// or https:// URL");
+    assert_eq!(answer, r#"error 3 GET not a url: "not a url" is not a URL the host can request; use an absolute http:// or https:// URL"#);
+
+    // A server whose CA the host does not trust: which certificate, why, and the fix.
+    let state = tempfile::tempdir()?;
+    let config = tether_hub_emulator::HubConfig { mqtt_port: 0, https_port: 0, state_dir: state.path().to_owned(), ..Default::default() };
+    let untrusted = tether_hub_emulator::Hub::start(config).await?;
+    let address = format!("localhost:{}", untrusted.https_addr().port());
+    let answer = az.call("/get", &[("url", &format!("https://{address}/"))]).await?;
+    // (Both emulators' CAs have the same name, so rustls says BadSignature, not UnknownIssuer.)
+    assert!(answer.starts_with(&format!("error 35 GET https://{address}/: the certificate of {address} is not trusted: ")), "{answer}");
+    assert!(answer.ends_with("; for a server whose certificate comes from a private CA, add that CA to the host's trusted_ca_files"), "{answer}");
     Ok(())
 }
 

@@ -19,7 +19,7 @@ fn start() {
                 Some(url) => http::get(url, &[]).send_async(move |r| {
                     let answer = match r.error {
                         None => format!("{} {}", r.statuscode, r.body_text()),
-                        Some(e) => format!("error {} {e:?}", r.statuscode),
+                        Some(e) => format!("error {} {}: {}", r.statuscode, http::error_name(e), r.error_message.unwrap_or_default()),
                     };
                     let _ = res.send(200, answer);
                 }),

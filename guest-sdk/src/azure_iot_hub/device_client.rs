@@ -75,7 +75,7 @@ impl AzureError {
     pub(super) fn https(operation: &'static str, code: i32, detail: Option<String>) -> AzureError {
         let message = match code {
             0..=99 => match crate::http::transport_error_of(code as u16) {
-                Some(kind) => crate::http::describe(kind).to_owned(),
+                Some(kind) => format!("the request failed (curl {code}); {}", crate::http::advice(kind)),
                 None => describe(code),
             },
             _ => describe(code),

@@ -7,7 +7,7 @@ pub(crate) mod server;
 
 use wasmtime::component::{HasSelf, Linker};
 
-use crate::bindings::http::{self as wit, Headers, Request, RespondError, TransportError};
+use crate::bindings::http::{self as wit, Headers, Request, RespondError, TransportFailure};
 
 /// The capability's state in an instance.
 pub(crate) struct Http {
@@ -16,7 +16,7 @@ pub(crate) struct Http {
 }
 
 impl wit::Host for Http {
-    fn send(&mut self, req: Request) -> Result<u64, TransportError> {
+    fn send(&mut self, req: Request) -> Result<u64, TransportFailure> {
         self.outbound.send(req)
     }
 

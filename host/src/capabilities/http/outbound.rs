@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::bindings::events::Event;
-use crate::bindings::http::{Request, Response, TransportError};
+use crate::bindings::http::{Request, Response, TransportError, TransportFailure};
 use crate::kit::Handles;
 use crate::kit::budget::{Budget, Share};
 use crate::kit::events::Events;
@@ -19,7 +19,12 @@ use crate::policy::rate::TokenBucket;
 use crate::policy::tls::TlsTrust;
 
 /// The event a finished request posts.
-pub(crate) struct Finished(pub u64, pub Result<Response, TransportError>);
+pub(crate) struct Finished(pub u64, pub Result<Response, TransportFailure>);
+
+/// A failure of `kind`, with what happened in words.
+fn failure(kind: TransportError, message: impl Into<String>) -> TransportFailure {
+    TransportFailure { kind, message: message.into() }
+}
 
 /// The host's HTTP clients, shared by every agent.
 #[derive(Clone)]
@@ -129,39 +134,42 @@ impl Outbound {
     }
 
     /// Starts a request; its outcome arrives as an `http-response` event.
-    pub fn send(&mut self, req: Request) -> Result<u64, TransportError> {
-        let url = url::Url::parse(&req.url).map_err(|_| TransportError::MalformedUrl)?;
+    pub fn send(&mut self, req: Request) -> Result<u64, TransportFailure> {
+        let malformed = || failure(TransportError::MalformedUrl, format!("{:?} is not a URL the host can request", req.url));
+        let url = url::Url::parse(&req.url).map_err(|_| malformed())?;
         let (Some(host), Some(port)) = (url.host_str(), url.port_or_known_default()) else {
-            return Err(TransportError::MalformedUrl);
+            return Err(malformed());
         };
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(TransportError::MalformedUrl);
+            return Err(malformed());
         }
         let (policy, log, metrics) = (&self.policy, &self.handles.log, &self.handles.metrics);
         let Some(reach) = policy.allowed_hosts.check(url.scheme(), host, port) else {
             metrics.add(Count::HttpRefused);
-            log.write(Level::Error, &format!("http: {}://{host}:{port} is not an allowed destination", url.scheme()));
-            return Err(TransportError::NotAllowed);
+            let why = format!("{}://{host}:{port} is not an allowed destination", url.scheme());
+            log.write(Level::Error, &format!("http: {why}"));
+            return Err(failure(TransportError::NotAllowed, why));
         };
         if let Some(credits) = &policy.credits {
             // No log line: a flooding agent would flood its log too.
             if !credits.lock().map(|mut c| c.take()).unwrap_or(true) {
                 metrics.add(Count::HttpRefused);
-                return Err(TransportError::RateLimited);
+                return Err(failure(TransportError::RateLimited, "over the agent's outgoing request rate (limits.http_rate)"));
             }
         }
         if req.body.len() > policy.body_bytes {
-            log.limit_refused(&policy.full, || format!("http: request to {} refused: its body of {} bytes is over limits.http_body_bytes = {}", req.url, req.body.len(), policy.body_bytes));
-            return Err(TransportError::TooLarge);
+            let why = format!("its body of {} bytes is over limits.http_body_bytes = {}", req.body.len(), policy.body_bytes);
+            log.limit_refused(&policy.full, || format!("http: request to {} refused: {why}", req.url));
+            return Err(failure(TransportError::TooLarge, why));
         }
         let reservation = policy.reserve(req.body.len()).map_err(|why| {
             log.limit_refused(&policy.full, || format!("http: request to {} refused: {why}", req.url));
-            TransportError::TooManyInFlight
+            failure(TransportError::TooManyInFlight, why.to_string())
         })?;
         metrics.add(Count::HttpRequest);
         let invalid = |what: &str| {
             log.write(Level::Error, &format!("http: {what} in request to {}", req.url));
-            TransportError::Other
+            failure(TransportError::Other, what)
         };
         let method = reqwest::Method::from_bytes(req.method.as_bytes()).map_err(|_| invalid("invalid method"))?;
         let mut headers = reqwest::header::HeaderMap::new();
@@ -175,17 +183,23 @@ impl Outbound {
             Reach::Any => &policy.clients.any,
             Reach::PublicOnly => &policy.clients.public,
         };
-        let request = client.request(method, url).headers(headers).body(req.body).timeout(timeout);
+        let request = client.request(method, url.clone()).headers(headers).body(req.body).timeout(timeout);
         let (log, target) = (log.clone(), req.url.clone());
         let body_limit = policy.body_bytes;
+        let address = format!("{host}:{port}");
 
         self.next_id += 1;
         let id = self.next_id;
         let events = self.events.clone();
         let task = TaskGuard::spawn(&self.handles.io, async move {
             let _reservation = reservation;
-            let result = tokio::time::timeout(timeout, perform(request, body_limit)).await.unwrap_or(Err(TransportError::Timeout));
-            if let Err(TransportError::NotAllowed) = result {
+            let timed_out = || failure(TransportError::Timeout, format!("no response within {:.1} s", timeout.as_secs_f64()));
+            let result = match tokio::time::timeout(timeout, perform(request, body_limit, &address)).await {
+                Ok(Err(f)) if f.kind == TransportError::Timeout => Err(timed_out()),
+                Ok(result) => result,
+                Err(_) => Err(timed_out()),
+            };
+            if let Err(TransportFailure { kind: TransportError::NotAllowed, .. }) = result {
                 log.write(Level::Error, &format!("http: {target} {DENIED_ADDRESS}; not allowed"));
             }
             events.post(Finished(id, result));
@@ -195,8 +209,8 @@ impl Outbound {
     }
 }
 
-async fn perform(request: reqwest::RequestBuilder, body_limit: usize) -> Result<Response, TransportError> {
-    let mut response = request.send().await.map_err(|e| classify(&e))?;
+async fn perform(request: reqwest::RequestBuilder, body_limit: usize, address: &str) -> Result<Response, TransportFailure> {
+    let mut response = request.send().await.map_err(|e| classify(&e, address))?;
     let status = response.status().as_u16();
     let headers = response
         .headers()
@@ -204,32 +218,59 @@ async fn perform(request: reqwest::RequestBuilder, body_limit: usize) -> Result<
         .map(|(name, value)| (name.as_str().to_owned(), String::from_utf8_lossy(value.as_bytes()).into_owned()))
         .collect();
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| classify(&e))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| classify(&e, address))? {
         if body.len() + chunk.len() > body_limit {
-            return Err(TransportError::TooLarge);
+            return Err(failure(TransportError::TooLarge, format!("the response body is over limits.http_body_bytes = {body_limit}")));
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Response { status, headers, body })
 }
 
-/// reqwest wraps the cause in io errors that hide it from `source()`; its debug text
-/// still names it.
-fn classify(e: &reqwest::Error) -> TransportError {
+/// The kind of a reqwest failure, and what happened in words. reqwest wraps the cause in
+/// io errors that hide it from `source()`; its debug text still names it.
+fn classify(e: &reqwest::Error, address: &str) -> TransportFailure {
     let detail = format!("{e:?}");
-    if detail.contains(DENIED_ADDRESS) {
-        TransportError::NotAllowed
-    } else if e.is_timeout() {
-        TransportError::Timeout
-    } else if detail.contains("dns error") || detail.contains("failed to lookup address") {
-        TransportError::UnresolvedHost
-    } else if detail.contains("InvalidCertificate") || detail.contains("tls") || detail.contains("Tls") {
-        TransportError::Tls
-    } else if e.is_connect() {
-        TransportError::ConnectFailed
-    } else if e.is_builder() {
-        TransportError::MalformedUrl
-    } else {
-        TransportError::Other
+    // The innermost cause reqwest shows, e.g. "Connection refused (os error 111)".
+    let mut cause = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
     }
+    if detail.contains(DENIED_ADDRESS) {
+        failure(TransportError::NotAllowed, format!("{address} resolves to an address this agent may not reach"))
+    } else if e.is_timeout() {
+        failure(TransportError::Timeout, "no response in time")
+    } else if detail.contains("dns error") || detail.contains("failed to lookup address") {
+        failure(TransportError::UnresolvedHost, format!("{address}: the host name did not resolve ({cause})"))
+    } else if let Some(what) = certificate_problem(&detail) {
+        let why = match what {
+            "UnknownIssuer" => "issued by a CA the host does not trust",
+            "BadSignature" => "its signature does not verify with the trusted CA of that name",
+            "Expired" => "expired",
+            "NotValidYet" => "not valid yet",
+            "NotValidForName" | "NotValidForNameContext" => "issued for another name",
+            "Revoked" => "revoked",
+            other => other,
+        };
+        failure(TransportError::Tls, format!("the certificate of {address} is not trusted: {why} ({what})"))
+    } else if detail.contains("tls") || detail.contains("Tls") {
+        failure(TransportError::Tls, format!("TLS with {address} failed ({cause})"))
+    } else if e.is_connect() {
+        failure(TransportError::ConnectFailed, format!("cannot connect to {address} ({cause})"))
+    } else if e.is_builder() {
+        failure(TransportError::MalformedUrl, cause)
+    } else {
+        failure(TransportError::Other, format!("{address}: {cause}"))
+    }
+}
+
+/// rustls' reason for refusing a server certificate, from reqwest's debug text
+/// (`InvalidCertificate(UnknownIssuer)`), if that is what failed.
+fn certificate_problem(detail: &str) -> Option<&str> {
+    let start = detail.find("InvalidCertificate(")? + "InvalidCertificate(".len();
+    let rest = &detail[start..];
+    let end = rest.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(rest.len());
+    Some(&rest[..end]).filter(|what| !what.is_empty())
 }

@@ -180,7 +180,7 @@ fn start() {
                 return http::get(&url, &[]).send_async(move |r| {
                     let answer = match r.error {
                         None => format!("{} {}", r.statuscode, r.body_text()),
-                        Some(e) => format!("error {} {e:?}", r.statuscode),
+                        Some(e) => format!("error {} {}: {}", r.statuscode, http::error_name(e), r.error_message.unwrap_or_default()),
                     };
                     let _ = res.send(200, answer);
                 });
@@ -204,8 +204,8 @@ fn start() {
                     http::post(&url, &[], body).timeout(timeout).send_async(move |r| {
                         let (refused, answered) = &mut *tally.borrow_mut();
                         match r.error {
-                            Some(e) if !*answered => *refused.entry(e.name().to_owned()).or_default() += 1,
-                            e => server::log(format!("held request ended: {}", e.map_or("answered", |e| e.name()))),
+                            Some(e) if !*answered => *refused.entry(http::error_name(e).to_owned()).or_default() += 1,
+                            e => server::log(format!("held request ended: {}", e.map_or("answered", http::error_name))),
                         }
                     });
                 }
