@@ -151,3 +151,22 @@ async fn both_directions_at_full_speed_lose_duplicate_and_reorder_nothing() -> a
     t.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_scripted_simulator_sends_and_answers_what_it_is_told() -> anyhow::Result<()> {
+    let mut t = TestHost::start(|_| {}).await?;
+    let link = link_path(&t);
+    let script = t.dir.path().join("board.script");
+    // `21` is a CBOR integer: the agent's f64 handler takes it.
+    std::fs::write(&script, "# a fan board\non get-fan true\nsend temperature 21\n")?;
+    let mut sim = DeviceSim::start(&["--link", arg(&link), "--interval", "0", "--control", "--script", arg(&script), "--send", "temperature=22.5"])?;
+    t.spawn_with_device("probe", "device-probe", &[], Some(&link))?;
+    t.logs.wait_for("probe", "temperature 21", WAIT).await?;
+    t.logs.wait_for("probe", "temperature 22.5", WAIT).await?;
+    assert_eq!(get(&t.url("probe", "/request?name=get-fan")).await, "reply true");
+    // Typed on its control line, sent at once.
+    sim.command("send temperature 23.25")?;
+    t.logs.wait_for("probe", "temperature 23.25", WAIT).await?;
+    t.stop().await;
+    Ok(())
+}

@@ -297,6 +297,42 @@ pub struct Options {
     pub control: bool,
     /// The stable path kept pointing at the current pty.
     pub link: Option<PathBuf>,
+    /// Messages answered with a fixed value (`--on NAME=JSON`), replacing a built-in
+    /// handler of the same name.
+    pub replies: Vec<(String, Value)>,
+    /// Messages sent each time the agent connects, in order (`--send NAME=JSON`).
+    pub sends: Vec<(String, Value)>,
+}
+
+/// `NAME=JSON` (a command-line `--on`/`--send`) or `NAME JSON` (a script line) as a name
+/// and a payload.
+pub fn parse_message(text: &str) -> anyhow::Result<(String, Value)> {
+    let text = text.trim();
+    let (name, json) = text.split_once(['=', ' ']).ok_or_else(|| anyhow::anyhow!("{text:?}: expected NAME=JSON"))?;
+    let json: serde_json::Value = serde_json::from_str(json.trim()).map_err(|e| anyhow::anyhow!("{text:?}: the payload is not JSON: {e}"))?;
+    let value = device_link::to_value(&json).map_err(|e| anyhow::anyhow!("{text:?}: not a device payload: {e}"))?;
+    if name.is_empty() {
+        anyhow::bail!("{text:?}: the message needs a name");
+    }
+    Ok((name.to_owned(), value))
+}
+
+/// The `on` and `send` lines of a script file (`#` starts a comment).
+pub fn parse_script(text: &str) -> anyhow::Result<(Vec<(String, Value)>, Vec<(String, Value)>)> {
+    let (mut replies, mut sends) = (Vec::new(), Vec::new());
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = |e: anyhow::Error| e.context(format!("line {}", n + 1));
+        match line.split_once(' ') {
+            Some(("on", rest)) => replies.push(parse_message(rest).map_err(at)?),
+            Some(("send", rest)) => sends.push(parse_message(rest).map_err(at)?),
+            _ => anyhow::bail!("line {}: {line:?}: expected `on NAME JSON` or `send NAME JSON`", n + 1),
+        }
+    }
+    Ok((replies, sends))
 }
 
 fn get_i64(v: &Value, key: &str) -> Option<i64> {
@@ -319,24 +355,38 @@ fn plug_in(pty: Pty, options: &Options, board: &Rc<RefCell<Board>>, say: impl Fn
     let waiter = PtyIo::new(pty.master.try_clone()?, 0);
     let mut agent = Agent::new(PtyIo::new(pty.master, options.noise_ms), link);
     install_handlers(&mut agent, board, say);
+    for (name, value) in &options.replies {
+        let value = value.clone();
+        agent.on(name, move |_| Some(value.clone()));
+    }
     Ok(Line { agent, waiter, _slave: pty._slave })
 }
 
 /// Whether the board should be on the line, as the `unplug`/`replug` lines on stdin say.
-fn stdin_control() -> Arc<AtomicBool> {
+/// And `send NAME JSON` lines, sent at once (or as soon as an agent is connected).
+fn stdin_control() -> (Arc<AtomicBool>, std::sync::mpsc::Receiver<(String, Value)>) {
     let plugged = Arc::new(AtomicBool::new(true));
     let flag = plugged.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in io::stdin().lines() {
             match line.as_deref().map(str::trim) {
                 Ok("unplug") => flag.store(false, Ordering::SeqCst),
                 Ok("replug") => flag.store(true, Ordering::SeqCst),
-                Ok(other) => eprintln!("device-sim: unknown command {other:?} (unplug, replug)"),
+                Ok(other) if other.starts_with("send ") => match parse_message(&other[5..]) {
+                    Ok(message) => {
+                        if tx.send(message).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => eprintln!("device-sim: {e:#}"),
+                },
+                Ok(other) => eprintln!("device-sim: unknown command {other:?} (unplug, replug, send NAME JSON)"),
                 Err(_) => return,
             }
         }
     });
-    plugged
+    (plugged, rx)
 }
 
 /// Runs the board on `pty` until the pty fails (or forever).
@@ -358,7 +408,9 @@ pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
             eprintln!("device-sim: {s}")
         }
     };
-    let plugged = options.control.then(stdin_control);
+    let (plugged, typed) = options.control.then(stdin_control).unzip();
+    // Messages typed on stdin wait here while no agent is connected.
+    let mut outgoing: VecDeque<(String, Value)> = VecDeque::new();
     let mut line = Some(plug_in(pty, options, &board, say)?);
 
     let start = Instant::now();
@@ -392,7 +444,10 @@ pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
         let agent = &mut l.agent;
         while let Some(event) = agent.poll(now)?.map(|e| e.to_owned()) {
             match event {
-                OwnedEvent::Connected(peer) => say(format!("connected to {}", peer.device_id())),
+                OwnedEvent::Connected(peer) => {
+                    say(format!("connected to {}", peer.device_id()));
+                    outgoing.extend(options.sends.iter().cloned());
+                }
                 OwnedEvent::Disconnected(r) => {
                     say(format!("disconnected: {r:?}"));
                     if let Some(r) = &mut board.borrow_mut().readings {
@@ -429,6 +484,17 @@ pub fn run(pty: Pty, options: &Options) -> anyhow::Result<()> {
         if !agent.is_connected() {
             // Whatever was going on ended with the session.
             board.borrow_mut().burst = None;
+        }
+        outgoing.extend(typed.iter().flat_map(|rx| rx.try_iter()));
+        while agent.is_connected() {
+            let Some((name, value)) = outgoing.pop_front() else { break };
+            if let Err(e) = agent.send(&name, &value) {
+                // No room now: it goes first next round.
+                say(format!("send {name}: {e:?}; retrying"));
+                outgoing.push_front((name, value));
+                break;
+            }
+            say(format!("sent {name}"));
         }
         let interval = board.borrow().interval_ms;
         let readings = board.borrow().readings.is_some();
@@ -590,4 +656,22 @@ fn install_handlers<B: AsRef<[u8]> + AsMut<[u8]>>(
         b.borrow_mut().burst = Some(Burst { count, size, ack, sent: 0, acked: 0, failed: 0 });
         None
     });
+}
+
+#[cfg(test)]
+mod script_tests {
+    use super::*;
+
+    #[test]
+    fn messages_and_scripts_parse_or_say_where_they_are_wrong() {
+        assert_eq!(parse_message("fan=true").unwrap(), ("fan".to_owned(), Value::Bool(true)));
+        assert_eq!(parse_message("t 21").unwrap(), ("t".to_owned(), Value::Int(21)));
+        assert!(parse_message("t=oops").unwrap_err().to_string().contains("not JSON"));
+        assert!(parse_message("=1").is_err());
+        let (replies, sends) = parse_script("# c\n\non get-fan true\nsend t {\"a\": [1]}\n").unwrap();
+        assert_eq!(replies.len(), 1);
+        assert_eq!(sends[0].0, "t");
+        let e = parse_script("on x 1\nshout y 2\n").unwrap_err().to_string();
+        assert!(e.contains("line 2"), "{e}");
+    }
 }

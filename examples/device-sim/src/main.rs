@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::Parser;
 
 /// A simulated sensor board speaking the Tether device link on a pty.
@@ -31,13 +32,38 @@ struct Args {
     /// the agent replies `true`, keeping them across a lost line (instead of temperatures).
     #[arg(long, value_name = "N", default_value_t = 0)]
     readings: u64,
-    /// Obey `unplug` and `replug` lines on stdin (for tests of a lost serial line).
+    /// Obey `unplug`, `replug` and `send NAME JSON` lines on stdin.
     #[arg(long)]
     control: bool,
+    /// Answer messages named NAME with JSON (repeatable), e.g. `--on get-fan=true`;
+    /// replaces a built-in answer of that name.
+    #[arg(long = "on", value_name = "NAME=JSON")]
+    replies: Vec<String>,
+    /// Send message NAME with JSON each time the agent connects (repeatable), e.g.
+    /// `--send humidity=41.5`.
+    #[arg(long = "send", value_name = "NAME=JSON")]
+    sends: Vec<String>,
+    /// `on NAME JSON` and `send NAME JSON` lines from a file (`#` comments), as the
+    /// options above.
+    #[arg(long, value_name = "FILE")]
+    script: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let (mut replies, mut sends) = match &args.script {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            device_sim::parse_script(&text).with_context(|| format!("in {}", path.display()))?
+        }
+        None => Default::default(),
+    };
+    for text in &args.replies {
+        replies.push(device_sim::parse_message(text)?);
+    }
+    for text in &args.sends {
+        sends.push(device_sim::parse_message(text)?);
+    }
     let pty = device_sim::Pty::open()?;
     if let Some(link) = &args.link {
         pty.symlink(link)?;
@@ -54,6 +80,8 @@ fn main() -> anyhow::Result<()> {
         readings: args.readings,
         control: args.control,
         link: args.link,
+        replies,
+        sends,
     };
     device_sim::run(pty, &options)
 }

@@ -235,7 +235,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let pty = device_sim::Pty::open()?;
     let path = pty.slave_path.clone();
-    let options = device_sim::Options { device_id: "bench".into(), interval_s: 0.0, noise_ms: 0, verbose: false, readings: 0, control: false, link: None };
+    let options = device_sim::Options { device_id: "bench".into(), interval_s: 0.0, noise_ms: 0, verbose: false, readings: 0, control: false, link: None, replies: Vec::new(), sends: Vec::new() };
     std::thread::spawn(move || device_sim::run(pty, &options));
 
     let file = OpenOptions::new().read(true).write(true).custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY).open(&path)?;
