@@ -181,6 +181,13 @@ impl Client {
 
     /// Starts receiving cloud-to-device messages; `on_done` gets 0, an MQTT code, or
     /// 1000/1003/1004.
+    ///
+    /// For one connection only: the client connects with a clean MQTT session, whose
+    /// subscriptions end with it. After a [`Client::disconnect`] or a lost connection
+    /// (`on_disconnected`), no message arrives until this is called again, once
+    /// `on_connected(0)` has come. With [`ClientOptions::reconnect`], a connection the
+    /// client restores by itself comes back receiving, before its `on_connected(0)`; a
+    /// `disconnect()` still ends it. A SAS token refresh reconnects invisibly and keeps it.
     pub fn enable_incoming_messages(&self, on_receive: impl Fn(Message) + 'static, on_done: impl FnOnce(i32) + 'static) {
         self.enable(Feature::Messages, Some(Handler::Messages(Rc::new(on_receive))), Box::new(on_done))
     }
@@ -191,6 +198,14 @@ impl Client {
     }
 
     /// Enables device twins; `on_request` gets each desired-properties patch (with `$version`).
+    ///
+    /// For one connection only: the client connects with a clean MQTT session, whose
+    /// subscriptions end with it. After a [`Client::disconnect`] or a lost connection
+    /// (`on_disconnected`), twins are disabled (no patch arrives; a retrieve or an update
+    /// gets 1002) until this is called again, once `on_connected(0)` has come. With
+    /// [`ClientOptions::reconnect`], a connection the client restores by itself comes back
+    /// with twins enabled, before its `on_connected(0)`; a `disconnect()` still disables
+    /// them. A SAS token refresh reconnects invisibly and keeps them.
     pub fn enable_twin(&self, on_request: impl Fn(Map<String, Value>) + 'static, on_done: impl FnOnce(i32) + 'static) {
         self.enable(Feature::Twin, Some(Handler::Twin(Rc::new(on_request))), Box::new(on_done))
     }
@@ -202,6 +217,14 @@ impl Client {
 
     /// Enables direct methods; `on_method(name, params, reply)` gets each call, to be
     /// answered with [`MethodReply::send`] within `d_methods_timeout`.
+    ///
+    /// For one connection only: the client connects with a clean MQTT session, whose
+    /// subscriptions end with it. After a [`Client::disconnect`] or a lost connection
+    /// (`on_disconnected`), no call arrives until this is called again, once
+    /// `on_connected(0)` has come. With [`ClientOptions::reconnect`], a connection the
+    /// client restores by itself comes back with direct methods enabled, before its
+    /// `on_connected(0)`; a `disconnect()` still disables them. A SAS token refresh
+    /// reconnects invisibly and keeps them.
     pub fn enable_direct_methods(&self, on_method: impl Fn(String, Option<Value>, MethodReply) + 'static, on_done: impl FnOnce(i32) + 'static) {
         self.enable(Feature::Methods, Some(Handler::Methods(Rc::new(on_method))), Box::new(on_done))
     }
