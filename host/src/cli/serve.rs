@@ -10,7 +10,7 @@ use super::Shutdown;
 /// `tether serve`'s arguments.
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// The manifest: host settings, tenants and agents (see host/src/hosting/manifest.rs).
+    /// The manifest: host settings, tenants and agents (see docs/manifest.md).
     #[arg(long)]
     manifest: PathBuf,
 }
