@@ -17,6 +17,8 @@ enum Command {
     New(cli::new::NewArgs),
     /// Builds an agent crate and checks it against the agent world.
     Build(cli::build::BuildArgs),
+    /// Runs an agent crate's tests (tests/, with tether-testkit) for this machine.
+    Test(cli::test::TestArgs),
     /// Runs one agent (a component, or a crate directory it builds first) until Ctrl-C.
     Run(cli::run::RunArgs),
     /// Runs every agent of a host manifest, and the management API, until Ctrl-C.
@@ -53,6 +55,7 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::New(args) => cli::new::new(&args),
         Command::Build(args) => cli::build::build(&args),
+        Command::Test(args) => cli::test::test(&args),
         Command::Run(args) => cli::run::run(args).await,
         Command::Serve(args) => cli::serve::serve(args).await,
         Command::Agents(args) => cli::agents::agents(args).await,

@@ -65,8 +65,11 @@ async fn a_new_crate_builds_with_plain_cargo_and_runs_outside_the_repository() -
     Ok(())
 }
 
+/// Each template's own test (tests/agent.rs, on tether-testkit: the hub emulator, a
+/// scripted board, the agent under `tether run`) passes under `tether test`.
 #[test]
-fn every_template_builds_and_is_a_component_of_the_agent_world() -> anyhow::Result<()> {
+fn every_template_builds_and_passes_its_own_tests() -> anyhow::Result<()> {
+    build_bin("device-sim", "device-sim")?;
     let dir = tempfile::tempdir()?;
     for template in ["hello", "http", "device", "azure"] {
         let name = format!("t-{template}");
@@ -74,6 +77,8 @@ fn every_template_builds_and_is_a_component_of_the_agent_world() -> anyhow::Resu
         assert!(ok, "{text}");
         let (ok, text) = tether(dir.path(), &["build", &name])?;
         assert!(ok && text.contains("a component of the tether:agent world"), "{template}: {text}");
+        let (ok, text) = tether(dir.path(), &["test", &name])?;
+        assert!(ok && text.contains("test result: ok. 1 passed"), "{template}: {text}");
     }
     // Not a crate, and a crate that is not an agent: refused with what to do.
     let (ok, text) = tether(dir.path(), &["build", "."])?;

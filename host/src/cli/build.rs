@@ -46,7 +46,8 @@ pub fn build_crate(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(wasm)
 }
 
-fn cargo() -> std::ffi::OsString {
+/// The cargo that runs us (under cargo), or the one on the `PATH`.
+pub(super) fn cargo() -> std::ffi::OsString {
     std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
 }
 

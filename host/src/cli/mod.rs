@@ -8,6 +8,7 @@ pub mod hub;
 pub mod new;
 pub mod run;
 pub mod serve;
+pub mod test;
 mod shutdown;
 
 pub use shutdown::Shutdown;

@@ -44,6 +44,16 @@ impl Template {
         }
     }
 
+    /// Its test, run natively by `tether test` with tether-testkit.
+    fn test(self) -> &'static str {
+        match self {
+            Template::Hello => include_str!("templates/tests/hello.rs"),
+            Template::Http => include_str!("templates/tests/http.rs"),
+            Template::Device => include_str!("templates/tests/device.rs"),
+            Template::Azure => include_str!("templates/tests/azure.rs"),
+        }
+    }
+
     /// The agent's section of tether.toml.
     fn run_config(self, name: &str) -> String {
         let mut text = format!("# Read by `tether run` in this directory (README: \"Running agents\").\n[agent]\nid = \"{name}\"\n");
@@ -71,6 +81,7 @@ pub fn new(args: &NewArgs) -> anyhow::Result<()> {
         ("Cargo.toml", cargo_toml(name, &sdk)),
         (".cargo/config.toml", "# Agents are WebAssembly components.\n[build]\ntarget = \"wasm32-wasip2\"\n".to_owned()),
         ("src/lib.rs", args.template.source().replace("{name}", name)),
+        ("tests/agent.rs", args.template.test().replace("{name}", name)),
         ("tether.toml", args.template.run_config(name)),
         (".gitignore", "/target\ntether-data/\n".to_owned()),
     ];
@@ -81,7 +92,7 @@ pub fn new(args: &NewArgs) -> anyhow::Result<()> {
         }
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
-    println!("Created {name}/ (the SDK at {}).\nNext: `tether run {name}` builds it and runs it.", sdk.display());
+    println!("Created {name}/ (the SDK at {}).\nNext: `tether run {name}` builds it and runs it; `tether test {name}` runs its tests.", sdk.display());
     Ok(())
 }
 
@@ -108,6 +119,9 @@ fn sdk_dir(given: Option<&Path>) -> anyhow::Result<PathBuf> {
     if !dir.join("wit/world.wit").is_file() {
         bail!("{} is not the Tether guest SDK (no wit/world.wit); pass --sdk DIR", dir.display());
     }
+    if !dir.join("../testkit/Cargo.toml").is_file() {
+        bail!("no testkit/ beside {}: pass --sdk DIR with the guest-sdk of a whole Tether checkout", dir.display());
+    }
     Ok(dir)
 }
 
@@ -126,6 +140,12 @@ crate-type = ["cdylib"]
 [dependencies]
 tether-guest = {{ path = "{sdk}" }}
 serde_json = "1"
+
+# The tests (tests/), built for this machine by `tether test`.
+[dev-dependencies]
+tether-testkit = {{ path = "{sdk}/../testkit" }}
+tokio = {{ version = "1", features = ["macros", "rt"] }}
+anyhow = "1"
 
 # Small, quick to load: what the Tether repository's `guest` profile does.
 [profile.release]
