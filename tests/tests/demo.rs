@@ -104,6 +104,20 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
     Ok(())
 }
 
+/// `tether hub` on free ports over `state` with `extra` arguments, and what it prints.
+fn start_hub(tether: &std::path::Path, state: &std::path::Path, extra: &[&str]) -> anyhow::Result<(std::process::Child, std::process::ChildStdout)> {
+    let mut child = Command::new(tether)
+        .args(["hub", "--mqtt-port", "0", "--https-port", "0", "--state-dir"])
+        .arg(state)
+        .args(extra)
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    Ok((child, stdout))
+}
+
 /// `tether hub --persist` keeps its demo enrollment's key across restarts, so devices
 /// provisioned with it can register again.
 #[test]
@@ -111,14 +125,7 @@ fn hub_keeps_the_demo_enrollment_across_restarts() -> anyhow::Result<()> {
     let tether = build_bin("tether-host", "tether")?;
     let state = tempfile::tempdir()?;
     let dps_line = || -> anyhow::Result<String> {
-        let mut child = Command::new(&tether)
-            .args(["hub", "--mqtt-port", "0", "--https-port", "0", "--persist", "--state-dir"])
-            .arg(state.path())
-            .env("RUST_LOG", "off")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+        let (mut child, stdout) = start_hub(&tether, state.path(), &["--persist"])?;
         let line = BufReader::new(stdout).lines().map_while(Result::ok).find(|l| l.contains("DPS: scope"));
         Command::new("kill").arg("-TERM").arg(child.id().to_string()).status()?;
         anyhow::ensure!(child.wait()?.success(), "tether hub did not stop cleanly");
@@ -136,14 +143,7 @@ fn hub_keeps_the_demo_enrollment_across_restarts() -> anyhow::Result<()> {
 fn hub_prints_tokens_and_curl_lines_that_work() -> anyhow::Result<()> {
     let tether = build_bin("tether-host", "tether")?;
     let state = tempfile::tempdir()?;
-    let mut child = Command::new(&tether)
-        .args(["hub", "--mqtt-port", "0", "--https-port", "0", "--state-dir"])
-        .arg(state.path())
-        .env("RUST_LOG", "off")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    let (mut child, stdout) = start_hub(&tether, state.path(), &[])?;
     let mut printed = Vec::new();
     for line in BufReader::new(stdout).lines().map_while(Result::ok) {
         let last = line.contains("/emulator/devices/demo-device/c2d");

@@ -35,22 +35,13 @@ enum Template {
 }
 
 impl Template {
-    fn source(self) -> &'static str {
+    /// The agent's source and its test (run natively by `tether test` with tether-testkit).
+    fn sources(self) -> (&'static str, &'static str) {
         match self {
-            Template::Hello => include_str!("templates/hello.rs"),
-            Template::Http => include_str!("templates/http.rs"),
-            Template::Device => include_str!("templates/device.rs"),
-            Template::Azure => include_str!("templates/azure.rs"),
-        }
-    }
-
-    /// Its test, run natively by `tether test` with tether-testkit.
-    fn test(self) -> &'static str {
-        match self {
-            Template::Hello => include_str!("templates/tests/hello.rs"),
-            Template::Http => include_str!("templates/tests/http.rs"),
-            Template::Device => include_str!("templates/tests/device.rs"),
-            Template::Azure => include_str!("templates/tests/azure.rs"),
+            Template::Hello => (include_str!("templates/hello.rs"), include_str!("templates/tests/hello.rs")),
+            Template::Http => (include_str!("templates/http.rs"), include_str!("templates/tests/http.rs")),
+            Template::Device => (include_str!("templates/device.rs"), include_str!("templates/tests/device.rs")),
+            Template::Azure => (include_str!("templates/azure.rs"), include_str!("templates/tests/azure.rs")),
         }
     }
 
@@ -77,11 +68,12 @@ pub fn new(args: &NewArgs) -> anyhow::Result<()> {
     if dir.exists() {
         bail!("{} exists already; pick another name or remove it", dir.display());
     }
+    let (source, test) = args.template.sources();
     let files = [
         ("Cargo.toml", cargo_toml(name, &sdk)),
         (".cargo/config.toml", "# Agents are WebAssembly components.\n[build]\ntarget = \"wasm32-wasip2\"\n".to_owned()),
-        ("src/lib.rs", args.template.source().replace("{name}", name)),
-        ("tests/agent.rs", args.template.test().replace("{name}", name)),
+        ("src/lib.rs", source.replace("{name}", name)),
+        ("tests/agent.rs", test.replace("{name}", name)),
         ("tether.toml", args.template.run_config(name)),
         (".gitignore", "/target\ntether-data/\n".to_owned()),
     ];
