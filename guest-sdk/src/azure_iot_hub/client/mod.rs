@@ -187,7 +187,7 @@ impl Client {
     /// (`on_disconnected`), no message arrives until this is called again, once
     /// `on_connected(0)` has come. With [`ClientOptions::reconnect`], a connection the
     /// client restores by itself comes back receiving, before its `on_connected(0)`; a
-    /// `disconnect()` still ends it. A SAS token refresh reconnects invisibly and keeps it.
+    /// `disconnect()`, or a reconnect that gives up (`on_connected(code)`), still ends it. A SAS token refresh reconnects invisibly and keeps it.
     pub fn enable_incoming_messages(&self, on_receive: impl Fn(Message) + 'static, on_done: impl FnOnce(i32) + 'static) {
         self.enable(Feature::Messages, Some(Handler::Messages(Rc::new(on_receive))), Box::new(on_done))
     }
@@ -204,8 +204,8 @@ impl Client {
     /// (`on_disconnected`), twins are disabled (no patch arrives; a retrieve or an update
     /// gets 1002) until this is called again, once `on_connected(0)` has come. With
     /// [`ClientOptions::reconnect`], a connection the client restores by itself comes back
-    /// with twins enabled, before its `on_connected(0)`; a `disconnect()` still disables
-    /// them. A SAS token refresh reconnects invisibly and keeps them.
+    /// with twins enabled, before its `on_connected(0)`; a `disconnect()`, or a reconnect
+    /// that gives up (`on_connected(code)`), still disables them. A SAS token refresh reconnects invisibly and keeps them.
     pub fn enable_twin(&self, on_request: impl Fn(Map<String, Value>) + 'static, on_done: impl FnOnce(i32) + 'static) {
         self.enable(Feature::Twin, Some(Handler::Twin(Rc::new(on_request))), Box::new(on_done))
     }
@@ -223,8 +223,9 @@ impl Client {
     /// (`on_disconnected`), no call arrives until this is called again, once
     /// `on_connected(0)` has come. With [`ClientOptions::reconnect`], a connection the
     /// client restores by itself comes back with direct methods enabled, before its
-    /// `on_connected(0)`; a `disconnect()` still disables them. A SAS token refresh
-    /// reconnects invisibly and keeps them.
+    /// `on_connected(0)`; a `disconnect()`, or a reconnect that gives up
+    /// (`on_connected(code)`), still disables them. A SAS token refresh reconnects
+    /// invisibly and keeps them.
     pub fn enable_direct_methods(&self, on_method: impl Fn(String, Option<Value>, MethodReply) + 'static, on_done: impl FnOnce(i32) + 'static) {
         self.enable(Feature::Methods, Some(Handler::Methods(Rc::new(on_method))), Box::new(on_done))
     }
@@ -240,11 +241,24 @@ impl Client {
         self.retrieve_boxed(Box::new(on_retrieved))
     }
 
-    /// Updates reported properties; `on_updated(err, props)` (1004 when
-    /// `max_pending_twin_requests` are pending, 1005 after `twins_timeout`, or IoT Hub's
-    /// status such as 400).
-    pub fn update_twin_properties(&self, properties: Map<String, Value>, on_updated: impl FnOnce(i32, Map<String, Value>) + 'static) {
-        self.update_boxed(properties, Box::new(on_updated))
+    /// Updates reported properties, a table (`serde_json::Map`) or a `json!({..})`
+    /// object; `on_updated(err, props)` (1004 when `max_pending_twin_requests` are
+    /// pending, 1005 after `twins_timeout`, or IoT Hub's status such as 400; 400 at once,
+    /// with empty props, for JSON that is not an object).
+    ///
+    /// ```no_run
+    /// # fn f(client: &tether_guest::azure_iot_hub::Client) {
+    /// client.update_twin_properties(serde_json::json!({ "firmware": "1.2" }), |err, _| {
+    ///     tether_guest::server::log(format!("reported: {err}"));
+    /// });
+    /// # }
+    /// ```
+    pub fn update_twin_properties(&self, properties: impl Into<Value>, on_updated: impl FnOnce(i32, Map<String, Value>) + 'static) {
+        match properties.into() {
+            Value::Object(properties) => self.update_boxed(properties, Box::new(on_updated)),
+            // IoT Hub's answer to such a patch.
+            _ => on_updated(400, Map::new()),
+        }
     }
 }
 

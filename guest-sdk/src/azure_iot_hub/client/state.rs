@@ -312,7 +312,16 @@ impl Machine {
 
     /// The MQTT connect could not even start.
     pub(super) fn connect_failed(&mut self) {
+        self.stop();
+    }
+
+    /// Disconnected for good (not reconnecting): features kept through a reconnect wait
+    /// end here, so that enabling them again subscribes on the next connection.
+    fn stop(&mut self) {
         self.connection = Connection::Disconnected;
+        self.on_message = None;
+        self.on_twin = None;
+        self.on_method = None;
     }
 
     /// The MQTT connect result `err` (0 = connected) at `now`.
@@ -341,7 +350,7 @@ impl Machine {
             // 5.1.0 stayed stuck "disconnecting" here; the documented outcome is a
             // completed disconnect.
             Connection::Connecting { then_disconnect: true } => {
-                self.connection = Connection::Disconnected;
+                self.stop();
                 AfterConnect::Closed
             }
             _ => {
@@ -360,7 +369,7 @@ impl Machine {
                 AfterConnect::Retry
             }
             Outcome::GiveUp => {
-                self.connection = Connection::Disconnected;
+                self.stop();
                 AfterConnect::Report
             }
         }
@@ -384,7 +393,7 @@ impl Machine {
                 Closing::Later
             }
             Connection::Reconnecting { trying: false } => {
-                self.connection = Connection::Disconnected;
+                self.stop();
                 Closing::Stopped
             }
             _ => Closing::Nothing,
@@ -430,10 +439,7 @@ impl Machine {
     /// pending callback, in the order they are due. Calls kept during a refresh stay, to be
     /// taken and replayed against the disconnected client.
     pub(super) fn reset(&mut self) -> Vec<Completion> {
-        self.connection = Connection::Disconnected;
-        self.on_message = None;
-        self.on_twin = None;
-        self.on_method = None;
+        self.stop();
         self.lose()
     }
 
@@ -949,17 +955,27 @@ mod tests {
         m.lose();
         assert!(m.start_attempt());
         assert_eq!(m.connect_result(4, 2.0), AfterConnect::Report, "bad credentials: reported, not retried");
+        assert_eq!(m.enabled_features().count(), 0, "a client that gave up keeps no features");
         assert_eq!(m.connect(), Ok(()), "disconnected");
+        assert_eq!(m.connect_result(0, 3.0), AfterConnect::Report);
+        assert_eq!(m.enable_verdict(Feature::Twin, true), Verdict::Go, "the twin can be enabled again");
 
         let mut m = reconnecting();
         m.reconnects_after_loss(1.0);
         assert_eq!(m.disconnect(), Closing::Stopped);
         assert!(!m.start_attempt(), "the pending attempt is dropped");
+        assert_eq!(m.enabled_features().count(), 0, "a disconnect ends the features");
         let mut m = reconnecting();
         m.reconnects_after_loss(1.0);
         assert!(m.start_attempt());
         assert_eq!(m.disconnect(), Closing::Later);
         assert_eq!(m.connect_result(0, 2.0), AfterConnect::Close);
+        let mut m = reconnecting();
+        m.reconnects_after_loss(1.0);
+        assert!(m.start_attempt());
+        m.disconnect();
+        assert_eq!(m.connect_result(-1, 2.0), AfterConnect::Closed);
+        assert_eq!(m.enabled_features().count(), 0, "a disconnect during an attempt ends the features");
 
         let options = ClientOptions { reconnect: Some(super::super::Reconnect::default()), ..ClientOptions::default() };
         let mut m = Machine::new(options);
