@@ -13,7 +13,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 #[tokio::test]
 async fn awaited_timers_and_requests_give_results_and_errors_a_person_can_act_on() -> anyhow::Result<()> {
-    let az = AzureEnv::start_with("async-probe").await?;
+    let mut az = AzureEnv::start_with("async-probe").await?;
     assert_eq!(az.call("/sleep", &[("s", "0.05")]).await?, "slept");
 
     // Each request is a task of its own: one sleeping for long holds no other up.
@@ -49,6 +49,9 @@ async fn awaited_timers_and_requests_give_results_and_errors_a_person_can_act_on
     // (Both emulators' CAs have the same name, so rustls says BadSignature, not UnknownIssuer.)
     assert!(answer.starts_with(&format!("error 35 GET https://{address}/: the certificate of {address} is not trusted: ")), "{answer}");
     assert!(answer.ends_with("; for a server whose certificate comes from a private CA, add that CA to the host's trusted_ca_files"), "{answer}");
+    // The host says so too, in the agent's log, for an agent that logs only the number.
+    let line = az.t.logs.wait_for("az", &format!("http: https://{address}/: the certificate of {address} is not trusted"), WAIT).await?;
+    assert!(line.text.ends_with("; add its CA to the host's trusted_ca_files"), "{line:?}");
     Ok(())
 }
 
@@ -100,5 +103,41 @@ async fn device_client_connects_sends_keeps_a_twin_and_answers_methods() -> anyh
     assert_eq!(az.call("/hub/new", &[("cs", &wrong), ("port", &port)]).await?, "ok");
     let answer = az.call("/hub/connect", &[]).await?;
     assert!(answer.starts_with("error 5 connect: not authorized (CONNACK 5): a wrong key or certificate"), "{answer}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn registry_calls_are_awaited_and_fail_in_words() -> anyhow::Result<()> {
+    let az = AzureEnv::start_with("async-probe").await?;
+    let cs = az.hub.service_connection_string();
+    let registry = async |op: &str, extra: &[(&str, &str)]| -> anyhow::Result<String> {
+        let mut query = vec![("cs", cs.as_str()), ("op", op)];
+        query.extend_from_slice(extra);
+        az.call("/registry", &query).await
+    };
+    let created: Value = serde_json::from_str(&registry("create", &[("id", "reg-1")]).await?)?;
+    assert_eq!(created["deviceId"], "reg-1");
+    assert!(created["authentication"]["symmetricKey"]["primaryKey"].is_string(), "{created}");
+    let conflict = registry("create", &[("id", "reg-1")]).await?;
+    assert!(conflict.starts_with("error 409 ") && conflict.contains("409001"), "{conflict}");
+
+    // An update conditional on the etag that get returned goes through; a stale one not.
+    let mut device: Value = serde_json::from_str(&registry("get", &[("id", "reg-1")]).await?)?;
+    device["status"] = json!("Disabled");
+    let updated: Value = serde_json::from_str(&registry("update", &[("json", &device.to_string())]).await?)?;
+    assert_eq!(updated["status"], "disabled", "{updated}");
+    let stale = registry("update", &[("json", &device.to_string())]).await?;
+    assert!(stale.starts_with("error 412 "), "{stale}");
+
+    assert!(registry("list", &[]).await?.split(',').any(|id| id == "reg-1"));
+    assert_eq!(registry("remove", &[("id", "reg-1")]).await?, "removed");
+    let missing = registry("get", &[("id", "reg-1")]).await?;
+    assert!(missing.starts_with("error 404 "), "{missing}");
+
+    // No registry at that address: what happened and what to do, not "Error 7".
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let unreachable = format!("HostName={closed};SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5");
+    let answer = az.call("/registry", &[("cs", &unreachable), ("op", "list")]).await?;
+    assert!(answer.starts_with(&format!("error 7 cannot connect to {closed} (")) && answer.ends_with("; is the server up, and the port right?"), "{answer}");
     Ok(())
 }

@@ -9,15 +9,25 @@ pub struct Device {
 }
 
 impl Device {
-    /// A device from `info`; without info, or without a `deviceId` in it, the agent's id
-    /// is the device id. Without info every documented default is set.
+    /// A device from `info`, a JSON object (a `serde_json::Map` goes in as
+    /// `Value::Object(map)`); without info, or without a `deviceId` in it, the agent's id
+    /// is the device id. Without info every documented default is set. Info that is not
+    /// an object is logged as an error and taken as none.
     ///
     /// ```no_run
     /// use tether_guest::azure_iot_hub::Device;
-    /// let d = Device::new(Some(serde_json::json!({"deviceId": "sensor-1"}).as_object().unwrap().clone()));
+    /// let d = Device::new(Some(serde_json::json!({"deviceId": "sensor-1"})));
     /// assert_eq!(d.body()["deviceId"], "sensor-1");
     /// ```
-    pub fn new(info: Option<Map<String, Value>>) -> Device {
+    pub fn new(info: Option<Value>) -> Device {
+        let info = match info {
+            Some(Value::Object(info)) => Some(info),
+            Some(other) => {
+                crate::server::error(format!("Device::new: the device info must be a JSON object, not {other}; the defaults are used"));
+                None
+            }
+            None => None,
+        };
         let mut body = match info {
             Some(info) => info,
             None => match json!({

@@ -17,7 +17,7 @@
 //! | `registry.get(deviceId, cb)` | [`Registry::get`] |
 //! | `registry.list(cb)` | [`Registry::list`] |
 //! | registry callback `(err, response)`, `err = {response, message}` | `Result<Device \| Vec<Device> \| (), RegistryError { response, message }>` |
-//! | `AzureIoTHub.Device([deviceInfo])` | [`Device::new`]`(Option<Map>)` |
+//! | `AzureIoTHub.Device([deviceInfo])` | [`Device::new`]`(Option<Value>)`, e.g. `Some(json!({..}))` |
 //! | `device.connectionString(hostname)` | [`Device::connection_string`] |
 //! | `device.getBody()` | [`Device::body`] |
 //! | `AzureIoTHub.DPS(scopeId, registrationId, deviceKey)` | [`Dps::new`] (+ [`Dps::with_endpoint`] for an emulator) |
@@ -33,7 +33,7 @@
 //! | `client.enableIncomingMessages(onReceive[, onDone])`; with `null` | [`Client::enable_incoming_messages`]; [`Client::disable_incoming_messages`] |
 //! | `client.enableTwin(onRequest[, onDone])`; with `null` | [`Client::enable_twin`]; [`Client::disable_twin`] |
 //! | `client.retrieveTwinProperties(onRetrieved)` | [`Client::retrieve_twin_properties`] (`(err, reported, desired)`) |
-//! | `client.updateTwinProperties(props[, onUpdated])` | [`Client::update_twin_properties`] |
+//! | `client.updateTwinProperties(props[, onUpdated])` | [`Client::update_twin_properties`]`(json!({..}) or Map, cb)` |
 //! | `client.enableDirectMethods(onMethod[, onDone])`; with `null` | [`Client::enable_direct_methods`]; [`Client::disable_direct_methods`] |
 //! | `reply(data[, onReplySent])` | [`MethodReply::send`] |
 //! | `client.setDebug(value)` | [`Client::set_debug`] |
@@ -55,6 +55,8 @@
 //! | Body plus properties checked against 256 KB before sending | 1006 [`ERROR_MESSAGE_TOO_LARGE`] | IoT Hub closes the connection |
 //! | Outbox quota used up | 1007 [`ERROR_OUTBOX_FULL`] | - |
 //! | Why the connection failed or was lost, in words | [`Client::last_disconnect_cause`] | a code only |
+//! | async/await: every call an `async fn` returning `Result<_, AzureError>`, method handlers that return their response, one twin type | [`DeviceClient`], [`Dps::provision`], `Registry::{create,get,update,list,remove}_device` | callbacks |
+//! | Registry errors of requests that got no answer, in words (`cannot connect to ...; is the server up ...`) | [`RegistryError::message`], [`RegistryError::code`] | `Error 7` |
 //!
 //! ```no_run
 //! use tether_guest::azure_iot_hub::{Client, ClientOptions, Message};

@@ -11,10 +11,20 @@ use crate::{http, imp};
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
 pub struct RegistryError {
-    /// The HTTP response, when one arrived; `None` for errors found before sending.
+    /// The HTTP response, when one arrived; `None` for errors found before sending. A
+    /// request that got no HTTP answer has the curl number as its `statuscode`.
     pub response: Option<http::Response>,
-    /// IoT Hub's `Message` from the error body, or `Error <status>`.
+    /// IoT Hub's `Message` from the error body, or `Error <status>`; for a request that
+    /// got no answer, what happened and what to do (beyond imp, which said `Error 35`).
     pub message: String,
+}
+
+impl RegistryError {
+    /// The HTTP status, the curl number of a transport failure, or 0 for an error found
+    /// before sending.
+    pub fn code(&self) -> u16 {
+        self.response.as_ref().map_or(0, |r| r.statuscode)
+    }
 }
 
 /// imp's message for a missing device id.
@@ -84,10 +94,13 @@ impl Registry {
             if response.statuscode / 100 == 2 {
                 done(Ok(response))
             } else {
-                let message = serde_json::from_slice::<Value>(&response.body)
-                    .ok()
-                    .and_then(|v| v.get("Message").and_then(Value::as_str).map(str::to_owned))
-                    .unwrap_or_else(|| format!("Error {}", response.statuscode));
+                let message = match (response.error, &response.error_message) {
+                    (Some(kind), Some(what)) => format!("{what}; {}", http::advice(kind)),
+                    _ => serde_json::from_slice::<Value>(&response.body)
+                        .ok()
+                        .and_then(|v| v.get("Message").and_then(Value::as_str).map(str::to_owned))
+                        .unwrap_or_else(|| format!("Error {}", response.statuscode)),
+                };
                 done(Err(RegistryError { response: Some(response), message }))
             }
         });
@@ -149,6 +162,59 @@ impl Registry {
             }))
         });
     }
+}
+
+/// The async face of the registry (beyond imp): the same requests, awaited.
+///
+/// ```no_run
+/// use serde_json::json;
+/// use tether_guest::azure_iot_hub::{Device, Registry, RegistryError};
+/// # async fn f() -> Result<(), RegistryError> {
+/// let registry = Registry::new("HostName=localhost:8443;SharedAccessKeyName=iothubowner;SharedAccessKey=a2V5");
+/// let device = registry.create_device(Device::new(Some(json!({"deviceId": "sensor-1"})))).await?;
+/// tether_guest::server::log(device.connection_string("localhost"));
+/// for device in registry.list_devices().await? {
+///     tether_guest::server::log(device.device_id());
+/// }
+/// registry.remove_device("sensor-1").await
+/// # }
+/// ```
+impl Registry {
+    /// Creates a device identity ([`Registry::create`], awaited).
+    pub async fn create_device(&self, device: Device) -> Result<Device, RegistryError> {
+        awaited(|done| self.create(Some(device), done)).await
+    }
+
+    /// Updates a device identity, conditionally on its `etag` if it has one
+    /// ([`Registry::update`], awaited).
+    pub async fn update_device(&self, device: Device) -> Result<Device, RegistryError> {
+        awaited(|done| self.update(device, done)).await
+    }
+
+    /// Reads a device identity ([`Registry::get`], awaited).
+    pub async fn get_device(&self, device_id: &str) -> Result<Device, RegistryError> {
+        awaited(|done| self.get(device_id, done)).await
+    }
+
+    /// Lists up to 1000 device identities ([`Registry::list`], awaited).
+    pub async fn list_devices(&self) -> Result<Vec<Device>, RegistryError> {
+        awaited(|done| self.list(done)).await
+    }
+
+    /// Deletes a device identity ([`Registry::remove`], awaited).
+    pub async fn remove_device(&self, device_id: &str) -> Result<(), RegistryError> {
+        awaited(|done| self.remove(device_id, done)).await
+    }
+}
+
+/// Starts a callback request and waits for what its callback gets.
+async fn awaited<T: 'static>(start: impl FnOnce(Box<dyn FnOnce(Result<T, RegistryError>)>)) -> Result<T, RegistryError> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    start(Box::new(move |result| {
+        let _ = tx.send(result);
+    }));
+    // The callback is only dropped uncalled when the agent is ending.
+    rx.await.unwrap_or_else(|_| Err(early("the agent is ending")))
 }
 
 fn device_from(response: http::Response) -> Result<Device, RegistryError> {

@@ -199,8 +199,14 @@ impl Outbound {
                 Ok(result) => result,
                 Err(_) => Err(timed_out()),
             };
-            if let Err(TransportFailure { kind: TransportError::NotAllowed, .. }) = result {
-                log.write(Level::Error, &format!("http: {target} {DENIED_ADDRESS}; not allowed"));
+            match &result {
+                Err(TransportFailure { kind: TransportError::NotAllowed, .. }) => log.write(Level::Error, &format!("http: {target} {DENIED_ADDRESS}; not allowed")),
+                // The host's operator can fix this one (and the agent may only log a code):
+                // said once per failed handshake, which costs the agent a request.
+                Err(TransportFailure { kind: TransportError::Tls, message }) => {
+                    log.write(Level::Error, &format!("http: {target}: {message}; add its CA to the host's trusted_ca_files"))
+                }
+                _ => {}
             }
             events.post(Finished(id, result));
         });

@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 
 use serde_json::{Value, json};
-use tether_guest::azure_iot_hub::{ClientOptions, DeviceClient, DirectMethodResponse, Message};
+use tether_guest::azure_iot_hub::{ClientOptions, Device, DeviceClient, DirectMethodResponse, Message, Registry, RegistryError};
 use tether_guest::http::{self, Answer, IncomingRequest};
 use tether_guest::{imp, server};
 
@@ -38,6 +38,7 @@ async fn handle(req: IncomingRequest) -> Answer {
             HUB.with_borrow_mut(|h| *h = Some(DeviceClient::new(&q("cs"), options)));
             "ok".to_owned()
         }
+        "/registry" => registry_call(&Registry::new(&q("cs")), &q).await.unwrap_or_else(|e| format!("error {} {e}", e.code())),
         path => match hub() {
             None => "no client: /hub/new first".to_owned(),
             Some(hub) => hub_call(&hub, path, &q).await,
@@ -79,6 +80,20 @@ async fn hub_call(hub: &DeviceClient, path: &str, q: &dyn Fn(&str) -> String) ->
         other => return format!("unknown {other}"),
     };
     result.unwrap_or_else(|e| format!("error {} {e}", e.code()))
+}
+
+/// One awaited registry call: `op` is create, get, update (with `json`, a device
+/// description), list or remove, of device `id`.
+async fn registry_call(registry: &Registry, q: &dyn Fn(&str) -> String) -> Result<String, RegistryError> {
+    let body = |d: Device| Value::Object(d.body().clone()).to_string();
+    Ok(match q("op").as_str() {
+        "create" => body(registry.create_device(Device::new(Some(json!({ "deviceId": q("id") })))).await?),
+        "get" => body(registry.get_device(&q("id")).await?),
+        "update" => body(registry.update_device(Device::new(serde_json::from_str(&q("json")).ok())).await?),
+        "list" => registry.list_devices().await?.iter().map(Device::device_id).collect::<Vec<_>>().join(","),
+        "remove" => registry.remove_device(&q("id")).await.map(|()| "removed".to_owned())?,
+        other => format!("unknown op {other}"),
+    })
 }
 
 tether_guest::agent!(start);
