@@ -68,6 +68,29 @@ async fn messages_held_for_an_absent_device_stop_at_the_agents_limit() -> anyhow
 }
 
 #[tokio::test]
+async fn a_request_the_agent_stopped_waiting_for_is_not_reported_undelivered_later() -> anyhow::Result<()> {
+    let mut t = TestHost::start(|_| {}).await?;
+    let link = link_path(&t);
+    t.spawn_with_device("probe", "device-probe", &[], Some(&link))?;
+    let base = t.url("probe", "");
+    let u = |path: &str| format!("{base}{path}");
+    // No device yet: the request waits on the host, and the agent's own timeout ends it.
+    assert_eq!(get(&u("/request?name=no-such-handler&queued&timeout=0.2")).await, "fail timed out");
+    // The device comes and refuses it, then a second request the same way: by the second's
+    // answer the first's has come, and nothing is said of it (the agent was told already,
+    // by its timeout).
+    let _sim = DeviceSim::start(&["--link", arg(&link), "--interval", "0"])?;
+    t.logs.wait_for("probe", "device connected", WAIT).await?;
+    assert_eq!(get(&u("/request?name=no-such-handler")).await, "fail no handler");
+    // The host writes an agent's log line during its call, before the answer goes out.
+    t.logs.drain();
+    let undelivered: Vec<String> = t.logs.texts("probe").into_iter().filter(|l| l.contains("not delivered")).collect();
+    assert!(undelivered.is_empty(), "{undelivered:?}");
+    t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
 async fn unplug_is_noticed_sending_fails_at_once_and_replug_resumes() -> anyhow::Result<()> {
     let mut t = TestHost::start(|_| {}).await?;
     let link = link_path(&t);

@@ -119,12 +119,16 @@ fn start() {
             }
             "/request" => {
                 let (r1, r2, r3) = (res.clone(), res.clone(), res.clone());
-                let sent = device::request(&name, &data(&req))
+                let timeout = req.query.get("timeout").and_then(|t| t.parse().ok()).unwrap_or(5.0);
+                let mut request = device::request(&name, &data(&req))
                     .on_reply(move |v: serde_json::Value| answer(&r1, format!("reply {v}")))
                     .on_ack(move || answer(&r2, "ack".into()))
                     .on_fail(move |f| answer(&r3, format!("fail {f}")))
-                    .timeout(5.0)
-                    .send();
+                    .timeout(timeout);
+                if req.query.contains_key("queued") {
+                    request = request.queued();
+                }
+                let sent = request.send();
                 if let Err(e) = sent {
                     answer(&res, format!("refused {e:?}"));
                 }
