@@ -1,5 +1,6 @@
 //! D2C telemetry benchmark (a program, not a timed test): a Tether agent using
-//! `azure_iot_hub::Client`, Microsoft's Python SDK (azure-iot-device) and a native
+//! `azure_iot_hub::Client` (and, in its own rows, the async `DeviceClient` over it),
+//! Microsoft's Python SDK (azure-iot-device) and a native
 //! rumqttc client send the same messages to the same hub emulator, side by side.
 //!
 //! Run: `cargo bench -p tether-tests --bench d2c [-- --messages N --window W --devices K
@@ -172,6 +173,8 @@ struct Spec {
     window: usize,
     /// Through the durable outbox (Tether only).
     outbox: bool,
+    /// Through the SDK's async layer, `DeviceClient` (Tether only).
+    async_layer: bool,
     label: String,
 }
 
@@ -208,6 +211,8 @@ struct ChildConfig {
     max_send: usize,
     /// The Tether agent sends through the client's durable outbox.
     outbox: bool,
+    /// The Tether agent sends with awaited `DeviceClient::send_message` calls.
+    async_layer: bool,
     wasm: PathBuf,
 }
 
@@ -215,7 +220,7 @@ impl ChildConfig {
     fn to_json(&self) -> Value {
         json!({
             "kind": self.kind.name(), "mode": self.mode, "ca_path": self.ca_path, "cs": self.cs, "n": self.n,
-            "window": self.window, "qos": self.qos, "max_send": self.max_send, "outbox": self.outbox, "wasm": self.wasm,
+            "window": self.window, "qos": self.qos, "max_send": self.max_send, "outbox": self.outbox, "async_layer": self.async_layer, "wasm": self.wasm,
         })
     }
 
@@ -239,6 +244,7 @@ impl ChildConfig {
             qos: n("qos")? as u8,
             max_send: n("max_send")? as usize,
             outbox: v.get("outbox").and_then(Value::as_bool).unwrap_or(false),
+            async_layer: v.get("async_layer").and_then(Value::as_bool).unwrap_or(false),
             wasm: s("wasm")?.into(),
         })
     }
@@ -337,6 +343,7 @@ async fn run_one(hub: &Hub, spec: &Spec, n: usize, wasm: &Path, python: Option<&
         qos: spec.qos,
         max_send: spec.window,
         outbox: spec.outbox,
+        async_layer: spec.async_layer,
         wasm: wasm.to_owned(),
     };
     let mut child = ChildProc::start(spec.sender, &config, python)?;
@@ -378,6 +385,7 @@ async fn memory(hub: &Hub, sender: Sender, devices: usize, wasm: &Path, python: 
         qos: 1,
         max_send: DEFAULT_MAX_SEND,
         outbox: false,
+        async_layer: false,
         wasm: wasm.to_owned(),
     };
     let mut child = ChildProc::start(sender, &config, python)?;
@@ -431,16 +439,19 @@ async fn parent(args: Args) -> anyhow::Result<()> {
 
     let mut specs = Vec::new();
     for qos in [0u8, 1] {
-        specs.push(Spec { sender: Sender::Tether, qos, window: w, outbox: false, label: format!("Tether agent, max_pending_send_requests = {w}") });
+        let spec = |sender, window, label: String| Spec { sender, qos, window, outbox: false, async_layer: false, label };
+        specs.push(spec(Sender::Tether, w, format!("Tether agent, max_pending_send_requests = {w}")));
+        specs.push(Spec { async_layer: true, ..spec(Sender::Tether, w, format!("Tether agent, async DeviceClient, {w} tasks")) });
         if qos == 1 {
             // The outbox publishes at QoS 1 and removes a message on its PUBACK.
-            specs.push(Spec { sender: Sender::Tether, qos, window: w, outbox: true, label: format!("Tether agent, durable outbox, max_pending_send_requests = {w}") });
+            specs.push(Spec { outbox: true, ..spec(Sender::Tether, w, format!("Tether agent, durable outbox, max_pending_send_requests = {w}")) });
         }
-        specs.push(Spec { sender: Sender::Tether, qos, window: DEFAULT_MAX_SEND, outbox: false, label: format!("Tether agent, default max_pending_send_requests = {DEFAULT_MAX_SEND}") });
-        specs.push(Spec { sender: Sender::Rumqttc, qos, window: w, outbox: false, label: format!("native rumqttc, {w} pending") });
+        specs.push(spec(Sender::Tether, DEFAULT_MAX_SEND, format!("Tether agent, default max_pending_send_requests = {DEFAULT_MAX_SEND}")));
+        specs.push(spec(Sender::Rumqttc, w, format!("native rumqttc, {w} pending")));
     }
     if python.is_some() {
-        specs.push(Spec { sender: Sender::Python, qos: 1, window: w, outbox: false, label: format!("Python azure-iot-device 2.14.0 (asyncio), {w} concurrent sends") });
+        let label = format!("Python azure-iot-device 2.14.0 (asyncio), {w} concurrent sends");
+        specs.push(Spec { sender: Sender::Python, qos: 1, window: w, outbox: false, async_layer: false, label });
     }
     if let Some(only) = &args.only {
         specs.retain(|s| s.label.contains(only.as_str()));
@@ -483,7 +494,7 @@ fn print_report(outcomes: &[Outcome], mem: &[(&str, (f64, String))], args: &Args
     let find = |s: Sender, qos: u8, default: bool| {
         outcomes
             .iter()
-            .find(|o| o.spec.sender == s && o.spec.qos == qos && !o.spec.outbox && (s != Sender::Tether || (o.spec.window == DEFAULT_MAX_SEND) == default))
+            .find(|o| o.spec.sender == s && o.spec.qos == qos && !o.spec.outbox && !o.spec.async_layer && (s != Sender::Tether || (o.spec.window == DEFAULT_MAX_SEND) == default))
             .map(Outcome::rate)
     };
     let python = find(Sender::Python, 1, false);
@@ -520,7 +531,20 @@ fn print_report(outcomes: &[Outcome], mem: &[(&str, (f64, String))], args: &Args
         }
         println!("- QoS {qos}: {:.0} % of native rumqttc [{:.0} %], target ≥ 50 %: {}", 100.0 * t / r, 100.0 * d / r, verdict(t / r >= 0.5));
     }
-    let plain = outcomes.iter().find(|o| o.spec.sender == Sender::Tether && o.spec.qos == 1 && o.spec.window != DEFAULT_MAX_SEND && !o.spec.outbox);
+    let plain_at = |qos: u8| outcomes.iter().find(|o| o.spec.sender == Sender::Tether && o.spec.qos == qos && o.spec.window != DEFAULT_MAX_SEND && !o.spec.outbox && !o.spec.async_layer);
+    for qos in [0u8, 1] {
+        let (Some(plain), Some(awaited)) = (plain_at(qos), outcomes.iter().find(|o| o.spec.async_layer && o.spec.qos == qos)) else { continue };
+        let cost = awaited.cpu_us_per_msg / plain.cpu_us_per_msg - 1.0;
+        println!(
+            "- async layer, QoS {qos}: {:.0} % of the callbacks' throughput, {:.1} vs {:.1} µs sender CPU per message ({:+.0} %), target ≤ +10 %: {}",
+            100.0 * awaited.rate() / plain.rate(),
+            awaited.cpu_us_per_msg,
+            plain.cpu_us_per_msg,
+            100.0 * cost,
+            if cost <= 0.10 { "met" } else { "NOT met" }
+        );
+    }
+    let plain = plain_at(1);
     if let (Some(plain), Some(outbox)) = (plain, outcomes.iter().find(|o| o.spec.outbox)) {
         let share = outbox.rate() / plain.rate();
         println!(
@@ -596,6 +620,9 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
         let mut query = vec![("cs", cs.clone()), ("port", MQTT_PORT.to_string()), ("qos", config.qos.to_string()), ("max_send", config.max_send.to_string())];
         if config.outbox {
             query.push(("outbox", "d2c".to_owned()));
+        }
+        if config.async_layer {
+            query.push(("async", "1".to_owned()));
         }
         connects.push(call(id, "/new", query));
     }
