@@ -13,8 +13,12 @@ export TETHER_PYTHON="$PWD/target/pyenv/bin/python"
 log="$(mktemp "${TMPDIR:-/tmp}/tether-test.XXXXXX")"
 trap 'rm -f "$log"' EXIT
 
+# Agent crates' own tests (examples/greenhouse/tests, on tether-testkit) run `tether` and
+# `device-sim` as an author's would: built first, with the features `cargo test` builds
+# with (`--tests`), so that nothing is compiled twice.
+export TETHER_BIN="$PWD/target/debug/tether" DEVICE_SIM="$PWD/target/debug/device-sim"
 status=0
-cargo test --no-fail-fast "$@" 2>&1 | tee "$log" || status=${PIPESTATUS[0]}
+{ cargo build --tests --bins && cargo test --no-fail-fast "$@"; } 2>&1 | tee "$log" || status=${PIPESTATUS[0]}
 
 if [ "$status" -ne 0 ]; then
   echo

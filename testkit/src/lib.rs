@@ -38,6 +38,9 @@ use tokio::process::{Child, Command};
 /// The service REST API version of the calls here.
 const API: &str = "api-version=2021-04-12";
 
+/// What to do when `tether` cannot be started.
+const NO_TETHER: &str = "cannot start tether: run the tests with `tether test` (which sets TETHER_BIN), or set TETHER_BIN, or put tether on the PATH";
+
 /// The `tether` binary.
 fn tether_bin() -> PathBuf {
     std::env::var_os("TETHER_BIN").map_or_else(|| PathBuf::from("tether"), PathBuf::from)
@@ -120,7 +123,7 @@ impl Hub {
     /// Starts it and reads what it prints.
     pub async fn start() -> anyhow::Result<Hub> {
         let dir = tempfile::tempdir()?;
-        let (mut child, lines) = spawn(Command::new(tether_bin()).args(["hub", "--mqtt-port", "0", "--https-port", "0", "--state-dir"]).arg(dir.path()).env("NO_COLOR", "1"))?;
+        let (mut child, lines) = spawn(Command::new(tether_bin()).args(["hub", "--mqtt-port", "0", "--https-port", "0", "--state-dir"]).arg(dir.path()).env("NO_COLOR", "1")).context(NO_TETHER)?;
         lines.wait_for("/emulator/devices/", Duration::from_secs(60), || child.try_wait().ok().flatten().is_some()).await.context("tether hub did not start")?;
         let printed = lines.snapshot();
         let after = |prefix: &str| printed.iter().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()));
@@ -302,7 +305,7 @@ impl Agent {
         std::fs::write(&file, toml)?;
         let mut command = Command::new(tether_bin());
         command.arg("run").arg(crate_dir.as_ref()).arg("--config").arg(&file).args(["--listen", "127.0.0.1:0"]).env("NO_COLOR", "1");
-        let (mut child, lines) = spawn(&mut command)?;
+        let (mut child, lines) = spawn(&mut command).context(NO_TETHER)?;
         let line = lines.wait_for("agent URL: ", Duration::from_secs(600), || child.try_wait().ok().flatten().is_some()).await.context("the agent did not start")?;
         let url = line.split("agent URL: ").nth(1).and_then(|u| u.split_whitespace().next()).context("no URL in tether run's output")?.to_owned();
         Ok(Agent { child, _dir: dir, lines, url, http: reqwest::Client::new() })

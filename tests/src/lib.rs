@@ -28,31 +28,31 @@ pub fn workspace_root() -> PathBuf {
 /// the component's path. Cargo has released its build lock by the time tests run, so a
 /// nested build into the same target directory works.
 pub fn build_agent(package: &str) -> anyhow::Result<PathBuf> {
-    cargo_build_once(package, &["--profile", "guest", "--target", "wasm32-wasip2"])
+    cargo_build_once(package, &["-p", package, "--profile", "guest", "--target", "wasm32-wasip2"])
         .context("building the agent failed (is the wasm32-wasip2 target installed? run scripts/setup.sh)")?;
     Ok(workspace_root().join("target/wasm32-wasip2/guest").join(format!("{}.wasm", package.replace('-', "_"))))
 }
 
-/// Runs `cargo build -p package <args>` once per test process for each package.
-fn cargo_build_once(package: &str, args: &[&str]) -> anyhow::Result<()> {
+/// Runs `cargo build <args>` once per test process for each `key`.
+fn cargo_build_once(key: &str, args: &[&str]) -> anyhow::Result<()> {
     static BUILT: Mutex<Option<HashSet<String>>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|p| p.into_inner());
     let built = built.get_or_insert_with(HashSet::new);
-    if built.contains(package) {
+    if built.contains(key) {
         return Ok(());
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(workspace_root())
-        .args(["build", "--quiet", "-p", package])
+        .args(["build", "--quiet"])
         .args(args)
         .env_remove("CARGO_TARGET_DIR")
         .status()
         .context("cannot run cargo")?;
     if !status.success() {
-        bail!("cargo build -p {package} failed");
+        bail!("cargo build {} failed", args.join(" "));
     }
-    built.insert(package.to_owned());
+    built.insert(key.to_owned());
     Ok(())
 }
 
@@ -337,9 +337,12 @@ impl Drop for Mosquitto {
     }
 }
 
-/// Builds the host-side binary `bin` of `package` (once per test process); returns its path.
-pub fn build_bin(package: &str, bin: &str) -> anyhow::Result<PathBuf> {
-    cargo_build_once(package, &[])?;
+/// Builds the workspace's binaries (once per test process); returns the path of `bin`.
+/// Built as `cargo test` builds the workspace (its default members with their tests), so
+/// that the dependencies are the ones that build made: `cargo build -p` of one package
+/// would unify their features differently and compile wasmtime and the rest again.
+pub fn build_bin(bin: &str) -> anyhow::Result<PathBuf> {
+    cargo_build_once("bins", &["--tests", "--bins"])?;
     Ok(workspace_root().join("target/debug").join(bin))
 }
 
@@ -354,7 +357,7 @@ impl DeviceSim {
     /// Starts `device-sim` with `args` (e.g. `--link PATH`, `--interval 0.2`, `--noise 20`)
     /// and reads the pty path from its first line of output.
     pub fn start(args: &[&str]) -> anyhow::Result<DeviceSim> {
-        let binary = build_bin("device-sim", "device-sim")?;
+        let binary = build_bin("device-sim")?;
         // Stdin is the simulator's control line (`--control`).
         let mut child =
             Command::new(binary).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().context("cannot start device-sim")?;

@@ -41,7 +41,7 @@ impl TetherRun {
 
     /// Like [`TetherRun::spawn`], with extra environment variables.
     pub async fn spawn_with_env(args: &[&OsStr], env: &[(&str, &OsStr)], ready: &str, timeout: Duration) -> anyhow::Result<TetherRun> {
-        let mut child = tokio::process::Command::new(build_bin("tether-host", "tether")?)
+        let mut child = tokio::process::Command::new(build_bin("tether")?)
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")

@@ -10,8 +10,8 @@ use tether_tests::{build_agent, build_bin};
 #[test]
 fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<()> {
     let agent = build_agent("azure-demo")?;
-    let tether = build_bin("tether-host", "tether")?;
-    build_bin("device-sim", "device-sim")?;
+    let tether = build_bin("tether")?;
+    build_bin("device-sim")?;
     let state = tempfile::tempdir()?;
     let mut child = Command::new(&tether)
         .args(["demo", "--mqtt-port", "0", "--https-port", "0", "--interval", "0.5"])
@@ -122,7 +122,7 @@ fn start_hub(tether: &std::path::Path, state: &std::path::Path, extra: &[&str]) 
 /// provisioned with it can register again.
 #[test]
 fn hub_keeps_the_demo_enrollment_across_restarts() -> anyhow::Result<()> {
-    let tether = build_bin("tether-host", "tether")?;
+    let tether = build_bin("tether")?;
     let state = tempfile::tempdir()?;
     let dps_line = || -> anyhow::Result<String> {
         let (mut child, stdout) = start_hub(&tether, state.path(), &["--persist"])?;
@@ -141,7 +141,7 @@ fn hub_keeps_the_demo_enrollment_across_restarts() -> anyhow::Result<()> {
 /// the twin, the control token sends C2D.
 #[test]
 fn hub_prints_tokens_and_curl_lines_that_work() -> anyhow::Result<()> {
-    let tether = build_bin("tether-host", "tether")?;
+    let tether = build_bin("tether")?;
     let state = tempfile::tempdir()?;
     let (mut child, stdout) = start_hub(&tether, state.path(), &[])?;
     let mut printed = Vec::new();

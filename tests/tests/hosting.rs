@@ -77,7 +77,7 @@ impl Served {
         std::fs::write(&path, head(dir, modules) + entries)?;
         let manifest = Manifest::load(&path)?;
         // Compiled as `tether serve` compiles: in a child process, with a deadline.
-        let worker = Some(build_bin("tether-host", "tether")?);
+        let worker = Some(build_bin("tether")?);
         let host = Arc::new(Host::start(HostConfig { compile_worker: worker, ..manifest.host.clone() }).await?);
         let logs = LogWatch::new(host.logs());
         manifest.spawn_agents(&host)?;
@@ -291,7 +291,7 @@ fn compile_workers_of(parent: u32) -> Vec<u32> {
 
 #[tokio::test]
 async fn sigterm_stops_tether_serve_at_once_while_it_compiles() -> anyhow::Result<()> {
-    let bin = build_bin("tether-host", "tether")?;
+    let bin = build_bin("tether")?;
     let dir = tempfile::tempdir()?;
     let depth = 20_000;
     let bomb = dir.path().join("bomb.wasm");
@@ -1021,7 +1021,7 @@ fn tether(bin: &Path, args: &[&str], token: &str) -> anyhow::Result<(i32, String
 #[tokio::test]
 async fn tether_serve_and_the_agents_cli() -> anyhow::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    let bin = tether_tests::build_bin("tether-host", "tether")?;
+    let bin = tether_tests::build_bin("tether")?;
     let dir = tempfile::tempdir()?;
     let port = tether_tests::free_port();
     let manifest = head(dir.path(), "").replace("\nlisten = \"127.0.0.1:0\"", &format!("\nlisten = \"127.0.0.1:{port}\"")) + &two_tenants()?;

@@ -16,7 +16,7 @@ fn target_dir() -> std::path::PathBuf {
 }
 
 fn tether(dir: &Path, args: &[&str]) -> anyhow::Result<(bool, String)> {
-    let output = Command::new(build_bin("tether-host", "tether")?)
+    let output = Command::new(build_bin("tether")?)
         .args(args)
         .current_dir(dir)
         .env("CARGO_TARGET_DIR", target_dir())
@@ -69,7 +69,7 @@ async fn a_new_crate_builds_with_plain_cargo_and_runs_outside_the_repository() -
 /// scripted board, the agent under `tether run`) passes under `tether test`.
 #[test]
 fn every_template_builds_and_passes_its_own_tests() -> anyhow::Result<()> {
-    build_bin("device-sim", "device-sim")?;
+    build_bin("device-sim")?;
     let dir = tempfile::tempdir()?;
     for template in ["hello", "http", "device", "azure"] {
         let name = format!("t-{template}");

@@ -30,9 +30,10 @@ pub fn build_crate(dir: &Path) -> anyhow::Result<PathBuf> {
     if !manifest.is_file() {
         bail!("{} has no Cargo.toml: give an agent crate's directory (`tether new NAME` makes one)", dir.display());
     }
-    // In the crate's directory: cargo reads .cargo/config.toml (the target) from there.
+    // In the crate's directory, so that its own .cargo/config.toml counts; the target is
+    // named too, for a crate in a workspace that builds for this machine by default.
     let status = Command::new(cargo())
-        .args(["build", "--release"])
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
         .current_dir(dir)
         .status()
         .context("cannot run cargo; is Rust installed (https://rustup.rs)?")?;
@@ -63,14 +64,21 @@ fn artefact(dir: &Path) -> anyhow::Result<PathBuf> {
     }
     let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).context("cargo metadata printed no JSON")?;
     let target_dir = metadata["target_directory"].as_str().context("cargo metadata has no target_directory")?;
-    let lib = metadata["packages"]
+    // In a workspace, metadata lists every member: the crate is the one whose manifest
+    // this is.
+    let manifest = dir.join("Cargo.toml").canonicalize().with_context(|| format!("cannot read {}", dir.join("Cargo.toml").display()))?;
+    let package = metadata["packages"]
         .as_array()
-        .and_then(|packages| packages.iter().flat_map(|p| p["targets"].as_array().into_iter().flatten()).find(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib"))))
+        .and_then(|packages| packages.iter().find(|p| p["manifest_path"].as_str().is_some_and(|m| Path::new(m) == manifest)))
+        .with_context(|| format!("cargo metadata does not list {}", manifest.display()))?;
+    let lib = package["targets"]
+        .as_array()
+        .and_then(|targets| targets.iter().find(|t| t["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "cdylib"))))
         .and_then(|t| t["name"].as_str())
         .context("the crate has no cdylib target: an agent needs [lib] crate-type = [\"cdylib\"]")?;
     let wasm = Path::new(target_dir).join("wasm32-wasip2/release").join(format!("{}.wasm", lib.replace('-', "_")));
     if !wasm.is_file() {
-        bail!("cargo built no {}; does the crate's .cargo/config.toml set target = \"wasm32-wasip2\"?", wasm.display());
+        bail!("cargo built no {}", wasm.display());
     }
     Ok(wasm)
 }

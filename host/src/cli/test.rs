@@ -1,7 +1,9 @@
-//! `tether test`: an agent crate's tests, built for this machine. The crate itself builds
-//! for WebAssembly (its .cargo/config.toml), so plain `cargo test` would build its tests
-//! for WebAssembly too; this names the host's target instead, and tells tether-testkit
-//! which `tether` to run.
+//! `tether test`: an agent crate's tests, built for this machine, and told which `tether`
+//! to run (tether-testkit reads `TETHER_BIN`). A crate of its own builds for WebAssembly
+//! by default (its .cargo/config.toml), so plain `cargo test` would build its tests for
+//! WebAssembly too: for such a crate this names the host's target instead. A crate in a
+//! workspace (this repository's examples) builds for this machine by default and keeps
+//! the workspace's target directory as it is.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,13 +21,17 @@ pub struct TestArgs {
     cargo_args: Vec<String>,
 }
 
-/// Runs `cargo test --target <this machine>` in the crate.
+/// Runs `cargo test` for this machine in the crate.
 pub fn test(args: &TestArgs) -> anyhow::Result<()> {
     if !args.dir.join("Cargo.toml").is_file() {
         bail!("{} has no Cargo.toml: give an agent crate's directory (`tether new NAME` makes one)", args.dir.display());
     }
-    let status = Command::new(super::build::cargo())
-        .args(["test", "--target", &host_triple()?])
+    let mut cargo = Command::new(super::build::cargo());
+    cargo.arg("test");
+    if args.dir.join(".cargo/config.toml").is_file() {
+        cargo.args(["--target", &host_triple()?]);
+    }
+    let status = cargo
         .args(&args.cargo_args)
         .current_dir(&args.dir)
         .env("TETHER_BIN", std::env::current_exe().context("cannot tell where this tether is")?)
