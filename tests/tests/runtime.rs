@@ -414,3 +414,26 @@ async fn agent_urls_close_connections_over_the_cap_and_take_new_ones_once_below(
     t.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn lowered_module_limits_hold_for_a_module_compiled_before() -> anyhow::Result<()> {
+    let cache = tempfile::tempdir()?;
+    let wasm = build_agent("probe")?;
+    let first = TestHost::start(|c| c.cache_dir = cache.path().to_owned()).await?;
+    first.host.runtime().load_file(&wasm)?;
+    first.stop().await;
+    assert!(std::fs::read_dir(cache.path())?.count() > 0, "the module was cached");
+    // The same module, from the same cache, under a limit it is over.
+    let strict = TestHost::start(|c| {
+        c.cache_dir = cache.path().to_owned();
+        c.modules.max_functions = 10;
+    })
+    .await?;
+    match strict.host.runtime().load_file(&wasm) {
+        Err(LoadError::Shape(e)) => assert!(e.to_string().contains("over modules.max_functions = 10"), "{e}"),
+        Err(e) => anyhow::bail!("refused for another reason: {e}"),
+        Ok(_) => anyhow::bail!("a cached module skipped the shape limits"),
+    }
+    strict.stop().await;
+    Ok(())
+}

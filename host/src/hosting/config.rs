@@ -250,8 +250,29 @@ impl RunConfig {
             message: one_line(&e.to_string()),
         })?;
         config.host.limits.check()?;
+        check_modules(&config.host.modules)?;
         Ok(config)
     }
+}
+
+/// Rejects module limits that would refuse every module or never stop a compile.
+pub fn check_modules(m: &ModuleLimits) -> Result<(), ConfigError> {
+    let counts = [
+        ("max_module_bytes", m.max_module_bytes as u64),
+        ("max_code_bytes", m.max_code_bytes as u64),
+        ("max_functions", m.max_functions as u64),
+        ("max_function_bytes", m.max_function_bytes as u64),
+        ("max_function_operators", m.max_function_operators as u64),
+        ("max_function_locals", m.max_function_locals),
+        ("max_nesting", m.max_nesting as u64),
+    ];
+    if let Some((name, _)) = counts.iter().find(|(_, v)| *v == 0) {
+        return Err(ConfigError::Invalid(format!("modules.{name} must be at least 1: 0 refuses every module")));
+    }
+    if !(m.compile_max_secs.is_finite() && m.compile_max_secs > 0.0) || !(m.compile_ms_per_kib.is_finite() && m.compile_ms_per_kib >= 0.0) {
+        return Err(ConfigError::Invalid("modules.compile_max_secs must be over 0 and modules.compile_ms_per_kib at least 0, both finite".into()));
+    }
+    Ok(())
 }
 
 impl Limits {

@@ -182,6 +182,10 @@ impl Manifest {
             host.limits.log_rate = Some(DEFAULT_LOG_RATE);
         }
         host.limits.check().map_err(|e| (line_of_key(text, "[host.limits]"), e.to_string()))?;
+        super::config::check_modules(&host.modules).map_err(|e| (line_of_key(text, "[host.modules]"), e.to_string()))?;
+        if raw.manage.max_log_streams == 0 {
+            return Err((line_of_key(text, "max_log_streams"), "manage.max_log_streams must be at least 1, or no tenant could follow a log".into()));
+        }
 
         let mut tenants = Vec::new();
         let mut tenant_names = HashSet::new();
@@ -189,6 +193,9 @@ impl Manifest {
         for t in raw.tenant {
             if !tenant_names.insert(t.name.get_ref().clone()) {
                 return Err(at(t.name.span(), format!("tenant {:?} is listed twice", t.name.get_ref())));
+            }
+            if t.token.get_ref().trim() != t.token.get_ref() {
+                return Err(at(t.token.span(), "a tenant's token may not begin or end with spaces: a bearer header never carries them".into()));
             }
             if t.token.get_ref().len() < 16 || !tokens.insert(t.token.get_ref().clone()) {
                 return Err(at(t.token.span(), "each tenant needs its own token of at least 16 characters".into()));
@@ -385,6 +392,9 @@ module = "sha256:000000000000000000000000000000000000000000000000000000000000000
             (GOOD.replace("id = \"a2\"", "id = \"a1\""), 19, "listed twice"),
             (GOOD.replace("config = {", "config = {{"), 14, ""),
             (GOOD.replace("module = \"sha256:0", "modul = \"sha256:0"), 21, "unknown field"),
+            (GOOD.replace("acme-token-0123456789", "acme-token-0123456789 "), 7, "may not begin or end with spaces"),
+            (GOOD.replace("[[tenant]]", "[host.modules]\nmax_nesting = 0\n\n[[tenant]]"), 5, "modules.max_nesting must be at least 1"),
+            (GOOD.replace("[[tenant]]", "[manage]\nmax_log_streams = 0\n\n[[tenant]]"), 6, "max_log_streams must be at least 1"),
         ];
         for (text, line, needle) in cases {
             let (got, message) = Manifest::parse(&text, Path::new(".")).unwrap_err();

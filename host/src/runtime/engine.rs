@@ -142,11 +142,12 @@ impl Runtime {
         if !wasmparser_is_component(bytes) {
             return Err(LoadError::NotComponent(describe_non_component(bytes)));
         }
+        // Before the cache too: limits lowered since a module was cached still hold for it.
+        self.modules.check(bytes)?;
         let digest = hex::encode(Sha256::digest(bytes));
         if let Some(component) = self.cache.get(&self.engine, &digest) {
             return self.link(&component, digest);
         }
-        self.modules.check(bytes)?;
         let (component, artefact) = match &self.worker {
             Some(exe) => {
                 let deadline = self.modules.compile_deadline(bytes.len());
