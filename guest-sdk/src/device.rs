@@ -346,10 +346,10 @@ impl IntoFuture for Request {
     type IntoFuture = futures::future::LocalBoxFuture<'static, Self::Output>;
 
     fn into_future(mut self) -> Self::IntoFuture {
-        let (tx, rx) = futures::channel::oneshot::channel();
+        let (tx, rx) = crate::task::oneshot();
         self.callbacks = Callbacks {
             on_outcome: Some(Box::new(move |outcome| {
-                let _ = tx.send(outcome);
+                tx.send(outcome);
             })),
             ..Callbacks::default()
         };

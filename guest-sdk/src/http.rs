@@ -191,13 +191,13 @@ impl Request {
     /// ```
     pub async fn send(self) -> Result<Response, HttpError> {
         let (method, url) = (self.method.clone(), self.url.clone());
-        let (tx, rx) = futures::channel::oneshot::channel();
+        let (tx, rx) = crate::task::oneshot();
         self.start(move |r| {
-            let _ = tx.send(r);
+            tx.send(r);
         });
         // The callback is only dropped unsent when the agent is ending.
         let ending = host::TransportFailure { kind: TransportError::Other, message: "the agent is ending".into() };
-        let response = rx.await.unwrap_or_else(|_| Response::failed(ending));
+        let response = rx.await.unwrap_or_else(|| Response::failed(ending));
         match response.error {
             Some(kind) => Err(HttpError { method, url, kind, message: response.error_message.unwrap_or_default() }),
             None => Ok(response),

@@ -61,9 +61,9 @@ pub fn try_wakeup(seconds: f64, callback: impl FnOnce() + 'static) -> Result<Tim
 /// });
 /// ```
 pub fn sleep(seconds: f64) -> Sleep {
-    let (tx, rx) = futures::channel::oneshot::channel();
+    let (tx, rx) = crate::task::oneshot();
     let timer = try_wakeup(seconds, move || {
-        let _ = tx.send(());
+        tx.send(());
     });
     Sleep { timer: timer.map(Some), rx }
 }
@@ -74,7 +74,7 @@ pub fn sleep(seconds: f64) -> Sleep {
 pub struct Sleep {
     /// `None` once fired.
     timer: Result<Option<Timer>, TimerError>,
-    rx: futures::channel::oneshot::Receiver<()>,
+    rx: crate::task::Receiver<()>,
 }
 
 impl std::future::Future for Sleep {

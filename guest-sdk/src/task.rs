@@ -31,6 +31,9 @@
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
 
 use futures::executor::{LocalPool, LocalSpawner};
 use futures::task::LocalSpawnExt;
@@ -69,4 +72,66 @@ pub fn spawn(future: impl Future<Output = ()> + 'static) {
 /// re-entry (a task's poll never delivers events) cannot happen.
 pub(crate) fn run_ready() {
     EXECUTOR.with(|e| e.pool.borrow_mut().run_until_stalled());
+}
+
+/// One value handed from a callback to the task awaiting it. Hand-written rather than
+/// `futures::channel::oneshot`, which is made for threads (an `Arc`, locks and a second
+/// waker slot per call): every awaited call of the SDK makes one, and an agent has one
+/// thread.
+struct Slot<T> {
+    value: Option<T>,
+    waker: Option<Waker>,
+    /// The sender is gone, sent or not.
+    closed: bool,
+}
+
+/// The callback's half: [`Sender::send`] once, or drop it to say nothing will come.
+pub(crate) struct Sender<T>(Rc<RefCell<Slot<T>>>);
+
+/// The awaiting half: `Some(value)`, or `None` if the sender was dropped unsent (the
+/// callback went away, which only happens when the agent is ending).
+pub(crate) struct Receiver<T>(Rc<RefCell<Slot<T>>>);
+
+/// A sender and its receiver.
+pub(crate) fn oneshot<T>() -> (Sender<T>, Receiver<T>) {
+    let slot = Rc::new(RefCell::new(Slot { value: None, waker: None, closed: false }));
+    (Sender(slot.clone()), Receiver(slot))
+}
+
+impl<T> Sender<T> {
+    /// Hands `value` over and wakes the task waiting for it.
+    pub(crate) fn send(self, value: T) {
+        self.0.borrow_mut().value = Some(value);
+        // Drop closes and wakes.
+    }
+}
+
+impl<T> Drop for Sender<T> {
+    fn drop(&mut self) {
+        let waker = {
+            let mut slot = self.0.borrow_mut();
+            slot.closed = true;
+            slot.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+}
+
+impl<T> Future for Receiver<T> {
+    type Output = Option<T>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+        let mut slot = self.0.borrow_mut();
+        if let Some(value) = slot.value.take() {
+            return Poll::Ready(Some(value));
+        }
+        if slot.closed {
+            return Poll::Ready(None);
+        }
+        if !slot.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            slot.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
 }

@@ -5,7 +5,8 @@
 //!
 //! Run: `cargo bench -p tether-tests --bench d2c [-- --messages N --window W --devices K
 //! --rounds R --no-python --only TEXT]` (defaults 20000, 100, 100, 3; `--only` keeps the
-//! rows whose label contains TEXT, for profiling one sender).
+//! rows whose label contains TEXT, or one of `A|B`, for profiling one sender or comparing
+//! two with more rounds).
 //!
 //! The emulator runs in this process on MQTT port 8883 (azure-iot-device only connects
 //! there), holding `target/hub-emulator-8883.lock` like the Python conformance tests. Every
@@ -454,7 +455,7 @@ async fn parent(args: Args) -> anyhow::Result<()> {
         specs.push(Spec { sender: Sender::Python, qos: 1, window: w, outbox: false, async_layer: false, label });
     }
     if let Some(only) = &args.only {
-        specs.retain(|s| s.label.contains(only.as_str()));
+        specs.retain(|s| only.split('|').any(|text| s.label.contains(text)));
     }
     // Rounds outside, senders inside, so drift in machine load spreads over all of them.
     let mut runs: Vec<Vec<Outcome>> = specs.iter().map(|_| Vec::new()).collect();

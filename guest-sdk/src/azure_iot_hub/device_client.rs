@@ -37,7 +37,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
 
-use futures::channel::oneshot;
+
 use serde_json::{Map, Value};
 
 use super::{
@@ -147,7 +147,7 @@ pub struct Twin {
     pub reported: TwinProperties,
 }
 
-type Waiters = RefCell<Vec<oneshot::Sender<i32>>>;
+type Waiters = RefCell<Vec<task::Sender<i32>>>;
 type DesiredHandler = Rc<dyn Fn(TwinProperties)>;
 
 /// What the client's callbacks share with the async calls.
@@ -167,16 +167,16 @@ pub struct DeviceClient {
 }
 
 /// Waits for the code the callback hands over; 1100 if the client went away first.
-async fn code_of(rx: oneshot::Receiver<i32>) -> i32 {
+async fn code_of(rx: task::Receiver<i32>) -> i32 {
     rx.await.unwrap_or(ERROR_GENERAL)
 }
 
 /// A one-shot callback `f(code)` and the future of that code.
-fn code_callback() -> (impl FnOnce(i32) + 'static, oneshot::Receiver<i32>) {
-    let (tx, rx) = oneshot::channel();
+fn code_callback() -> (impl FnOnce(i32) + 'static, task::Receiver<i32>) {
+    let (tx, rx) = task::oneshot();
     (
         move |code| {
-            let _ = tx.send(code);
+            tx.send(code);
         },
         rx,
     )
@@ -191,7 +191,7 @@ impl DeviceClient {
             move |code: i32| {
                 if let Some(shared) = shared.upgrade() {
                     for tx in waiters(&shared).take() {
-                        let _ = tx.send(code);
+                        tx.send(code);
                     }
                 }
             }
@@ -222,7 +222,7 @@ impl DeviceClient {
         if self.client.is_connected() {
             return Ok(());
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = task::oneshot();
         let first = {
             let mut waiters = self.shared.connects.borrow_mut();
             waiters.push(tx);
@@ -243,7 +243,7 @@ impl DeviceClient {
         if !self.client.is_connected() {
             return Ok(());
         }
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = task::oneshot();
         self.shared.disconnects.borrow_mut().push(tx);
         self.client.disconnect();
         let code = code_of(rx).await;
@@ -253,9 +253,9 @@ impl DeviceClient {
     /// Sends a device-to-cloud message; returns once it is sent (QoS 0) or IoT Hub has it
     /// (QoS 1), or, with [`ClientOptions::outbox`], once it is kept in the outbox.
     pub async fn send_message(&self, message: Message) -> Result<(), AzureError> {
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = task::oneshot();
         self.client.send_message(message, move |code, _| {
-            let _ = tx.send(code);
+            tx.send(code);
         });
         let code = code_of(rx).await;
         self.check("send_message", code)
@@ -283,9 +283,9 @@ impl DeviceClient {
     /// The device's twin, both sections (twins are enabled first if need be).
     pub async fn twin(&self) -> Result<Twin, AzureError> {
         self.ensure_twin().await?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = task::oneshot();
         self.client.retrieve_twin_properties(move |code, reported, desired| {
-            let _ = tx.send((code, reported, desired));
+            tx.send((code, reported, desired));
         });
         let (code, reported, desired) = rx.await.unwrap_or((ERROR_GENERAL, None, None));
         self.check("twin", code)?;
@@ -298,9 +298,9 @@ impl DeviceClient {
             return Err(AzureError { operation: "update_reported", code: 400, message: "the patch must be a JSON object".into() });
         };
         self.ensure_twin().await?;
-        let (tx, rx) = oneshot::channel();
+        let (tx, rx) = task::oneshot();
         self.client.update_twin_properties(patch, move |code, _| {
-            let _ = tx.send(code);
+            tx.send(code);
         });
         let code = code_of(rx).await;
         self.check("update_reported", code)

@@ -162,9 +162,9 @@ impl Dps {
 
     /// Runs a callback operation to its connection string, or its error.
     async fn complete(&self, operation: &'static str, start: impl FnOnce(&Dps, OnCompleted)) -> Result<String, AzureError> {
-        let (tx, rx) = futures::channel::oneshot::channel();
+        let (tx, rx) = crate::task::oneshot();
         start(self, Box::new(move |code, body, cs| {
-            let _ = tx.send((code, body, cs));
+            tx.send((code, body, cs));
         }));
         let (code, body, cs) = rx.await.unwrap_or((ERROR_GENERAL, None, None));
         match cs {

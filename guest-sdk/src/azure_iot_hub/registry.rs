@@ -209,12 +209,12 @@ impl Registry {
 
 /// Starts a callback request and waits for what its callback gets.
 async fn awaited<T: 'static>(start: impl FnOnce(Box<dyn FnOnce(Result<T, RegistryError>)>)) -> Result<T, RegistryError> {
-    let (tx, rx) = futures::channel::oneshot::channel();
+    let (tx, rx) = crate::task::oneshot();
     start(Box::new(move |result| {
-        let _ = tx.send(result);
+        tx.send(result);
     }));
     // The callback is only dropped uncalled when the agent is ending.
-    rx.await.unwrap_or_else(|_| Err(early("the agent is ending")))
+    rx.await.unwrap_or_else(|| Err(early("the agent is ending")))
 }
 
 fn device_from(response: http::Response) -> Result<Device, RegistryError> {
