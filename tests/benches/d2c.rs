@@ -8,6 +8,10 @@
 //! rows whose label contains TEXT, or one of `A|B`, for profiling one sender or comparing
 //! two with more rounds).
 //!
+//! Two switches for the Tether sender's host, to see where its time goes (BENCHMARKS.md,
+//! the d2c profile): `D2C_CURRENT_THREAD=1` runs it on a current-thread tokio runtime
+//! (as the native sender is), `D2C_NO_SLOW_LANE=1` sets `slow_lane = false`.
+//!
 //! The emulator runs in this process on MQTT port 8883 (azure-iot-device only connects
 //! there), holding `target/hub-emulator-8883.lock` like the Python conformance tests. Every
 //! sender runs in its own child process (this program re-run with `D2C_BENCH_CONFIG` set,
@@ -100,6 +104,7 @@ fn main() -> anyhow::Result<()> {
         // (on a multi-threaded runtime it used 3-4x the CPU per QoS 1 message).
         let runtime = match config.kind {
             Sender::Rumqttc => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+            _ if std::env::var_os("D2C_CURRENT_THREAD").is_some() => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
             _ => tokio::runtime::Runtime::new()?,
         };
         return runtime.block_on(child(config));
@@ -583,6 +588,7 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
     let t = TestHost::start(|c| {
         c.trusted_ca_files = vec![ca];
         c.max_agents = k as u32 + 8;
+        c.slow_lane = std::env::var_os("D2C_NO_SLOW_LANE").is_none();
     })
     .await?;
     let module = t.host.runtime().load_file(&config.wasm)?;

@@ -437,3 +437,25 @@ async fn lowered_module_limits_hold_for_a_module_compiled_before() -> anyhow::Re
     strict.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn without_a_slow_lane_a_busy_agent_stays_on_the_io_threads() -> anyhow::Result<()> {
+    let t = TestHost::start(|c| c.slow_lane = false).await?;
+    t.spawn("busy", "probe", &[])?;
+    t.spawn("quiet", "probe", &[])?;
+    // The same noise that moves an agent to the slow lane in the test above.
+    assert_eq!(get(&t.url("busy", "/noise?kind=calls&n=200000")).await, (200, "noise started".into()));
+    let deadline = std::time::Instant::now() + WAIT;
+    while t.host.agent("busy").is_none_or(|r| r.metrics.events < 5) {
+        assert!(std::time::Instant::now() < deadline, "the noise did not run: {:?}", t.host.agent("busy"));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Busy, it is never reported behind lighter agents; the CPU budget still holds it, and
+    // its neighbour is still served.
+    for _ in 0..20 {
+        assert_eq!(get(&t.url("quiet", "/ping")).await, (200, "pong".into()));
+        assert_eq!(t.host.agent("busy").map(|r| (r.slow_lane, r.restarts)), Some((false, 0)));
+    }
+    t.stop().await;
+    Ok(())
+}

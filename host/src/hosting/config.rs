@@ -60,6 +60,11 @@ pub struct HostConfig {
     pub compile_concurrency: usize,
     /// Bounds on a module's shape, checked before it is compiled, and its compile deadline.
     pub modules: ModuleLimits,
+    /// Move an agent that is in a long event or uses over a tenth of a core to low-priority
+    /// threads, behind lighter ones (default true). Off, every agent stays on the I/O
+    /// threads: fewer thread hops per event for a busy agent, but no shelter from a
+    /// spinning neighbour but the CPU budget.
+    pub slow_lane: bool,
     /// The `tether` binary, to compile modules in a child process that is stopped at the
     /// deadline; the `tether` commands set it. Unset (a library embedding the host), modules
     /// compile in this process with no deadline.
@@ -85,6 +90,7 @@ impl Default for HostConfig {
             cache_max_mib: 1024,
             compile_concurrency: 1,
             modules: ModuleLimits::default(),
+            slow_lane: true,
             compile_worker: None,
             limits: Limits::default(),
         }

@@ -152,12 +152,13 @@ impl Host {
         let connect_guard = ConnectGuard::start(&io).await.context("cannot start the MQTT connect guard")?;
         let mqtt_network = Arc::new(mqtt::Network { tls, guard: connect_guard.proxy() });
         let compile_concurrency = config.compile_concurrency.max(1);
+        let slow_lane = if config.slow_lane { SlowLane::new().context("cannot start the slow lane threads")? } else { SlowLane::off() };
         let shared = Arc::new(HostShared {
             deployed,
             public_url: public_url.trim_end_matches('/').to_owned(),
             config,
             runtime,
-            slow_lane: SlowLane::new().context("cannot start the slow lane threads")?,
+            slow_lane,
             _connect_guard: connect_guard,
             io,
             http_clients,
@@ -334,14 +335,15 @@ impl Host {
             Ok(agents) => agents.values().cloned().collect(),
             Err(_) => return Vec::new(),
         };
-        let mut reports: Vec<AgentReport> = agents.iter().map(|a| report(a)).collect();
+        let lane = self.shared.config.slow_lane;
+        let mut reports: Vec<AgentReport> = agents.iter().map(|a| report(a, lane)).collect();
         reports.sort_by(|a, b| a.id.cmp(&b.id));
         reports
     }
 
     /// Agent `id`'s report.
     pub fn agent(&self, id: &str) -> Option<AgentReport> {
-        self.shared.agent(id).map(|a| report(&a))
+        self.shared.agent(id).map(|a| report(&a, self.shared.config.slow_lane))
     }
 
     /// Swaps agent `id` to `module` between two of its events and restarts it over its
@@ -412,14 +414,15 @@ impl Host {
     }
 }
 
-fn report(agent: &AgentShared) -> AgentReport {
+/// `lane`: whether the host has a slow lane at all.
+fn report(agent: &AgentShared, lane: bool) -> AgentReport {
     AgentReport {
         id: agent.id.clone(),
         status: agent.status.lock().map(|s| s.clone()).unwrap_or(AgentStatus::Stopped),
         restarts: agent.restarts.lock().map(|n| *n).unwrap_or(0),
         device_connected: agent.parts.device.as_ref().map(|d| d.connected()),
         module_digest: agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default(),
-        slow_lane: agent.parts.slow.load(std::sync::atomic::Ordering::Relaxed),
+        slow_lane: lane && agent.parts.slow.load(std::sync::atomic::Ordering::Relaxed),
         metrics: agent.parts.handles.metrics.snapshot(),
     }
 }

@@ -37,8 +37,8 @@ const HALF_LIFE: Duration = Duration::from_millis(100);
 /// than the cores (at least one), so that a core is always left to the host's I/O and the
 /// light agents. Agent tasks move here, and back, at their pauses.
 pub(crate) struct SlowLane {
-    /// Always `Some` until dropped: a runtime cannot be dropped inside another one, so
-    /// `drop` takes it out and lets it end in the background.
+    /// `Some` until dropped, unless the lane is off: a runtime cannot be dropped inside
+    /// another one, so `drop` takes it out and lets it end in the background.
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -56,10 +56,17 @@ impl SlowLane {
         Ok(SlowLane { runtime: Some(runtime) })
     }
 
+    /// No slow lane (`slow_lane = false`): agents stay on the host's runtime.
+    pub fn off() -> SlowLane {
+        SlowLane { runtime: None }
+    }
+
     /// Spawns an agent's task on `io` (the host's runtime); whenever it pauses with `slow`
     /// set, it moves to the slow lane, and back when it pauses with `slow` clear.
     pub fn spawn(&self, io: &tokio::runtime::Handle, task: impl Future<Output = ()> + Send + 'static, slow: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
-        let lane = self.runtime.as_ref().map(|r| r.handle().clone());
+        let Some(lane) = self.runtime.as_ref().map(|r| r.handle().clone()) else {
+            return io.spawn(task);
+        };
         io.spawn(async move {
             let mut task: AgentTask = Box::pin(task);
             loop {
@@ -67,7 +74,6 @@ impl SlowLane {
                     Some(task) => task,
                     None => return,
                 };
-                let Some(lane) = &lane else { return };
                 let slow = slow.clone();
                 // Aborted if this task is dropped (a shutdown), at the agent's next pause.
                 let mut moved = AbortOnDrop(lane.spawn(async move { until(task, &slow, false).await }));
