@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "tether", version, about = "Runs Electric Imp-style agents as sandboxed WebAssembly")]
 struct Cli {
+    /// Threads for the host's I/O and its agents (default: one per core). 1 runs them all
+    /// on one thread: a busy agent's messages then cost the least CPU (no hand-offs between
+    /// threads; see BENCHMARKS.md), but a disk write of one agent holds up the others.
+    #[arg(long, global = true, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    io_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,9 +42,7 @@ enum Command {
     CompileWorker(cli::compile_worker::CompileWorkerArgs),
 }
 
-
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -52,7 +55,30 @@ async fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
+    let runtime = match cli.io_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread().worker_threads(n.into()).enable_all().build(),
+        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command.
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::New(args) => cli::new::new(&args),
         Command::Build(args) => cli::build::build(&args),
         Command::Test(args) => cli::test::test(&args),
@@ -62,13 +88,5 @@ async fn main() -> std::process::ExitCode {
         Command::Hub(args) => cli::hub::hub(args).await,
         Command::Demo(args) => cli::demo::demo(args).await,
         Command::CompileWorker(args) => cli::compile_worker::run(&args),
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
     }
 }
-

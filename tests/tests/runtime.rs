@@ -1,6 +1,9 @@
 //! The agent runtime end to end: real components in a real host, driven over real HTTP.
 
+use std::ffi::OsStr;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use tether_host::{AgentStatus, LoadError, Level};
 use tether_tests::tether_run::TetherRun;
@@ -457,5 +460,26 @@ async fn without_a_slow_lane_a_busy_agent_stays_on_the_io_threads() -> anyhow::R
         assert_eq!(t.host.agent("busy").map(|r| (r.slow_lane, r.restarts)), Some((false, 0)));
     }
     t.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tether_runs_its_agents_on_one_thread_when_told() -> anyhow::Result<()> {
+    let agent = build_agent("probe")?;
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("tether.toml");
+    let (store, cache) = (dir.path().join("store"), dir.path().join("cache"));
+    std::fs::write(&config, format!("[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = {store:?}\ncache_dir = {cache:?}\n\n[agent]\nid = \"one\"\n"))?;
+    let args = [OsStr::new("--io-threads"), OsStr::new("1"), OsStr::new("run"), agent.as_os_str(), OsStr::new("--config"), config.as_os_str()];
+    let run = TetherRun::spawn(&args, "agent URL: ", WAIT).await?;
+    let url = run.lines().iter().find_map(|l| Some(l.split("agent URL: ").nth(1)?.split_whitespace().next()?.to_owned()));
+    let url = url.with_context(|| format!("no URL: {:?}", run.lines()))?;
+    // Answers, saves (a disk write on the one thread) and answers again.
+    assert_eq!(get(&format!("{url}/ping")).await, (200, "pong".into()));
+    assert_eq!(get(&format!("{url}/count")).await, (200, "1".into()));
+    assert_eq!(get(&format!("{url}/count")).await, (200, "2".into()));
+    // Zero threads is refused before anything starts.
+    let refused = std::process::Command::new(tether_tests::build_bin("tether")?).args(["--io-threads", "0", "hub"]).output()?;
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--io-threads"), "{refused:?}");
     Ok(())
 }
