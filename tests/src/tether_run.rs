@@ -27,7 +27,13 @@ impl TetherRun {
     /// Starts `tether run agent --config config` (whose host listens on port 0) and waits
     /// until it names the agent's URL.
     pub async fn start(agent: &Path, config: &Path, timeout: Duration) -> anyhow::Result<TetherRun> {
-        let args = [OsStr::new("run"), agent.as_os_str(), OsStr::new("--config"), config.as_os_str()];
+        Self::start_with(&[], agent, config, timeout).await
+    }
+
+    /// Like [`TetherRun::start`], with `tether`'s own options (e.g. `--io-threads 1`) first.
+    pub async fn start_with(options: &[&str], agent: &Path, config: &Path, timeout: Duration) -> anyhow::Result<TetherRun> {
+        let mut args: Vec<&OsStr> = options.iter().map(OsStr::new).collect();
+        args.extend([OsStr::new("run"), agent.as_os_str(), OsStr::new("--config"), config.as_os_str()]);
         let mut run = TetherRun::spawn(&args, "agent URL: ", timeout).await?;
         let named = run.lines().iter().find_map(|l| Some(l.split("agent URL: ").nth(1)?.split_whitespace().next()?.to_owned()));
         run.url = named.ok_or_else(|| anyhow::anyhow!("tether run did not start: {:?}", run.lines()))?;

@@ -1,15 +1,21 @@
 //! The agent runtime end to end: real components in a real host, driven over real HTTP.
 
-use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-use anyhow::Context;
 
 use tether_host::{AgentStatus, LoadError, Level};
 use tether_tests::tether_run::TetherRun;
 use tether_tests::{ClosedPort, TestHost, build_agent};
 
 const WAIT: Duration = Duration::from_secs(20);
+
+/// A `tether run` config in `dir` for agent `id`: a free port, the store and cache in `dir`.
+fn run_config(dir: &Path, id: &str) -> anyhow::Result<PathBuf> {
+    let config = dir.join("tether.toml");
+    let (store, cache) = (dir.join("store"), dir.join("cache"));
+    std::fs::write(&config, format!("[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = {store:?}\ncache_dir = {cache:?}\n\n[agent]\nid = {id:?}\n"))?;
+    Ok(config)
+}
 
 async fn get(url: &str) -> (u16, String) {
     match reqwest::get(url).await {
@@ -269,9 +275,7 @@ async fn compiled_components_are_cached_by_content_hash() -> anyhow::Result<()> 
 async fn an_agent_cannot_forge_host_log_lines_or_flood_one_line() -> anyhow::Result<()> {
     let agent = build_agent("probe")?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("tether.toml");
-    let (store, cache) = (dir.path().join("store").display().to_string(), dir.path().join("cache").display().to_string());
-    std::fs::write(&config, format!("[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = {store:?}\ncache_dir = {cache:?}\n\n[agent]\nid = \"probe\"\n"))?;
+    let config = run_config(dir.path(), "probe")?;
     let run = TetherRun::start(&agent, &config, WAIT).await?;
     // What a line of tether's own log looks like, for another agent, after a newline.
     let forged = "ok%0D%0A2026-12-02T00:00:00.000000Z%20ERROR%20agent%20crashed%20agent%3Dvictim";
@@ -467,13 +471,9 @@ async fn without_a_slow_lane_a_busy_agent_stays_on_the_io_threads() -> anyhow::R
 async fn tether_runs_its_agents_on_one_thread_when_told() -> anyhow::Result<()> {
     let agent = build_agent("probe")?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("tether.toml");
-    let (store, cache) = (dir.path().join("store"), dir.path().join("cache"));
-    std::fs::write(&config, format!("[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = {store:?}\ncache_dir = {cache:?}\n\n[agent]\nid = \"one\"\n"))?;
-    let args = [OsStr::new("--io-threads"), OsStr::new("1"), OsStr::new("run"), agent.as_os_str(), OsStr::new("--config"), config.as_os_str()];
-    let run = TetherRun::spawn(&args, "agent URL: ", WAIT).await?;
-    let url = run.lines().iter().find_map(|l| Some(l.split("agent URL: ").nth(1)?.split_whitespace().next()?.to_owned()));
-    let url = url.with_context(|| format!("no URL: {:?}", run.lines()))?;
+    let config = run_config(dir.path(), "one")?;
+    let run = TetherRun::start_with(&["--io-threads", "1"], &agent, &config, WAIT).await?;
+    let url = &run.url;
     // Answers, saves (a disk write on the one thread) and answers again.
     assert_eq!(get(&format!("{url}/ping")).await, (200, "pong".into()));
     assert_eq!(get(&format!("{url}/count")).await, (200, "1".into()));
