@@ -4,9 +4,10 @@
 //! rumqttc client send the same messages to the same hub emulator, side by side.
 //!
 //! Run: `cargo bench -p tether-tests --bench d2c [-- --messages N --window W --devices K
-//! --rounds R --no-python --only TEXT]` (defaults 20000, 100, 100, 3; `--only` keeps the
-//! rows whose label contains TEXT, or one of `A|B`, for profiling one sender or comparing
-//! two with more rounds).
+//! --rounds R --no-python --only TEXT --hog]` (defaults 20000, 100, 100, 3; `--only` keeps
+//! the rows whose label contains TEXT, or one of `A|B`, for profiling one sender or
+//! comparing two with more rounds; `--hog` runs a process spinning on one core meanwhile,
+//! for the busy-machine rows).
 //!
 //! Two switches for the Tether sender's host, to see where its time goes (BENCHMARKS.md,
 //! the d2c profile): `D2C_CURRENT_THREAD=1` runs it on a current-thread tokio runtime
@@ -50,6 +51,8 @@ use tokio::process::{ChildStdout, Command};
 
 /// Set in a child process: its JSON configuration ([`ChildConfig`]).
 const CONFIG_ENV: &str = "D2C_BENCH_CONFIG";
+/// Set in the child that only spins: the CPU hog of `--hog`.
+const HOG_ENV: &str = "D2C_BENCH_HOG";
 /// azure-iot-device hard-codes this port.
 const MQTT_PORT: u16 = 8883;
 /// The limit for one run (connect, send, hub count).
@@ -98,6 +101,15 @@ async fn wait_for_line() -> anyhow::Result<()> {
 }
 
 fn main() -> anyhow::Result<()> {
+    if std::env::var_os(HOG_ENV).is_some() {
+        // SAFETY: prctl with PR_SET_PDEATHSIG only sets this process's death signal, so
+        // the hog dies with the bench even if the bench is killed.
+        unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+        let mut x = 0u64;
+        loop {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
     if let Ok(config) = std::env::var(CONFIG_ENV) {
         let config: ChildConfig = ChildConfig::from_json(&config)?;
         // The native client gets its best set-up: one thread, no cross-thread wake-ups
@@ -124,10 +136,11 @@ struct Args {
     rounds: usize,
     python: bool,
     only: Option<String>,
+    hog: bool,
 }
 
 impl Args {
-    /// `--messages N --window W --devices K --rounds R --no-python --only TEXT`; other arguments (cargo adds
+    /// `--messages N --window W --devices K --rounds R --no-python --only TEXT --hog`; other arguments (cargo adds
     /// `--bench`) are ignored.
     fn parse() -> Args {
         let args: Vec<String> = std::env::args().collect();
@@ -139,6 +152,7 @@ impl Args {
             rounds: num("--rounds", 3).max(1),
             python: !args.iter().any(|a| a == "--no-python"),
             only: args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned(),
+            hog: args.iter().any(|a| a == "--hog"),
         }
     }
 }
@@ -462,6 +476,11 @@ async fn parent(args: Args) -> anyhow::Result<()> {
     if let Some(only) = &args.only {
         specs.retain(|s| only.split('|').any(|text| s.label.contains(text)));
     }
+    let hog = if args.hog {
+        Some(Command::new(std::env::current_exe()?).env(HOG_ENV, "1").kill_on_drop(true).spawn().context("starting the CPU hog")?)
+    } else {
+        None
+    };
     // Rounds outside, senders inside, so drift in machine load spreads over all of them.
     let mut runs: Vec<Vec<Outcome>> = specs.iter().map(|_| Vec::new()).collect();
     for round in 0..args.rounds {
@@ -481,6 +500,7 @@ async fn parent(args: Args) -> anyhow::Result<()> {
             (mid < r.len()).then(|| r.swap_remove(mid))
         })
         .collect();
+    drop(hog);
     let mut mem = Vec::new();
     let mut senders = vec![(Sender::Tether, "Tether agent"), (Sender::Rumqttc, "native rumqttc")];
     if python.is_some() {
@@ -506,8 +526,9 @@ fn print_report(outcomes: &[Outcome], mem: &[(&str, (f64, String))], args: &Args
     let python = find(Sender::Python, 1, false);
     let ms = |us: u64| format!("{:.2} ms", us as f64 / 1000.0);
     println!(
-        "{n} messages per run (100-byte JSON body, one application property), MQTT over TLS on loopback; median of {} rounds\n",
-        args.rounds
+        "{n} messages per run (100-byte JSON body, one application property), MQTT over TLS on loopback; median of {} rounds{}\n",
+        args.rounds,
+        if args.hog { "; a CPU hog spinning on one core meanwhile" } else { "" }
     );
     println!("| sender | QoS | messages/s | latency p50 | latency p99 | sender CPU / msg | hub CPU / msg | at hub | errors | × Python | % of rumqttc |");
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tether_host::manifest::Manifest;
 use tether_host::{AgentModule, AgentStatus, Host};
-use tether_tests::bench::{percentile, rss_kib};
+use tether_tests::bench::{map_count, percentile, pss_kib, rss_kib, thread_cpu};
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
@@ -20,6 +20,12 @@ fn ms(d: Duration) -> String {
 fn p50_p99(mut samples: Vec<Duration>) -> String {
     samples.sort();
     format!("p50 {} / p99 {}", ms(percentile(&samples, 0.5)), ms(percentile(&samples, 0.99)))
+}
+
+fn p50_p99_us(mut samples: Vec<Duration>) -> String {
+    samples.sort();
+    let us = |p| percentile(&samples, p).as_secs_f64() * 1e6;
+    format!("p50 {:.1} µs / p99 {:.1} µs", us(0.5), us(0.99))
 }
 
 /// A manifest of `n` probe agents over 10 tenants; agent 0 has tight limits, agent 7 may
@@ -139,18 +145,41 @@ async fn deploys(host: &Host, probe_bytes: &[u8]) -> anyhow::Result<Vec<(String,
     ])
 }
 
-/// `busy` agents under load: requests spread over them from 64 clients at once, then
-/// timers from 256.
-async fn busy(url: &Arc<dyn Fn(usize) -> String + Send + Sync>, busy: usize) -> Vec<(String, String, String)> {
+/// Instantiations of `module` one after the other, a millisecond apart, while the host is
+/// busy: each from its `InstancePre` into a pool slot, as a restart or deploy does. Wall
+/// times, and the thread's CPU times of those that stayed on one thread.
+async fn instantiations(host: &Host, module: &AgentModule, n: usize) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let (mut wall, mut cpu) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..n {
+        let (thread, t, c) = (std::thread::current().id(), Instant::now(), thread_cpu());
+        let instance = host.bench_instantiate("bench-instantiate", module).await?;
+        wall.push(t.elapsed());
+        if std::thread::current().id() == thread {
+            cpu.push(thread_cpu().saturating_sub(c));
+        }
+        drop(instance);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok((wall, cpu))
+}
+
+/// `busy` agents under load: requests spread over them from 64 clients at once (and
+/// instantiations meanwhile), then timers from 256.
+async fn busy(host: &Host, module: &AgentModule, url: &Arc<dyn Fn(usize) -> String + Send + Sync>, busy: usize) -> anyhow::Result<Vec<(String, String, String)>> {
     let t = Instant::now();
-    let samples = load(url, busy, 50_000, 64, "/ping").await;
+    let (samples, instantiate) = tokio::join!(load(url, busy, 50_000, 64, "/ping"), instantiations(host, module, 1000));
     let rate = samples.len() as f64 / t.elapsed().as_secs_f64();
-    let mut rows = vec![(format!("HTTP event round trip, {busy} busy agents, 64 clients"), format!("{} ({rate:.0} events/s)", p50_p99(samples)), "—".into())];
+    let (wall, cpu) = instantiate?;
+    let mut rows = vec![
+        (format!("HTTP event round trip, {busy} busy agents, 64 clients"), format!("{} ({rate:.0} events/s)", p50_p99(samples)), "—".into()),
+        ("instantiate while those agents are busy: wall time".into(), p50_p99_us(wall), "p99 ≤ 50 µs".into()),
+        (format!("instantiate while those agents are busy: its thread's CPU time ({} of 1000 on one thread)", cpu.len()), p50_p99_us(cpu), "—".into()),
+    ];
     let samples = load(url, busy, 20_000, 256, "/later?ms=10").await;
     let lateness: Vec<Duration> = samples.into_iter().map(|d| d.saturating_sub(Duration::from_millis(10))).collect();
     rows.push((format!("timer event lateness, {busy} busy agents, 256 timers in flight"), p50_p99(lateness), "—".into()));
     eprintln!("busy agents measured");
-    rows
+    Ok(rows)
 }
 
 /// Runs `work` on a thread of its own, as a client outside the host would: its CPU use
@@ -229,10 +258,10 @@ async fn main() -> anyhow::Result<()> {
     let module: AgentModule = host.runtime().load_file(&probe)?;
     let mut rows: Vec<(String, String, String)> = vec![("parse a manifest of N agents".into(), format!("{} ({max} agents)", ms(parse)), "—".into())];
 
-    // RSS per idle agent: the first 1,000, then all.
-    let base = rss_kib();
+    // Memory per idle agent: the first 1,000, then up to 10,000, then all.
+    let (base, base_pss, base_maps) = (rss_kib(), pss_kib(), map_count());
     let mut spawned = 0;
-    let mut steps = vec![1000.min(max), max];
+    let mut steps = vec![1000.min(max), 10_000.min(max), max];
     steps.dedup();
     for step in steps {
         let t = Instant::now();
@@ -241,15 +270,22 @@ async fn main() -> anyhow::Result<()> {
         }
         wait_running(&host, manifest.agents[spawned..step].iter().map(|a| a.id.clone())).await?;
         eprintln!("{step} agents running");
-        let took = t.elapsed();
+        let (took, started) = (t.elapsed(), step - spawned);
         spawned = step;
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let rss = rss_kib();
-        let per = (rss.saturating_sub(base)) as f64 / step as f64;
+        let (rss, pss, maps) = (rss_kib(), pss_kib(), map_count());
+        let per = |now: u64, before: u64| now.saturating_sub(before) as f64 / step as f64;
         rows.push((
-            format!("RSS per idle agent ({step} agents)"),
-            format!("{per:.1} KiB (process {:.0} MiB; started in {:.2} s)", rss as f64 / 1024.0, took.as_secs_f64()),
-            if step >= 10_000 { "10,000 under 4 GiB".into() } else { "—".into() },
+            format!("memory per idle agent ({step} agents)"),
+            format!(
+                "RSS {:.1} KiB, PSS {:.1} KiB, {:.1} memory maps (process RSS {:.0} MiB; the last {started} started in {:.2} s)",
+                per(rss, base),
+                per(pss, base_pss),
+                maps.saturating_sub(base_maps) as f64 / step as f64,
+                rss as f64 / 1024.0,
+                took.as_secs_f64()
+            ),
+            if step >= 100_000 { "100,000 on a 24 GiB node".into() } else if step >= 10_000 { "10,000 under 4 GiB".into() } else { "—".into() },
         ));
     }
 
@@ -257,7 +293,7 @@ async fn main() -> anyhow::Result<()> {
     let url: Arc<dyn Fn(usize) -> String + Send + Sync> = Arc::new(move |i| format!("{base_url}agent-{i:05}"));
     if !noisy_only {
         rows.extend(deploys(&host, &probe_bytes).await?);
-        rows.extend(busy(&url, 1000.min(max)).await);
+        rows.extend(busy(&host, &module, &url, 1000.min(max)).await?);
     }
     rows.extend(noisy_neighbours(&host, &url, server.port()).await?);
 

@@ -10,6 +10,33 @@ pub fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// This process's proportional set size, KiB: resident pages with each shared page split
+/// among the mappings that share it (0 where /proc is unavailable). Every agent maps its
+/// module's initial memory image from one shared file, which RSS counts once per agent
+/// and PSS once in all.
+pub fn pss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// CPU time this thread has used: with wall time, it tells a cost from time spent
+/// preempted on a busy machine.
+pub fn thread_cpu() -> Duration {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime only writes the timespec it is given.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
+/// The number of memory mappings of this process (0 where /proc is unavailable).
+pub fn map_count() -> usize {
+    std::fs::read_to_string("/proc/self/maps").map(|s| s.lines().count()).unwrap_or(0)
+}
+
 /// The `p` quantile (0..=1) of sorted samples; zero for no samples.
 pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use wasmtime::Engine;
 
 use super::engine::AgentModule;
@@ -54,7 +54,7 @@ pub(crate) struct AgentShared {
     pub parts: AgentParts,
     pub status: Mutex<AgentStatus>,
     pub restarts: Mutex<u32>,
-    pub control: mpsc::UnboundedSender<Control>,
+    pub control: flume::Sender<Control>,
     /// The digest of the module version running (or about to run).
     pub module_digest: Mutex<String>,
 }
@@ -73,8 +73,8 @@ impl AgentShared {
 pub(crate) async fn run(
     agent: Arc<AgentShared>,
     mut module: AgentModule,
-    mut rx: mpsc::UnboundedReceiver<Envelope>,
-    mut control: mpsc::UnboundedReceiver<Control>,
+    mut rx: flume::Receiver<Envelope>,
+    mut control: flume::Receiver<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limits = agent.parts.limits.clone();
@@ -117,7 +117,7 @@ pub(crate) async fn run(
                     agent.parts.handles.log.write(Level::Info, &format!("restarting in {} ms", backoff.as_millis()));
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => continue,
-                        Some(c) = control.recv() => c,
+                        Ok(c) = control.recv_async() => c,
                         _ = shutdown.changed() => break,
                     }
                 }
@@ -156,8 +156,8 @@ async fn run_instance(
     agent: &Arc<AgentShared>,
     module: &AgentModule,
     generation: u64,
-    rx: &mut mpsc::UnboundedReceiver<Envelope>,
-    control: &mut mpsc::UnboundedReceiver<Control>,
+    rx: &mut flume::Receiver<Envelope>,
+    control: &mut flume::Receiver<Control>,
 ) -> anyhow::Result<Option<Control>> {
     if let Ok(mut digest) = agent.module_digest.lock() {
         digest.clone_from(&module.digest);
@@ -175,13 +175,13 @@ async fn run_instance(
         let envelope = tokio::select! {
             // Control first: a deploy does not wait behind a long queue.
             biased;
-            Some(c) = control.recv() => match c {
+            Ok(c) = control.recv_async() => match c {
                 Control::Run(Resume::Start) => continue,
                 c => return Ok(Some(c)),
             },
-            envelope = rx.recv() => match envelope {
-                Some(envelope) => envelope,
-                None => return Ok(None),
+            envelope = rx.recv_async() => match envelope {
+                Ok(envelope) => envelope,
+                Err(_) => return Ok(None),
             },
         };
         if envelope.generation.is_some_and(|g| g != generation) {
@@ -201,19 +201,19 @@ async fn run_instance(
 /// hanging, other events dropped, until a control message starts the agent again (`None`:
 /// the host shuts down).
 async fn idle(
-    rx: &mut mpsc::UnboundedReceiver<Envelope>,
-    control: &mut mpsc::UnboundedReceiver<Control>,
+    rx: &mut flume::Receiver<Envelope>,
+    control: &mut flume::Receiver<Control>,
     shutdown: &mut watch::Receiver<bool>,
     why: &str,
 ) -> Option<Resume> {
     loop {
         tokio::select! {
-            envelope = rx.recv() => match envelope {
-                Some(Envelope { event: HostEvent::HttpRequest(pending), .. }) => pending.reject(503, why),
-                Some(_) => {}
-                None => return None,
+            envelope = rx.recv_async() => match envelope {
+                Ok(Envelope { event: HostEvent::HttpRequest(pending), .. }) => pending.reject(503, why),
+                Ok(_) => {}
+                Err(_) => return None,
             },
-            Some(c) = control.recv() => match c {
+            Ok(c) = control.recv_async() => match c {
                 Control::Run(resume) => return Some(resume),
                 Control::Stop => {}
             },

@@ -69,12 +69,37 @@ pub struct Runtime {
     abandon: AtomicBool,
 }
 
+/// Memory mappings per agent slot, measured (BENCHMARKS.md, density): its fiber stack and
+/// guard page in the pool, and about four more once it runs (its memory's image, the rest
+/// of its memory slot, and the splits around them).
+const MAPS_PER_AGENT: u64 = 6;
+/// Mappings the rest of the process may need: threads, libraries, heap arenas.
+const MAPS_SLACK: u64 = 4096;
+
+/// Refuses a pool the kernel's mapping limit could not hold, with the fix: past
+/// `vm.max_map_count`, wasmtime fails to build the pool, or an agent fails to start with
+/// "Cannot allocate memory".
+fn map_count_check(agents: u32, limit: u64) -> anyhow::Result<()> {
+    let needed = u64::from(agents) * MAPS_PER_AGENT + MAPS_SLACK;
+    if needed > limit {
+        let suggest = needed.div_ceil(65536) * 65536;
+        anyhow::bail!(
+            "room for {agents} agents needs about {needed} memory mappings, but the kernel allows {limit} (vm.max_map_count); \
+             raise it with `sysctl -w vm.max_map_count={suggest}` (and a file in /etc/sysctl.d/ to keep it), or lower max_agents"
+        );
+    }
+    Ok(())
+}
+
 impl Runtime {
     /// Builds the engine for `config` and starts the epoch ticker.
     pub fn new(config: &HostConfig) -> anyhow::Result<Arc<Runtime>> {
         let memory = u64::from(config.limits.memory_mib) << 20;
         let mut wasm = compile_config(config.limits.memory_mib);
         let agents = config.max_agents.max(1);
+        if let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()) {
+            map_count_check(agents, limit)?;
+        }
         let mut pool = PoolingAllocationConfig::default();
         // A Rust wasip2 component holds a few core instances, memories and tables.
         pool.total_component_instances(agents)
@@ -202,4 +227,20 @@ fn describe_non_component(bytes: &[u8]) -> String {
 
 pub(crate) fn one_line(e: &impl std::fmt::Display) -> String {
     format!("{e:#}").replace('\n', " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::map_count_check;
+
+    #[test]
+    fn a_pool_past_the_kernels_mapping_limit_is_refused_with_the_fix() {
+        // Linux's default limit holds 10,000 agents (measured: about 60,400 mappings).
+        assert!(map_count_check(10_000, 65_530).is_ok());
+        let e = map_count_check(100_000, 65_530).unwrap_err().to_string();
+        assert!(e.contains("100000 agents needs about 604096 memory mappings"), "{e}");
+        assert!(e.contains("sysctl -w vm.max_map_count=655360"), "{e}");
+        assert!(e.contains("lower max_agents"), "{e}");
+        assert!(map_count_check(100_000, 655_360).is_ok());
+    }
 }

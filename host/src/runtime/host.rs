@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 
 use super::agent::{self, AgentShared, AgentStatus, Control, Resume};
 use super::engine::{AgentModule, LoadError, Runtime};
@@ -224,7 +224,7 @@ impl Host {
         Some(self.shared.agent(id)?.parts.device.as_ref()?.line_stats())
     }
 
-    pub(super) fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<Envelope>) {
+    pub(super) fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, flume::Receiver<Envelope>) {
         // Benchmark instances run without a device driver.
         let (agent, rx, _control, _driver) = self.new_agent_with_device(id, settings, self.default_policy());
         (agent, rx)
@@ -244,11 +244,11 @@ impl Host {
         id: &str,
         settings: AgentSettings,
         policy: AgentPolicy,
-    ) -> (Arc<AgentShared>, mpsc::UnboundedReceiver<Envelope>, mpsc::UnboundedReceiver<Control>, Option<device::Driver<SerialLine>>) {
+    ) -> (Arc<AgentShared>, flume::Receiver<Envelope>, flume::Receiver<Control>, Option<device::Driver<SerialLine>>) {
         let host = &self.shared;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = flume::unbounded();
         let queue = Arc::new(Queue(tx));
-        let (control, control_rx) = mpsc::unbounded_channel();
+        let (control, control_rx) = flume::unbounded();
         let metrics = Arc::new(AgentMetrics::default());
         let mut subscribers = vec![host.logs.clone()];
         subscribers.extend(policy.tenant.as_deref().map(|t| host.tenant_logs(t)));

@@ -3,8 +3,6 @@
 //! agent's task turns it into a WIT event just before delivery (see
 //! [`AgentCtx::prepare`](super::instance::AgentCtx::prepare)).
 
-use tokio::sync::mpsc;
-
 use crate::capabilities::device::DeviceEvent;
 use crate::capabilities::http::inbound::Pending;
 use crate::capabilities::http::outbound::Finished;
@@ -41,7 +39,7 @@ pub(crate) struct Envelope {
 }
 
 /// The sending end of an agent's queue, as every capability's [`Sink`].
-pub(crate) struct Queue(pub mpsc::UnboundedSender<Envelope>);
+pub(crate) struct Queue(pub flume::Sender<Envelope>);
 
 impl<E> Sink<E> for Queue
 where
