@@ -54,6 +54,9 @@ pub(crate) trait Backend: Send + Sync {
     fn stats(&self) -> Result<QueueStats, QueueError>;
     /// Writes the removals not yet written; called when the agent's event ends.
     fn settle(&self) -> Result<(), QueueError>;
+    /// Whether [`Backend::settle`] has anything to write. Cheap and never blocking: it is
+    /// asked after every event, and most events remove nothing.
+    fn unsettled(&self) -> bool;
     /// Where the queues are kept, for log lines.
     fn location(&self) -> String;
 }

@@ -29,8 +29,12 @@ impl Queues {
     }
 
     /// Writes what the agent removed during the event that just ended, so that a host that
-    /// dies later does not send it again.
+    /// dies later does not send it again. Most events remove nothing: those do not pay for
+    /// [`Blocking::run`], which hands the thread's other tasks to another thread.
     pub fn settle(&self) {
+        if !self.backend.unsettled() {
+            return;
+        }
         if let Err(e) = self.blocking.run(|| self.backend.settle()) {
             self.refusal(e);
         }

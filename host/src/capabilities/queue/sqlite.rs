@@ -277,6 +277,11 @@ impl Backend for SqliteQueues {
         result
     }
 
+    fn unsettled(&self) -> bool {
+        let slot = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().is_some_and(|db| !db.removed.is_empty())
+    }
+
     fn location(&self) -> String {
         self.path.display().to_string()
     }
@@ -448,16 +453,21 @@ mod tests {
     fn removals_wait_for_the_next_append_or_settle_and_are_invisible_meanwhile() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let q = SqliteQueues::new(dir.path(), "agent", 1 << 20, false);
+        assert!(!q.unsettled(), "nothing opened, nothing to write");
         let ids = [q.append("a", b"1")?, q.append("a", b"2")?, q.append("a", b"3")?];
+        assert!(!q.unsettled());
         assert!(q.remove("a", ids[0])?);
+        assert!(q.unsettled());
         assert!(!q.remove("a", ids[0])?, "removed already, though not yet written");
         assert_eq!(usage(&q)?, (2, 2, 1 << 20));
         assert_eq!(q.entries("a", 0, 10)?.iter().map(|e| e.id).collect::<Vec<_>>(), ids[1..]);
         assert!(q.remove("a", ids[1])?);
         let four = q.append("a", b"4")?;
         q.settle()?;
+        assert!(!q.unsettled());
         q.settle()?;
         assert!(q.remove("a", ids[2])?);
+        assert!(q.unsettled());
         drop(q);
 
         // A host that stops writes what it held.
