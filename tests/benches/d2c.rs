@@ -422,8 +422,9 @@ async fn memory(hub: &Hub, sender: Sender, devices: usize, wasm: &Path, python: 
             (
                 per_device,
                 format!(
-                    "RSS delta over {count} agents, each with one connected Client, / {count} (of which the agent instance {:.0} KiB, the Client's connection {per_connection:.0} KiB; the agent's linear memory grows {:.0} → {:.0} KiB on connecting); host process {base:.0} KiB before the agents",
+                    "RSS delta (freed heap returned first) over {count} agents, each with one connected Client, / {count} (of which the agent instance {:.0} KiB, the Client's connection {per_connection:.0} KiB, {:.0} KiB of it the host's heap; the agent's linear memory grows {:.0} → {:.0} KiB on connecting); host process {base:.0} KiB before the agents",
                     (spawned - base) / k,
+                    (get("heap_connected_kib") - get("heap_spawned_kib")) / k,
                     get("linear_spawned_kib"),
                     get("linear_connected_kib"),
                 ),
@@ -431,7 +432,8 @@ async fn memory(hub: &Hub, sender: Sender, devices: usize, wasm: &Path, python: 
         }
         Sender::Rumqttc => {
             let (base, connected) = (get("rss_base_kib"), get("rss_connected_kib"));
-            ((connected - base) / k, format!("RSS delta over {count} connections (AsyncClient + EventLoop task each) / {count}; process {base:.0} KiB before"))
+            let heap = (get("heap_connected_kib") - get("heap_base_kib")) / k;
+            ((connected - base) / k, format!("RSS delta (freed heap returned first) over {count} connections (AsyncClient + EventLoop task each) / {count}, {heap:.0} KiB of it heap; process {base:.0} KiB before"))
         }
         Sender::Python => {
             let (start, one, all) = (get("rss_start_kib"), get("rss_one_kib"), get("rss_all_kib"));
@@ -613,6 +615,7 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
     })
     .await?;
     let module = t.host.runtime().load_file(&config.wasm)?;
+    tether_tests::bench::release_free_memory();
     let rss_base = tether_tests::bench::rss_kib();
     let ids: Vec<String> = (0..k).map(|i| format!("d2c-{i}")).collect();
     for id in &ids {
@@ -624,8 +627,11 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_spawned = tether_tests::bench::rss_kib();
-    let http = reqwest::Client::builder().build()?;
+    tether_tests::bench::release_free_memory();
+    let (rss_spawned, heap_spawned) = (tether_tests::bench::rss_kib(), tether_tests::bench::heap_kib());
+    // No kept-alive connections: the agents' HTTP connections to this client would count
+    // as the MQTT connections' memory.
+    let http = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
     let call = |id: &str, path: &str, query: Vec<(&str, String)>| {
         let url = reqwest::Url::parse_with_params(&t.url(id, path), &query);
         let http = http.clone();
@@ -671,11 +677,13 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
             ensure!(summary.contains("\"errors\":0"), "agent: {summary}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_connected = tether_tests::bench::rss_kib();
+        tether_tests::bench::release_free_memory();
+        let (rss_connected, heap_connected) = (tether_tests::bench::rss_kib(), tether_tests::bench::heap_kib());
         let linear_connected = linear_kib(&ids).await?;
         say(&json!({
             "rss_start_kib": rss_start, "rss_base_kib": rss_base, "rss_spawned_kib": rss_spawned, "rss_connected_kib": rss_connected,
             "linear_spawned_kib": linear_spawned, "linear_connected_kib": linear_connected,
+            "heap_spawned_kib": heap_spawned, "heap_connected_kib": heap_connected,
         })
         .to_string());
     }
@@ -803,7 +811,8 @@ async fn rumqttc_child(config: &ChildConfig) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), async { while eventloop.poll().await.is_ok() {} }).await;
         return Ok(());
     }
-    let rss_base = tether_tests::bench::rss_kib();
+    tether_tests::bench::release_free_memory();
+    let (rss_base, heap_base) = (tether_tests::bench::rss_kib(), tether_tests::bench::heap_kib());
     let mut clients = Vec::new();
     for cs in &config.cs {
         let (client, eventloop, topic) = rumqttc_connect(cs, &tls).await?;
@@ -812,7 +821,8 @@ async fn rumqttc_child(config: &ChildConfig) -> anyhow::Result<()> {
         clients.push((client, driver));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    say(&json!({"rss_base_kib": rss_base, "rss_connected_kib": tether_tests::bench::rss_kib()}).to_string());
+    tether_tests::bench::release_free_memory();
+    say(&json!({"rss_base_kib": rss_base, "rss_connected_kib": tether_tests::bench::rss_kib(), "heap_base_kib": heap_base, "heap_connected_kib": tether_tests::bench::heap_kib()}).to_string());
     for (_, driver) in &clients {
         driver.abort();
     }

@@ -32,6 +32,20 @@ pub fn thread_cpu() -> Duration {
     Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
+/// Bytes the process's malloc has handed out and not yet taken back, KiB: the host's own
+/// heap, apart from guest memories, stacks and the allocator's free pages.
+pub fn heap_kib() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    (unsafe { libc::mallinfo2() }.uordblks / 1024) as u64
+}
+
+/// Gives the allocator's free pages back to the kernel, so that an RSS read next counts
+/// what is in use rather than what was freed a moment ago (glibc keeps freed heap).
+pub fn release_free_memory() {
+    // SAFETY: malloc_trim only returns free pages; it changes nothing in use.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// The number of memory mappings of this process (0 where /proc is unavailable).
 pub fn map_count() -> usize {
     std::fs::read_to_string("/proc/self/maps").map(|s| s.lines().count()).unwrap_or(0)

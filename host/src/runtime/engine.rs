@@ -73,6 +73,8 @@ pub struct Runtime {
 /// guard page in the pool, and about four more once it runs (its memory's image, the rest
 /// of its memory slot, and the splits around them).
 const MAPS_PER_AGENT: u64 = 6;
+/// Bytes of a freed memory or table slot reset in place rather than given back.
+const KEEP_RESIDENT: usize = 64 << 10;
 /// Mappings the rest of the process may need: threads, libraries, heap arenas.
 const MAPS_SLACK: u64 = 4096;
 
@@ -114,7 +116,13 @@ impl Runtime {
             .max_core_instances_per_component(16)
             .table_elements(20_000)
             .max_component_instance_size(1 << 20)
-            .max_core_instance_size(1 << 20);
+            .max_core_instance_size(1 << 20)
+            // A restarted or redeployed agent reuses a warm slot: resetting its first
+            // pages with memset keeps them mapped, where madvise would make every page
+            // fault again, and on a busy host also interrupt the other cores to flush
+            // their TLBs (BENCHMARKS.md, density).
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&wasm)?;
 
