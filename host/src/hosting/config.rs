@@ -275,7 +275,7 @@ pub fn check_modules(m: &ModuleLimits) -> Result<(), ConfigError> {
     if let Some((name, _)) = counts.iter().find(|(_, v)| *v == 0) {
         return Err(ConfigError::Invalid(format!("modules.{name} must be at least 1: 0 refuses every module")));
     }
-    if !(m.compile_max_secs.is_finite() && m.compile_max_secs > 0.0) || !(m.compile_ms_per_kib.is_finite() && m.compile_ms_per_kib >= 0.0) {
+    if !(m.compile_max_secs.is_finite() && m.compile_max_secs > 0.0 && m.compile_ms_per_kib.is_finite() && m.compile_ms_per_kib >= 0.0) {
         return Err(ConfigError::Invalid("modules.compile_max_secs must be over 0 and modules.compile_ms_per_kib at least 0, both finite".into()));
     }
     Ok(())

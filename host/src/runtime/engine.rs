@@ -73,10 +73,10 @@ pub struct Runtime {
 /// guard page in the pool, and about four more once it runs (its memory's image, the rest
 /// of its memory slot, and the splits around them).
 const MAPS_PER_AGENT: u64 = 6;
-/// Bytes of a freed memory or table slot reset in place rather than given back.
-const KEEP_RESIDENT: usize = 64 << 10;
 /// Mappings the rest of the process may need: threads, libraries, heap arenas.
 const MAPS_SLACK: u64 = 4096;
+/// Bytes of a freed memory or table slot reset in place rather than given back.
+const KEEP_RESIDENT: usize = 64 << 10;
 
 /// Refuses a pool the kernel's mapping limit could not hold, with the fix: past
 /// `vm.max_map_count`, wasmtime fails to build the pool, or an agent fails to start with
