@@ -17,15 +17,17 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn p50_p99(mut samples: Vec<Duration>) -> String {
-    samples.sort();
-    format!("p50 {} / p99 {}", ms(percentile(&samples, 0.5)), ms(percentile(&samples, 0.99)))
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-fn p50_p99_us(mut samples: Vec<Duration>) -> String {
+fn p50_p99(samples: Vec<Duration>) -> String {
+    p50_p99_in(samples, ms)
+}
+
+fn p50_p99_in(mut samples: Vec<Duration>, unit: fn(Duration) -> String) -> String {
     samples.sort();
-    let us = |p| percentile(&samples, p).as_secs_f64() * 1e6;
-    format!("p50 {:.1} µs / p99 {:.1} µs", us(0.5), us(0.99))
+    format!("p50 {} / p99 {}", unit(percentile(&samples, 0.5)), unit(percentile(&samples, 0.99)))
 }
 
 /// A manifest of `n` probe agents over 10 tenants; agent 0 has tight limits, agent 7 may
@@ -174,8 +176,8 @@ async fn busy(host: &Arc<Host>, module: &AgentModule, url: &Arc<dyn Fn(usize) ->
     let (wall, cpu) = instantiate?;
     let mut rows = vec![
         (format!("HTTP event round trip, {busy} busy agents, 64 clients"), format!("{} ({rate:.0} events/s)", p50_p99(samples)), "—".into()),
-        ("instantiate while those agents are busy: wall time".into(), p50_p99_us(wall), "p99 ≤ 50 µs".into()),
-        ("instantiate while those agents are busy: its thread's CPU time".into(), p50_p99_us(cpu), "—".into()),
+        ("instantiate while those agents are busy: wall time".into(), p50_p99_in(wall, us), "p99 ≤ 50 µs".into()),
+        ("instantiate while those agents are busy: its thread's CPU time".into(), p50_p99_in(cpu, us), "—".into()),
     ];
     let samples = load(url, busy, 20_000, 256, "/later?ms=10").await;
     let lateness: Vec<Duration> = samples.into_iter().map(|d| d.saturating_sub(Duration::from_millis(10))).collect();

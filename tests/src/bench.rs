@@ -4,10 +4,7 @@ use std::time::Duration;
 
 /// This process's resident set size, KiB (0 where /proc is unavailable).
 pub fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
+    proc_kib("/proc/self/status", "VmRSS:")
 }
 
 /// This process's proportional set size, KiB: resident pages with each shared page split
@@ -15,9 +12,14 @@ pub fn rss_kib() -> u64 {
 /// module's initial memory image from one shared file, which RSS counts once per agent
 /// and PSS once in all.
 pub fn pss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
+    proc_kib("/proc/self/smaps_rollup", "Pss:")
+}
+
+/// The KiB figure of the line starting with `key` in a /proc file (0 if absent).
+fn proc_kib(path: &str, key: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Pss:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
 }
 

@@ -73,8 +73,8 @@ impl AgentShared {
 pub(crate) async fn run(
     agent: Arc<AgentShared>,
     mut module: AgentModule,
-    mut rx: flume::Receiver<Envelope>,
-    mut control: flume::Receiver<Control>,
+    rx: flume::Receiver<Envelope>,
+    control: flume::Receiver<Control>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let limits = agent.parts.limits.clone();
@@ -85,7 +85,7 @@ pub(crate) async fn run(
         agent.set_status(AgentStatus::Starting);
         let started = Instant::now();
         let outcome = tokio::select! {
-            outcome = run_instance(&agent, &module, generation, &mut rx, &mut control) => outcome,
+            outcome = run_instance(&agent, &module, generation, &rx, &control) => outcome,
             _ = shutdown.changed() => Ok(None),
         };
         // The instance is gone, and with it what made the agent heavy: backoff, idling and
@@ -107,7 +107,7 @@ pub(crate) async fn run(
                 if crashes_in_a_row > limits.max_restarts {
                     agent.parts.handles.log.write(Level::Error, &format!("agent failed: {crashes_in_a_row} crashes in a row; not restarting"));
                     agent.set_status(AgentStatus::Failed { cause });
-                    match idle(&mut rx, &mut control, &mut shutdown, "agent failed: it crashed repeatedly").await {
+                    match idle(&rx, &control, &mut shutdown, "agent failed: it crashed repeatedly").await {
                         Some(resume) => Control::Run(resume),
                         None => break,
                     }
@@ -128,7 +128,7 @@ pub(crate) async fn run(
             Control::Stop => {
                 agent.parts.handles.log.write(Level::Info, "Agent stopped");
                 agent.set_status(AgentStatus::Stopped);
-                match idle(&mut rx, &mut control, &mut shutdown, "agent stopped").await {
+                match idle(&rx, &control, &mut shutdown, "agent stopped").await {
                     Some(resume) => resume,
                     None => break,
                 }
@@ -156,8 +156,8 @@ async fn run_instance(
     agent: &Arc<AgentShared>,
     module: &AgentModule,
     generation: u64,
-    rx: &mut flume::Receiver<Envelope>,
-    control: &mut flume::Receiver<Control>,
+    rx: &flume::Receiver<Envelope>,
+    control: &flume::Receiver<Control>,
 ) -> anyhow::Result<Option<Control>> {
     if let Ok(mut digest) = agent.module_digest.lock() {
         digest.clone_from(&module.digest);
@@ -201,8 +201,8 @@ async fn run_instance(
 /// hanging, other events dropped, until a control message starts the agent again (`None`:
 /// the host shuts down).
 async fn idle(
-    rx: &mut flume::Receiver<Envelope>,
-    control: &mut flume::Receiver<Control>,
+    rx: &flume::Receiver<Envelope>,
+    control: &flume::Receiver<Control>,
     shutdown: &mut watch::Receiver<bool>,
     why: &str,
 ) -> Option<Resume> {
