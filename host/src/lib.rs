@@ -37,5 +37,6 @@ pub use kit::metrics;
 pub use policy::allowed_hosts;
 pub use runtime::agent::AgentStatus;
 pub use runtime::engine::{AgentModule, LoadError, Runtime};
-pub use runtime::host::{AgentReport, ControlError, Host, SpawnError};
+pub use hosting::deployed::DeployRecord;
+pub use runtime::host::{AgentReport, ControlError, Host, RollbackError, SpawnError};
 pub use runtime::{bench, engine};

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod azure;
+pub mod browser;
 pub mod bench;
 pub mod faults;
 pub mod tether_run;

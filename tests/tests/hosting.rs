@@ -1,9 +1,8 @@
 //! Multi-tenant hosting end to end: agents from a manifest, the management API with
-//! per-tenant tokens, deploys, allowed destinations and rates, a noisy neighbour, the
-//! dashboard in headless Chromium.
+//! per-tenant tokens, deploys, allowed destinations and rates, a noisy neighbour. The
+//! console in a browser is tested in `console.rs`.
 
-use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -956,62 +955,6 @@ async fn a_noisy_neighbour_does_not_stop_the_others() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn chromium() -> anyhow::Result<PathBuf> {
-    ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .ok_or_else(|| anyhow::anyhow!("no chromium; run scripts/setup.sh --with-test-deps"))
-}
-
-/// Renders `url` in headless Chromium and returns the DOM once its scripts have run.
-fn dump_dom(url: &str) -> anyhow::Result<String> {
-    let profile = tempfile::tempdir()?;
-    // `timeout`: a page that never lets virtual time run out must not hang the suite.
-    // A group of its own, so that what Chromium leaves behind can be killed with it.
-    let child = std::process::Command::new("timeout")
-        .process_group(0)
-        .arg("60")
-        .arg(chromium()?)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-            "--virtual-time-budget=5000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(url)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let group = child.id();
-    let output = child.wait_with_output();
-    kill_group(group);
-    let output = output?;
-    anyhow::ensure!(output.status.success(), "chromium failed: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-#[tokio::test]
-async fn the_dashboard_shows_the_tenants_agents_in_chromium() -> anyhow::Result<()> {
-    let s = Served::start(&two_tenants()?, "").await?;
-    s.wait_running(&["a1", "b1"]).await?;
-    assert_eq!(s.call("POST", "/api/agents/a1/stop", TOKEN_A, vec![]).await.0, 202);
-    let url = format!("{}#token={TOKEN_A}", s.api("/"));
-    let dom = tokio::task::spawn_blocking(move || dump_dom(&url)).await??;
-    assert!(dom.contains(r#"data-agent="a1""#), "{dom}");
-    assert!(dom.contains(r#"data-status="stopped""#), "{dom}");
-    assert!(!dom.contains(r#"data-agent="b1""#), "{dom}");
-    assert!(dom.contains(r#"<option value="a1">a1</option>"#), "a1 can be chosen to deploy to: {dom}");
-    s.stop().await;
-    Ok(())
-}
-
 /// Runs the `tether` binary to completion: exit code, stdout, stderr.
 fn tether(bin: &Path, args: &[&str], token: &str) -> anyhow::Result<(i32, String, String)> {
     let out = std::process::Command::new(bin).args(args).env("TETHER_TOKEN", token).env("RUST_LOG", "off").output()?;
@@ -1107,132 +1050,5 @@ async fn tether_serve_and_the_agents_cli() -> anyhow::Result<()> {
     assert_eq!(line.as_deref(), Some("[a1] Agent restarted: reload"));
     let _ = logs.kill().await;
     let _ = serve.kill().await;
-    Ok(())
-}
-
-/// Just enough of a WebDriver client (Debian's chromedriver) to pick a file and click.
-struct Browser {
-    http: reqwest::Client,
-    session: String,
-    driver: std::process::Child,
-    _profile: tempfile::TempDir,
-}
-
-/// The key WebDriver puts element references under.
-const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
-
-impl Browser {
-    async fn start() -> anyhow::Result<Browser> {
-        let binary = ["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or_else(|| anyhow::anyhow!("no chromedriver; run scripts/setup.sh --with-test-deps"))?;
-        let port = tether_tests::free_port();
-        // A group of its own: Chromium inherits it, so killing the group ends both.
-        let driver = std::process::Command::new(binary)
-            .process_group(0)
-            .arg(format!("--port={port}"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
-        let profile = tempfile::tempdir()?;
-        let mut browser = Browser { http: reqwest::Client::new(), session: format!("http://127.0.0.1:{port}"), driver, _profile: profile };
-        tether_tests::wait_for_port(port, WAIT).await?;
-        let args = [
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
-        ]
-        .map(String::from)
-        .into_iter()
-        .chain([format!("--user-data-dir={}", browser._profile.path().display())])
-        .collect::<Vec<_>>();
-        let caps = serde_json::json!({ "capabilities": { "alwaysMatch": { "goog:chromeOptions": { "binary": chromium()?, "args": args } } } });
-        let created = browser.cmd(reqwest::Method::POST, "/session", caps).await?;
-        let id = created["sessionId"].as_str().ok_or_else(|| anyhow::anyhow!("no session: {created}"))?;
-        browser.session = format!("{}/session/{id}", browser.session);
-        Ok(browser)
-    }
-
-    /// One WebDriver command; its `value`.
-    async fn cmd(&self, method: reqwest::Method, path: &str, body: serde_json::Value) -> anyhow::Result<serde_json::Value> {
-        let url = format!("{}{path}", self.session);
-        let mut request = self.http.request(method.clone(), &url);
-        if method != reqwest::Method::GET {
-            request = request.header("content-type", "application/json").body(body.to_string());
-        }
-        let response = request.send().await?;
-        let ok = response.status().is_success();
-        let value: serde_json::Value = serde_json::from_str(&response.text().await?)?;
-        anyhow::ensure!(ok, "{path}: {value}");
-        Ok(value["value"].clone())
-    }
-
-    /// Waits for an element matching `css`.
-    async fn find(&self, css: &str) -> anyhow::Result<String> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            match self.cmd(reqwest::Method::POST, "/element", serde_json::json!({ "using": "css selector", "value": css })).await {
-                Ok(found) => return found[ELEMENT].as_str().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("{found}")),
-                Err(e) if Instant::now() > deadline => return Err(e),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    }
-
-    /// Waits until the text of `css` contains `needle`.
-    async fn wait_text(&self, css: &str, needle: &str) -> anyhow::Result<String> {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let element = self.find(css).await?;
-            let text = self.cmd(reqwest::Method::GET, &format!("/element/{element}/text"), serde_json::Value::Null).await?;
-            let text = text.as_str().unwrap_or_default().to_owned();
-            if text.contains(needle) {
-                return Ok(text);
-            }
-            anyhow::ensure!(Instant::now() < deadline, "{css} never showed {needle:?}: {text:?}");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        kill_group(self.driver.id());
-        let _ = self.driver.wait();
-    }
-}
-
-/// Kills process group `group` (a child started with `process_group(0)`, and whatever it
-/// started): killing the child alone would leave Chromium running.
-fn kill_group(group: u32) {
-    let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{group}")]).stderr(std::process::Stdio::null()).status();
-}
-
-#[tokio::test]
-async fn a_new_version_is_deployed_from_the_dashboard_in_chromium() -> anyhow::Result<()> {
-    let mut s = Served::start(&two_tenants()?, "").await?;
-    s.wait_running(&["a1", "b1"]).await?;
-    let browser = Browser::start().await?;
-    browser.cmd(reqwest::Method::POST, "/url", serde_json::json!({ "url": format!("{}#token={TOKEN_A}", s.api("/")) })).await?;
-    browser.find("#deploy-agent option[value=a1]").await?;
-    let file = browser.find("#deploy-file").await?;
-    let echo = build_agent("http-echo")?;
-    browser.cmd(reqwest::Method::POST, &format!("/element/{file}/value"), serde_json::json!({ "text": echo.display().to_string() })).await?;
-    let deploy = browser.find("#deploy button").await?;
-    browser.cmd(reqwest::Method::POST, &format!("/element/{deploy}/click"), serde_json::json!({})).await?;
-
-    browser.wait_text("#message", "Deployed").await?;
-    s.logs.wait_for("a1", "Agent restarted: reload", WAIT).await?;
-    s.wait_running(&["a1"]).await?;
-    assert_eq!(s.agent_get("a1", "/x").await, (200, "GET /x {} ".into()));
-    // The live log pane saw it too.
-    browser.wait_text("#logs", "[a1] Agent restarted: reload").await?;
-    let _ = browser.cmd(reqwest::Method::DELETE, "", serde_json::Value::Null).await;
-    s.stop().await;
     Ok(())
 }

@@ -37,6 +37,8 @@ pub enum AgentsAction {
     Restart { id: String },
     /// Follows the log of one agent, or of all the tenant's agents.
     Logs { id: Option<String> },
+    /// Prints a one-time link that logs a browser in to the console (valid for 10 minutes).
+    Console,
 }
 
 
@@ -56,6 +58,7 @@ pub async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
         AgentsAction::Restart { id } => (reqwest::Method::POST, format!("/api/agents/{id}/restart"), None),
         AgentsAction::Logs { id: Some(id) } => (reqwest::Method::GET, format!("/api/agents/{id}/logs"), None),
         AgentsAction::Logs { id: None } => (reqwest::Method::GET, "/api/logs".to_owned(), None),
+        AgentsAction::Console => (reqwest::Method::POST, "/api/login-links".to_owned(), None),
     };
     let mut request = client.request(method, format!("{base}{path}")).header("authorization", auth);
     if let Some(body) = body {
@@ -125,6 +128,7 @@ pub async fn agents(args: AgentsArgs) -> anyhow::Result<()> {
         AgentsAction::Start { id } => println!("{id}: starting"),
         AgentsAction::Restart { id } => println!("{id}: restarting"),
         AgentsAction::Logs { .. } => {}
+        AgentsAction::Console => println!("{base}{} (logs in once, within 10 minutes)", value["path"].as_str().unwrap_or_default()),
     }
     Ok(())
 }

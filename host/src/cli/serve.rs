@@ -32,7 +32,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let server = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen)
                 .await
                 .with_context(|| format!("cannot serve the management API on {listen}"))?;
-            tracing::info!("management API and dashboard: http://{}/", server.addr());
+            tracing::info!("management API and console: http://{}/", server.addr());
+            // Jupyter's way: a link that logs in once, so nobody pastes a token. Each
+            // works once, for 10 minutes; `tether agents console` makes more.
+            for tenant in &manifest.tenants {
+                match server.login_link(&tenant.name) {
+                    Ok(link) => tracing::info!("console login for tenant {}: {link}", tenant.name),
+                    Err(e) => tracing::warn!("no console login link for tenant {}: {e}", tenant.name),
+                }
+            }
             Some(server)
         }
         None => None,

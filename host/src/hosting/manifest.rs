@@ -74,11 +74,14 @@ pub struct ManageConfig {
     /// Log streams (`/api/logs`, `/api/agents/{id}/logs`) one tenant may have open at
     /// once; past it, 429.
     pub max_log_streams: usize,
+    /// How often the console's plots take a sample of every agent's counters, ms; the
+    /// last 30 samples are kept.
+    pub history_interval_ms: u64,
 }
 
 impl Default for ManageConfig {
     fn default() -> Self {
-        ManageConfig { listen: None, max_log_streams: 16 }
+        ManageConfig { listen: None, max_log_streams: 16, history_interval_ms: 10_000 }
     }
 }
 
@@ -183,6 +186,9 @@ impl Manifest {
         }
         host.limits.check().map_err(|e| (line_of_key(text, "[host.limits]"), e.to_string()))?;
         super::config::check_modules(&host.modules).map_err(|e| (line_of_key(text, "[host.modules]"), e.to_string()))?;
+        if raw.manage.history_interval_ms < 100 {
+            return Err((line_of_key(text, "history_interval_ms"), "manage.history_interval_ms must be at least 100: sampling every agent more often costs the host more than the plots are worth".into()));
+        }
         if raw.manage.max_log_streams == 0 {
             return Err((line_of_key(text, "max_log_streams"), "manage.max_log_streams must be at least 1, or no tenant could follow a log".into()));
         }
@@ -395,6 +401,7 @@ module = "sha256:000000000000000000000000000000000000000000000000000000000000000
             (GOOD.replace("acme-token-0123456789", "acme-token-0123456789 "), 7, "may not begin or end with spaces"),
             (GOOD.replace("[[tenant]]", "[host.modules]\nmax_nesting = 0\n\n[[tenant]]"), 5, "modules.max_nesting must be at least 1"),
             (GOOD.replace("[[tenant]]", "[manage]\nmax_log_streams = 0\n\n[[tenant]]"), 6, "max_log_streams must be at least 1"),
+            (GOOD.replace("[[tenant]]", "[manage]\nhistory_interval_ms = 10\n\n[[tenant]]"), 6, "history_interval_ms must be at least 100"),
         ];
         for (text, line, needle) in cases {
             let (got, message) = Manifest::parse(&text, Path::new(".")).unwrap_err();

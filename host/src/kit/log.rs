@@ -43,6 +43,8 @@ pub struct LogLine {
     pub agent: Arc<str>,
     pub level: Level,
     pub text: String,
+    /// When it was written.
+    pub at: std::time::SystemTime,
 }
 
 /// Writes one agent's log lines.
@@ -123,7 +125,7 @@ impl Logger {
         let line = {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
             // Numbered under the lock, so that an agent's lines are in the ring in `seq` order.
-            let line = LogLine { seq: NEXT_SEQ.fetch_add(1, Relaxed), agent: self.agent.clone(), level, text };
+            let line = LogLine { seq: NEXT_SEQ.fetch_add(1, Relaxed), agent: self.agent.clone(), level, text, at: std::time::SystemTime::now() };
             recent.bytes += line.text.len();
             recent.lines.push_back(line.clone());
             while recent.lines.len() > RECENT_LINES || recent.bytes > RECENT_BYTES {

@@ -23,7 +23,7 @@ use crate::capabilities::mqtt;
 use crate::capabilities::queue::SqliteQueues;
 use crate::capabilities::store::{self, FileStore};
 use crate::hosting::config::{AgentPolicy, AgentSettings, ConfigError, HostConfig};
-use crate::hosting::deployed::Deployed;
+use crate::hosting::deployed::{DeployRecord, Deployed};
 use crate::kit::Handles;
 use crate::kit::blocking::Blocking;
 use crate::kit::events::Events;
@@ -109,6 +109,19 @@ pub enum ControlError {
     /// A deploy's new version could not be written down; the old one keeps running.
     #[error("cannot keep the new version of {id:?}: {source}")]
     Keep { id: String, source: std::io::Error },
+}
+
+/// Why a rollback did not happen; the running version stays.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    /// Neither the version's bytes nor the manifest's module are kept for it.
+    #[error("version {0} is not kept for this agent (the last {max} deployed versions and the manifest's module are)", max = crate::hosting::deployed::MAX_VERSIONS)]
+    NotKept(String),
+    /// The kept version no longer loads (limits lowered since, or the cache lost it).
+    #[error("cannot load that version: {0}")]
+    Load(LoadError),
+    #[error(transparent)]
+    Control(ControlError),
 }
 
 /// What the host reports of one agent.
@@ -217,6 +230,11 @@ impl Host {
         let status = agent.status.lock().ok()?.clone();
         let restarts = *agent.restarts.lock().ok()?;
         Some((status, restarts))
+    }
+
+    /// Bytes of agent `id`'s `server.save` store on disk (0 before its first save).
+    pub fn store_bytes(&self, id: &str) -> u64 {
+        FileStore::new(&self.shared.config.store_dir, id).bytes_on_disk()
     }
 
     /// Frame and error counts of agent `id`'s serial line, if it has a device.
@@ -354,12 +372,53 @@ impl Host {
 
     /// [`Host::deploy`], after keeping `bytes` (the new version) in the store directory: a
     /// host started again from the same manifest runs it instead of the manifest's module,
-    /// until the manifest names another module for the agent.
-    pub fn deploy_kept(&self, id: &str, module: AgentModule, bytes: &[u8]) -> Result<(), ControlError> {
+    /// until the manifest names another module for the agent. The deploy goes into the
+    /// agent's history, as `by`'s.
+    pub fn deploy_kept(&self, id: &str, module: AgentModule, bytes: &[u8], by: &str) -> Result<(), ControlError> {
         let agent = self.shared.agent(id).ok_or_else(|| ControlError::Unknown(id.to_owned()))?;
         let running = agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default();
-        self.shared.deployed.keep(id, bytes, &running).map_err(|source| ControlError::Keep { id: id.to_owned(), source })?;
+        let keep = |source| ControlError::Keep { id: id.to_owned(), source };
+        self.shared.deployed.keep(id, bytes, &running).map_err(keep)?;
+        self.shared.deployed.record(id, &module.digest, Some(bytes), by, "deploy").map_err(keep)?;
         self.deploy(id, module)
+    }
+
+    /// Agent `id`'s deploys through the API (oldest first), and the digest of the
+    /// manifest's module they replaced, if any.
+    pub fn deploys(&self, id: &str) -> std::io::Result<(Vec<DeployRecord>, Option<String>)> {
+        Ok((self.shared.deployed.history(id)?, self.shared.deployed.base(id)?))
+    }
+
+    /// Whether agent `id` can roll back to version `module`: its bytes are kept, or it is
+    /// the manifest's module.
+    pub fn can_roll_back(&self, id: &str, module: &str) -> bool {
+        self.shared.deployed.version(id, module).is_ok_and(|v| v.is_some()) || self.shared.deployed.base(id).is_ok_and(|b| b.as_deref() == Some(module))
+    }
+
+    /// Runs version `module` of agent `id` again, one deployed before or the manifest's
+    /// (after which a restarted host runs the manifest's module, as before any deploy).
+    pub async fn roll_back(&self, id: &str, module: &str, by: &str) -> Result<(), RollbackError> {
+        let deployed = &self.shared.deployed;
+        let io = |source| RollbackError::Control(ControlError::Keep { id: id.to_owned(), source });
+        let base = deployed.base(id).map_err(io)?;
+        let bytes = deployed.version(id, module).map_err(io)?;
+        if base.as_deref() == Some(module) {
+            let loaded = match bytes {
+                Some(bytes) => self.compile(bytes).await,
+                None => self.runtime().load_cached(module),
+            };
+            let loaded = loaded.map_err(RollbackError::Load)?;
+            deployed.forget(id).map_err(io)?;
+            deployed.record(id, module, None, by, "rollback").map_err(io)?;
+            return self.deploy(id, loaded).map_err(RollbackError::Control);
+        }
+        let bytes = bytes.ok_or_else(|| RollbackError::NotKept(module.to_owned()))?;
+        let loaded = self.compile(bytes.clone()).await.map_err(RollbackError::Load)?;
+        let agent = self.shared.agent(id).ok_or_else(|| RollbackError::Control(ControlError::Unknown(id.to_owned())))?;
+        let running = agent.module_digest.lock().map(|d| d.clone()).unwrap_or_default();
+        deployed.keep(id, &bytes, &running).map_err(io)?;
+        deployed.record(id, module, None, by, "rollback").map_err(io)?;
+        self.deploy(id, loaded).map_err(RollbackError::Control)
     }
 
     /// What agent `id` should run at start: the version kept from an API deploy if the

@@ -13,6 +13,11 @@ impl FileStore {
     pub fn new(dir: &Path, agent_id: &str) -> FileStore {
         FileStore { path: dir.join(format!("{agent_id}.store")) }
     }
+
+    /// Bytes the value takes on disk; 0 before the first save.
+    pub fn bytes_on_disk(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
 }
 
 impl Backend for FileStore {

@@ -1,40 +1,54 @@
-//! The management API and its dashboard, on their own listen address: list agents with
-//! their status, deploy a new module version, stop / start / restart, stream logs,
-//! Prometheus metrics. A bearer token acts for one tenant, which sees and changes only
-//! its own agents.
+//! The management API and its console, on their own listen address: list agents with
+//! their status and recent history, deploy a new module version or roll back to an earlier
+//! one, stop / start / restart, stream logs, Prometheus metrics. A bearer token acts for
+//! one tenant, which sees and changes only its own agents; the console's pages use a
+//! session cookie instead ([`session`]), so that no token stays in a URL.
 //!
 //! | request | answer |
 //! |---|---|
-//! | `GET /` | the dashboard (asks for the token) |
-//! | `GET /api/agents` | JSON list of the tenant's agents |
-//! | `GET /api/agents/{id}` | one agent |
+//! | `GET /` | the console's overview of the tenant's agents (login first) |
+//! | `GET /agents/{id}` | the console's page of one agent |
+//! | `GET /login`, `POST /login` (form: `token`) | the login form; a session cookie |
+//! | `GET /login/{code}` | a one-time login link (from `tether serve`'s output or `POST /api/login-links`) |
+//! | `POST /logout` | ends the session |
+//! | `GET /api/session` | `{tenant, csrf}`: who is logged in, and the CSRF token changing requests send |
+//! | `POST /api/login-links` | `{path}`: a one-time login link, valid for 10 minutes |
+//! | `GET /api/agents?q=&status=&offset=&limit=` | JSON list of the tenant's agents, filtered and paged; `total` before paging |
+//! | `GET /api/agents/{id}` | one agent, with its device line, store size and URL |
+//! | `GET /api/agents/{id}/history` | the last samples of its counters, as columns |
+//! | `GET /api/agents/{id}/deploys` | its deploy history, and which versions can be rolled back to |
 //! | `POST /api/agents/{id}/deploy` (body: the component) | 200, or 400 with the reason |
+//! | `POST /api/agents/{id}/rollback` (JSON `{module}`) | 200, or 400/404 with the reason |
 //! | `POST /api/agents/{id}/stop`, `/start`, `/restart` | 202 |
 //! | `GET /api/agents/{id}/logs`, `GET /api/logs` | server-sent events, one log line each: the recent ones, then new ones |
 //! | `GET /metrics` | Prometheus text format |
+
+mod console;
+mod session;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Request, State};
+use axum::extract::{Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
+use self::session::{Sessions, set_cookie};
+use super::history::History;
 use super::manifest::{Access, ManageConfig};
 use crate::kit::log::{Level, LogLine};
 use crate::kit::metrics::LATENCY_BUCKETS;
 use crate::runtime::agent::AgentStatus;
-use crate::runtime::host::{AgentReport, ControlError, Host};
-
-const DASHBOARD: &str = include_str!("dashboard.html");
+use crate::runtime::host::{AgentReport, ControlError, Host, RollbackError};
 
 struct Api {
     host: Arc<Host>,
@@ -44,36 +58,61 @@ struct Api {
     /// hold every compile slot.
     compiling: Mutex<HashSet<String>>,
     streams: Streams,
+    sessions: Sessions,
+    history: Arc<History>,
     stop: watch::Receiver<bool>,
 }
 
 /// The running management server.
 pub struct ManageServer {
     addr: SocketAddr,
+    api: Arc<Api>,
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
 }
 
 impl ManageServer {
-    /// Binds `listen` and serves the API for `host`.
+    /// Binds `listen` and serves the API for `host`, sampling its agents' counters for the
+    /// console's plots.
     pub async fn start(host: Arc<Host>, access: Access, config: &ManageConfig, listen: SocketAddr) -> std::io::Result<ManageServer> {
         let listener = tokio::net::TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (stop, stop_rx) = watch::channel(false);
         let max_module_bytes = host.runtime().module_limits().max_module_bytes;
-        let api = Arc::new(Api { host, access, max_module_bytes, compiling: Mutex::default(), streams: Streams::new(config.max_log_streams), stop: stop_rx.clone() });
+        let history = Arc::new(History::new(Duration::from_millis(config.history_interval_ms)));
+        let api = Arc::new(Api {
+            host,
+            access,
+            max_module_bytes,
+            compiling: Mutex::default(),
+            streams: Streams::new(config.max_log_streams),
+            sessions: Sessions::default(),
+            history,
+            stop: stop_rx.clone(),
+        });
         let router = axum::Router::new()
-            .route("/", get(|| async { ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], DASHBOARD) }))
+            .route("/", get(|| async { console::page(console::OVERVIEW) }))
+            .route("/agents/{id}", get(|| async { console::page(console::AGENT) }))
+            .route("/login", get(|| async { console::page(console::LOGIN) }).post(login))
+            .route("/login/{code}", get(login_link))
+            .route("/logout", post(logout))
+            .route("/console/{file}", get(console::file))
+            .route("/api/session", get(session))
+            .route("/api/login-links", post(new_login_link))
             .route("/api/agents", get(list))
             .route("/api/agents/{id}", get(show))
+            .route("/api/agents/{id}/history", get(agent_history))
+            .route("/api/agents/{id}/deploys", get(deploys))
             .route("/api/agents/{id}/deploy", post(deploy))
+            .route("/api/agents/{id}/rollback", post(rollback))
             .route("/api/agents/{id}/logs", get(agent_logs))
             .route("/api/agents/{id}/{action}", post(act))
             .route("/api/logs", get(all_logs))
             .route("/metrics", get(metrics))
-            .with_state(api);
-        let mut stopped = stop_rx;
-        let task = tokio::spawn(async move {
+            .layer(axum::middleware::map_response(console::security_headers))
+            .with_state(api.clone());
+        let mut stopped = stop_rx.clone();
+        let serve = tokio::spawn(async move {
             let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
                 let _ = stopped.wait_for(|s| *s).await;
             });
@@ -81,7 +120,8 @@ impl ManageServer {
                 tracing::error!("management API stopped: {e}");
             }
         });
-        Ok(ManageServer { addr, stop, task })
+        let sample = tokio::spawn(sample(api.clone(), stop_rx));
+        Ok(ManageServer { addr, api, stop, tasks: [serve, sample] })
     }
 
     /// Where the API listens.
@@ -89,18 +129,41 @@ impl ManageServer {
         self.addr
     }
 
+    /// A one-time console login link for `tenant`, valid for 10 minutes: what `tether
+    /// serve` prints, as Jupyter does.
+    pub fn login_link(&self, tenant: &str) -> std::io::Result<String> {
+        Ok(format!("http://{}/login/{}", self.addr, self.api.sessions.link(tenant)?))
+    }
+
     /// Stops serving (ending open log streams) and waits for it.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Samples every agent's counters into the history until the server stops.
+async fn sample(api: Arc<Api>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(api.history.interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => api.history.sample(&api.host.agents()),
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 
 /// A refusal, as JSON `{"error": ...}`.
 #[derive(Debug, thiserror::Error)]
 enum ApiError {
-    #[error("missing or unknown bearer token")]
+    #[error("missing or unknown bearer token, and no console session")]
     Unauthorized,
+    /// A console session's changing request without its CSRF token.
+    #[error("missing or wrong X-CSRF-Token: reload the console page")]
+    Forbidden,
     #[error("no agent {0:?}")]
     NotFound(String),
     #[error("{0}")]
@@ -118,6 +181,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -146,24 +210,41 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
 }
 
+impl From<RollbackError> for ApiError {
+    fn from(e: RollbackError) -> Self {
+        match e {
+            RollbackError::NotKept(_) | RollbackError::Load(_) => ApiError::BadRequest(e.to_string()),
+            RollbackError::Control(e) => e.into(),
+        }
+    }
+}
+
 impl Api {
-    /// The tenant the request's bearer token acts for. Every token is compared, each in
-    /// constant time, so that the time to answer says nothing about how close a guess was.
-    fn tenant(&self, headers: &HeaderMap) -> Result<&str, ApiError> {
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized)?
-            .trim()
-            .as_bytes();
+    /// The tenant a bearer token acts for. Every token is compared, each in constant time,
+    /// so that the time to answer says nothing about how close a guess was.
+    fn tenant_of(&self, token: &str) -> Option<&str> {
         let mut found = None;
         for (known, tenant) in &self.access.tokens {
-            if bool::from(known.as_bytes().ct_eq(token)) {
+            if bool::from(known.as_bytes().ct_eq(token.trim().as_bytes())) {
                 found = Some(tenant.as_str());
             }
         }
-        found.ok_or(ApiError::Unauthorized)
+        found
+    }
+
+    /// The tenant a request acts for: by its bearer token, or else by its console
+    /// session, whose requests that change something (`changes`) must carry the session's
+    /// CSRF token too.
+    fn caller(&self, headers: &HeaderMap, changes: bool) -> Result<String, ApiError> {
+        let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        if let Some(token) = bearer {
+            return self.tenant_of(token).map(str::to_owned).ok_or(ApiError::Unauthorized);
+        }
+        let session = self.sessions.of(headers).ok_or(ApiError::Unauthorized)?;
+        if changes && !session.csrf_ok(headers) {
+            return Err(ApiError::Forbidden);
+        }
+        Ok(session.tenant)
     }
 
     /// Checks that agent `id` exists and is `tenant`'s. Another tenant's agent is "no
@@ -182,14 +263,19 @@ impl Api {
     }
 }
 
-fn agent_json(tenant: &str, r: &AgentReport) -> serde_json::Value {
-    let (status, cause) = match &r.status {
+/// A status's name in the API, and its cause if it has one.
+fn status_name(status: &AgentStatus) -> (&'static str, Option<&String>) {
+    match status {
         AgentStatus::Starting => ("starting", None),
         AgentStatus::Running => ("running", None),
         AgentStatus::Restarting { cause } => ("restarting", Some(cause)),
         AgentStatus::Failed { cause } => ("failed", Some(cause)),
         AgentStatus::Stopped => ("stopped", None),
-    };
+    }
+}
+
+fn agent_json(tenant: &str, r: &AgentReport) -> serde_json::Value {
+    let (status, cause) = status_name(&r.status);
     json!({
         "id": r.id,
         "tenant": tenant,
@@ -204,24 +290,104 @@ fn agent_json(tenant: &str, r: &AgentReport) -> serde_json::Value {
     })
 }
 
-async fn list(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let tenant = api.tenant(&headers)?;
-    let agents: Vec<_> = api.agents_of(tenant).iter().map(|r| agent_json(tenant, r)).collect();
-    Ok(json_response(StatusCode::OK, &json!({ "agents": agents })))
+/// `GET /api/agents`' filter and page.
+#[derive(Deserialize)]
+struct ListQuery {
+    /// Part of the id, any case.
+    #[serde(default)]
+    q: String,
+    /// One status (`running`, `failed`, ...).
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+async fn list(State(api): State<Arc<Api>>, headers: HeaderMap, Query(query): Query<ListQuery>) -> Result<Response, ApiError> {
+    let tenant = api.caller(&headers, false)?;
+    let q = query.q.to_lowercase();
+    let mut reports = api.agents_of(&tenant);
+    reports.retain(|r| r.id.to_lowercase().contains(&q) && (query.status.is_empty() || status_name(&r.status).0 == query.status));
+    let total = reports.len();
+    let page = reports.iter().skip(query.offset).take(query.limit.unwrap_or(usize::MAX));
+    let agents: Vec<_> = page
+        .map(|r| {
+            let mut agent = agent_json(&tenant, r);
+            agent["messages_per_s"] = json!(api.history.messages(&r.id));
+            agent["last_error"] = json!(api.host.recent_logs(&r.id).iter().rev().find(|l| l.level == Level::Error).map(|l| &l.text));
+            agent
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({ "agents": agents, "total": total })))
 }
 
 async fn show(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let tenant = api.tenant(&headers)?;
-    api.owned(tenant, &id)?;
+    let tenant = api.caller(&headers, false)?;
+    api.owned(&tenant, &id)?;
     let report = api.host.agent(&id).ok_or_else(|| ApiError::NotFound(id.clone()))?;
-    Ok(json_response(StatusCode::OK, &agent_json(tenant, &report)))
+    let mut agent = agent_json(&tenant, &report);
+    agent["url"] = json!(api.host.agent_url(&id));
+    agent["store_bytes"] = json!(api.host.store_bytes(&id));
+    agent["cpu_seconds"] = json!(report.metrics.busy_seconds);
+    agent["mqtt_messages"] = json!(report.metrics.mqtt_messages);
+    agent["device_messages"] = json!(report.metrics.device_messages);
+    agent["http_requests"] = json!(report.metrics.http_requests);
+    agent["device"] = match api.host.device_stats(&id) {
+        Some(line) => json!({
+            "connected": report.device_connected,
+            "frames_rx": line.frames_rx,
+            "frames_tx": line.frames_tx,
+            "crc_errors": line.crc_errors,
+            "malformed": line.malformed + line.cobs_errors + line.oversize + line.unknown_type,
+            "unexpected": line.unexpected,
+        }),
+        None => serde_json::Value::Null,
+    };
+    Ok(json_response(StatusCode::OK, &agent))
+}
+
+async fn agent_history(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let tenant = api.caller(&headers, false)?;
+    api.owned(&tenant, &id)?;
+    Ok(json_response(StatusCode::OK, &api.history.columns(&id)))
+}
+
+async fn deploys(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let tenant = api.caller(&headers, false)?;
+    api.owned(&tenant, &id)?;
+    let report = api.host.agent(&id).ok_or_else(|| ApiError::NotFound(id.clone()))?;
+    let (history, base) = api.host.deploys(&id).map_err(|e| ApiError::Internal(format!("cannot read the deploy history: {e}")))?;
+    let history: Vec<_> = history
+        .iter()
+        .rev()
+        .map(|d| json!({ "module": d.module, "at": d.at, "by": d.by, "via": d.via, "can_roll_back": d.module != report.module_digest && api.host.can_roll_back(&id, &d.module) }))
+        .collect();
+    let manifest = base.map(|digest| json!({ "module": digest, "can_roll_back": digest != report.module_digest && api.host.can_roll_back(&id, &digest) }));
+    Ok(json_response(StatusCode::OK, &json!({ "running": report.module_digest, "history": history, "manifest": manifest })))
+}
+
+/// `POST /api/agents/{id}/rollback`'s body.
+#[derive(Deserialize)]
+struct RollbackBody {
+    /// The digest of the version to run again.
+    module: String,
+}
+
+async fn rollback(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+    let tenant = api.caller(&headers, true)?;
+    api.owned(&tenant, &id)?;
+    let body: RollbackBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("send JSON {{\"module\": \"<digest>\"}}: {e}")))?;
+    let _turn = CompileTurn::take(&api.compiling, &tenant)?;
+    api.host.roll_back(&id, &body.module, &tenant).await?;
+    Ok(json_response(StatusCode::OK, &json!({ "id": id, "module": body.module })))
 }
 
 /// Validates the new version first (size, a component, the agent world); only then is it
 /// swapped in, so a bad upload leaves the old version running.
 async fn deploy(State(api): State<Arc<Api>>, Path(id): Path<String>, request: Request) -> Result<Response, ApiError> {
-    let tenant = api.tenant(request.headers())?;
-    api.owned(tenant, &id)?;
+    let tenant = api.caller(request.headers(), true)?;
+    api.owned(&tenant, &id)?;
     let limit = api.max_module_bytes;
     let bytes: Bytes = axum::body::to_bytes(request.into_body(), limit)
         .await
@@ -229,13 +395,64 @@ async fn deploy(State(api): State<Arc<Api>>, Path(id): Path<String>, request: Re
     if bytes.is_empty() {
         return Err(ApiError::BadRequest("empty body: send the component's bytes".into()));
     }
-    let _turn = CompileTurn::take(&api.compiling, tenant)?;
+    let _turn = CompileTurn::take(&api.compiling, &tenant)?;
     let started = Instant::now();
     let module = api.host.compile(bytes.to_vec()).await.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
     let digest = module.digest.clone();
-    api.host.deploy_kept(&id, module, &bytes)?;
+    api.host.deploy_kept(&id, module, &bytes, &tenant)?;
     Ok(json_response(StatusCode::OK, &json!({ "id": id, "module": digest, "compile_ms": compile_ms })))
+}
+
+/// The login form's fields.
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+/// Logged in: the session cookie, and on to the overview.
+fn logged_in(api: &Api, tenant: &str) -> Result<Response, ApiError> {
+    let id = api.sessions.start(tenant).map_err(|e| ApiError::Internal(format!("cannot start a session: {e}")))?;
+    let mut response = Redirect::to("/").into_response();
+    response.headers_mut().insert(header::SET_COOKIE, set_cookie(&id));
+    Ok(response)
+}
+
+/// `POST /login`: the token from the form (never from a URL).
+async fn login(State(api): State<Arc<Api>>, Form(form): Form<LoginForm>) -> Result<Response, ApiError> {
+    match api.tenant_of(&form.token) {
+        Some(tenant) => logged_in(&api, tenant),
+        None => Ok(Redirect::to("/login?failed").into_response()),
+    }
+}
+
+/// `GET /login/{code}`: a one-time link, used up by this request.
+async fn login_link(State(api): State<Arc<Api>>, Path(code): Path<String>) -> Result<Response, ApiError> {
+    match api.sessions.redeem(&code) {
+        Some(tenant) => logged_in(&api, &tenant),
+        None => Ok(Redirect::to("/login?expired").into_response()),
+    }
+}
+
+async fn logout(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    api.caller(&headers, true)?;
+    api.sessions.end(&headers);
+    let mut response = json_response(StatusCode::OK, &json!({ "logged_out": true }));
+    response.headers_mut().insert(header::SET_COOKIE, set_cookie(""));
+    Ok(response)
+}
+
+/// Who the caller is, and for a console session the CSRF token its pages send.
+async fn session(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let tenant = api.caller(&headers, false)?;
+    let csrf = api.sessions.of(&headers).map(|s| s.csrf);
+    Ok(json_response(StatusCode::OK, &json!({ "tenant": tenant, "csrf": csrf })))
+}
+
+async fn new_login_link(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let tenant = api.caller(&headers, true)?;
+    let code = api.sessions.link(&tenant).map_err(|e| ApiError::Internal(format!("cannot make a login link: {e}")))?;
+    Ok(json_response(StatusCode::OK, &json!({ "path": format!("/login/{code}"), "expires_in_s": 600 })))
 }
 
 /// A tenant's one compile at a time; released when dropped.
@@ -260,8 +477,8 @@ impl Drop for CompileTurn<'_> {
 }
 
 async fn act(State(api): State<Arc<Api>>, headers: HeaderMap, Path((id, action)): Path<(String, String)>) -> Result<Response, ApiError> {
-    let tenant = api.tenant(&headers)?;
-    api.owned(tenant, &id)?;
+    let tenant = api.caller(&headers, true)?;
+    api.owned(&tenant, &id)?;
     match action.as_str() {
         "stop" => api.host.stop_agent(&id)?,
         "start" => api.host.start_agent(&id)?,
@@ -272,15 +489,15 @@ async fn act(State(api): State<Arc<Api>>, headers: HeaderMap, Path((id, action))
 }
 
 async fn agent_logs(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let tenant = api.tenant(&headers)?;
-    api.owned(tenant, &id)?;
-    log_stream(&api, tenant, HashSet::from([id]))
+    let tenant = api.caller(&headers, false)?;
+    api.owned(&tenant, &id)?;
+    log_stream(&api, &tenant, HashSet::from([id]))
 }
 
 async fn all_logs(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let tenant = api.tenant(&headers)?;
-    let ids = api.access.owners.iter().filter(|(_, o)| o.as_str() == tenant).map(|(id, _)| id.clone()).collect();
-    log_stream(&api, tenant, ids)
+    let tenant = api.caller(&headers, false)?;
+    let ids = api.access.owners.iter().filter(|(_, o)| **o == tenant).map(|(id, _)| id.clone()).collect();
+    log_stream(&api, &tenant, ids)
 }
 
 /// The log streams open per tenant, each counted while its response body lives.
@@ -371,12 +588,13 @@ fn log_stream(api: &Api, tenant: &str, agents: HashSet<String>) -> Result<Respon
 
 fn line_json(line: &LogLine) -> serde_json::Value {
     let level = if line.level == Level::Error { "error" } else { "info" };
-    json!({ "agent": &*line.agent, "level": level, "text": line.text })
+    let at = line.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+    json!({ "agent": &*line.agent, "level": level, "text": line.text, "at_ms": at })
 }
 
 async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let tenant = api.tenant(&headers)?;
-    let text = prometheus(tenant, &api.agents_of(tenant));
+    let tenant = api.caller(&headers, false)?;
+    let text = prometheus(&tenant, &api.agents_of(&tenant));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
 }
 

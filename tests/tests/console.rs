@@ -1,0 +1,319 @@
+//! The console of `tether serve`, in headless Chromium over WebDriver: a login that leaves
+//! no token in any URL, the overview with its filter and pages, an agent's page whose
+//! plots fill as traffic flows and whose log shows markup as text, deploy and rollback
+//! through the page, and no error in the browser's console on any page. Screenshots of
+//! each page land in `target/console-screenshots/`.
+
+use std::ffi::OsStr;
+use std::time::Duration;
+
+use tether_tests::browser::Browser;
+use tether_tests::build_agent;
+use tether_tests::tether_run::TetherRun;
+
+const WAIT: Duration = Duration::from_secs(60);
+const TOKEN_A: &str = "token-of-tenant-a-0123456789";
+const TOKEN_B: &str = "token-of-tenant-b-0123456789";
+
+/// A `tether serve` with tenants `a` and `b`, and what it printed.
+struct Served {
+    run: TetherRun,
+    /// The management API and console, without a trailing slash.
+    manage: String,
+    /// The agents' URLs' base.
+    agents: String,
+    http: reqwest::Client,
+    dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// Serves `entries` (`[[agent]]` tables), sampling the plots' history every 200 ms.
+    async fn start(entries: &str) -> anyhow::Result<Served> {
+        let dir = tempfile::tempdir()?;
+        let manifest = format!(
+            r#"
+[host]
+http_listen = "127.0.0.1:0"
+store_dir = "{store}"
+cache_dir = "{cache}"
+
+[manage]
+listen = "127.0.0.1:0"
+history_interval_ms = 200
+
+[[tenant]]
+name = "a"
+token = "{TOKEN_A}"
+
+[[tenant]]
+name = "b"
+token = "{TOKEN_B}"
+{entries}"#,
+            store = dir.path().join("store").display(),
+            cache = dir.path().join("cache").display(),
+        );
+        let path = dir.path().join("manifest.toml");
+        std::fs::write(&path, manifest)?;
+        let run = TetherRun::spawn(&[OsStr::new("serve"), OsStr::new("--manifest"), path.as_os_str()], "console login for tenant b", WAIT).await?;
+        let lines = run.lines();
+        let after = |marker: &str| lines.iter().find_map(|l| Some(l.split(marker).nth(1)?.split_whitespace().next()?.trim_end_matches('/').to_owned()));
+        let manage = after("management API and console: ").ok_or_else(|| anyhow::anyhow!("no console URL in {lines:?}"))?;
+        let agents = after("agent URLs under ").ok_or_else(|| anyhow::anyhow!("no agent URL in {lines:?}"))?;
+        Ok(Served { run, manage, agents, http: reqwest::Client::new(), dir })
+    }
+
+    /// The one-time login link `tether serve` printed for `tenant`.
+    fn printed_link(&self, tenant: &str) -> anyhow::Result<String> {
+        let marker = format!("console login for tenant {tenant}: ");
+        let lines = self.run.lines();
+        lines
+            .iter()
+            .find_map(|l| Some(l.split(&marker).nth(1)?.split_whitespace().next()?.to_owned()))
+            .ok_or_else(|| anyhow::anyhow!("no login link for {tenant} in {lines:?}"))
+    }
+
+    /// A fresh one-time link for `token`'s tenant, from `tether agents console`.
+    fn new_link(&self, token: &str) -> anyhow::Result<String> {
+        let out = std::process::Command::new(tether_tests::build_bin("tether")?).args(["agents", "--url", &self.manage, "console"]).env("TETHER_TOKEN", token).output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(out.status.success(), "tether agents console: {}", String::from_utf8_lossy(&out.stderr));
+        stdout.split_whitespace().next().map(str::to_owned).ok_or_else(|| anyhow::anyhow!("no link in {stdout:?}"))
+    }
+
+    /// `GET` of agent `id`'s `path`: status and body.
+    async fn agent_get(&self, id: &str, path: &str) -> anyhow::Result<(u16, String)> {
+        let response = self.http.get(format!("{}/{id}{path}", self.agents)).send().await?;
+        Ok((response.status().as_u16(), response.text().await?))
+    }
+
+    /// Waits until agent `id` answers `path` with `body`.
+    async fn wait_answer(&self, id: &str, path: &str, body: &str) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let got = self.agent_get(id, path).await?;
+            if got == (200, body.to_owned()) {
+                return Ok(());
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "{id}{path} answers {got:?}, not {body:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn probe_entry(id: &str, tenant: &str) -> anyhow::Result<String> {
+    Ok(format!("\n[[agent]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nmodule = \"{}\"\n", build_agent("probe")?.display()))
+}
+
+/// Fails with the browser console's warnings and errors, if it has any but those that
+/// contain one of `expected`.
+async fn no_console_problems_but(browser: &Browser, page: &str, expected: &[&str]) -> anyhow::Result<()> {
+    let mut problems = browser.console_problems().await?;
+    problems.retain(|p| !expected.iter().any(|e| p.contains(e)));
+    anyhow::ensure!(problems.is_empty(), "the browser console on {page}: {problems:#?}");
+    Ok(())
+}
+
+/// Fails with the browser console's warnings and errors, if it has any.
+async fn no_console_problems(browser: &Browser, page: &str) -> anyhow::Result<()> {
+    no_console_problems_but(browser, page, &[]).await
+}
+
+#[tokio::test]
+async fn the_console_logs_in_once_and_keeps_the_token_out_of_every_url() -> anyhow::Result<()> {
+    let s = Served::start(&(probe_entry("a1", "a")? + &probe_entry("b1", "b")?)).await?;
+    // Nothing without a login; every answer carries the CSP, which allows no inline script.
+    let page = s.http.get(format!("{}/", s.manage)).send().await?;
+    let csp = page.headers().get("content-security-policy").and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"), "{csp}");
+    assert_eq!(page.headers().get("referrer-policy").and_then(|v| v.to_str().ok()), Some("no-referrer"));
+    assert_eq!(s.http.get(format!("{}/api/agents", s.manage)).send().await?.status(), 401);
+
+    let browser = Browser::start().await?;
+    let link = s.printed_link("a")?;
+    browser.goto(&link).await?;
+    browser.find("tr[data-agent=a1]").await?;
+    assert_eq!(browser.url().await?, format!("{}/", s.manage), "the code is gone from the address bar");
+    assert!(browser.client().find(fantoccini::Locator::Css("tr[data-agent=b1]")).await.is_err(), "tenant b's agent is not shown");
+    browser.wait_text("#tenant", "tenant a").await?;
+    let cookies = browser.client().get_all_cookies().await?;
+    let session = cookies.iter().find(|c| c.name() == "tether_session").ok_or_else(|| anyhow::anyhow!("no session cookie: {cookies:?}"))?;
+    assert_eq!(session.http_only(), Some(true));
+    assert_eq!(session.same_site().map(|s| s.to_string()).as_deref(), Some("Strict"));
+    assert!(!session.value().contains(TOKEN_A));
+    browser.screenshot("overview").await?;
+    no_console_problems(&browser, "the overview").await?;
+
+    // The cookie alone cannot change anything: a changing request needs the CSRF token.
+    let cookie = format!("tether_session={}", session.value());
+    let stop = |csrf: Option<String>| {
+        let mut request = s.http.post(format!("{}/api/agents/a1/stop", s.manage)).header("cookie", &cookie);
+        if let Some(csrf) = csrf {
+            request = request.header("x-csrf-token", csrf);
+        }
+        request.send()
+    };
+    assert_eq!(stop(None).await?.status(), 403);
+    assert_eq!(stop(Some("guess".into())).await?.status(), 403);
+    let me: serde_json::Value = serde_json::from_str(&s.http.get(format!("{}/api/session", s.manage)).header("cookie", &cookie).send().await?.text().await?)?;
+    assert_eq!(me["tenant"], "a");
+    assert_eq!(stop(me["csrf"].as_str().map(str::to_owned)).await?.status(), 202);
+    browser.find("tr[data-agent=a1][data-status=stopped]").await?;
+
+    // A link works once.
+    browser.goto(&link).await?;
+    browser.wait_text("#message", "used already").await?;
+    assert_eq!(browser.url().await?, format!("{}/login?expired", s.manage));
+
+    // The form: a wrong token, then tenant b's; the token never shows in a URL.
+    browser.goto(&format!("{}/login", s.manage)).await?;
+    browser.find("#token").await?.send_keys("not-a-token-of-anyone").await?;
+    browser.find("#login button").await?.click().await?;
+    browser.wait_text("#message", "not one of this host's tenants").await?;
+    browser.screenshot("login").await?;
+    browser.find("#token").await?.send_keys(TOKEN_B).await?;
+    browser.find("#login button").await?.click().await?;
+    browser.find("tr[data-agent=b1]").await?;
+    assert!(!browser.url().await?.contains(TOKEN_B));
+    browser.wait_text("#tenant", "tenant b").await?;
+
+    // Logging out ends the session on the server, not only in the browser.
+    let cookies = browser.client().get_all_cookies().await?;
+    let b_cookie = cookies.iter().find(|c| c.name() == "tether_session").map(|c| format!("tether_session={}", c.value())).unwrap_or_default();
+    assert_eq!(s.http.get(format!("{}/api/agents", s.manage)).header("cookie", &b_cookie).send().await?.status(), 200);
+    browser.find("#logout").await?.click().await?;
+    browser.find("#login").await?;
+    assert_eq!(s.http.get(format!("{}/api/agents", s.manage)).header("cookie", &b_cookie).send().await?.status(), 401);
+    assert_eq!(s.http.get(format!("{}/api/agents", s.manage)).header("cookie", &cookie).send().await?.status(), 200, "tenant a's session is another, still live");
+    let fresh = s.new_link(TOKEN_A)?;
+    assert!(fresh.starts_with(&format!("{}/login/", s.manage)), "{fresh}");
+    browser.goto(&fresh).await?;
+    browser.find("tr[data-agent=a1]").await?;
+    no_console_problems(&browser, "the login and overview").await?;
+    browser.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_new_version_is_deployed_from_the_overview_and_its_log_shows_live() -> anyhow::Result<()> {
+    let s = Served::start(&probe_entry("a1", "a")?).await?;
+    let browser = Browser::start().await?;
+    browser.goto(&s.printed_link("a")?).await?;
+    browser.find("#deploy-agent option[value=a1]").await?;
+    browser.choose_file("#deploy-file", &build_agent("http-echo")?).await?;
+    browser.find("#deploy button").await?.click().await?;
+    browser.wait_text("#message", "Deployed").await?;
+    s.wait_answer("a1", "/x", "GET /x {} ").await?;
+    browser.wait_text("#logs", "[a1] Agent restarted: reload").await?;
+    no_console_problems(&browser, "the overview").await?;
+    browser.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_overview_filters_and_pages_many_agents() -> anyhow::Result<()> {
+    let mut entries = String::new();
+    for i in 0..120 {
+        entries += &probe_entry(&format!("a-{i:03}"), "a")?;
+    }
+    let s = Served::start(&entries).await?;
+    let browser = Browser::start().await?;
+    browser.goto(&s.printed_link("a")?).await?;
+    browser.wait_text("#count", "1–50 of 120").await?;
+    browser.find("#next").await?.click().await?;
+    browser.wait_text("#count", "51–100 of 120").await?;
+    browser.find("tr[data-agent=a-050]").await?;
+    browser.find("#filter").await?.send_keys("a-11").await?;
+    browser.wait_text("#count", "1–10 of 10").await?;
+    browser.find("tr[data-agent=a-119]").await?;
+    // Every shown row has its sparkline, drawn by uPlot.
+    browser.wait_js("return document.querySelectorAll('#agents tbody tr .spark canvas').length", |n| n == 10).await?;
+    browser.screenshot("overview-filtered").await?;
+    no_console_problems(&browser, "the overview").await?;
+    browser.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_agents_page_plots_its_traffic_and_shows_its_log_as_text() -> anyhow::Result<()> {
+    let s = Served::start(&probe_entry("a1", "a")?).await?;
+    let browser = Browser::start().await?;
+    browser.goto(&s.printed_link("a")?).await?;
+    browser.find("tr[data-agent=a1] a").await?.click().await?;
+    browser.wait_text("#agent-id", "a1").await?;
+    assert_eq!(browser.url().await?, format!("{}/agents/a1", s.manage));
+    browser.wait_text("#facts", &format!("{}/a1", s.agents)).await?;
+    browser.wait_js("return document.querySelectorAll('#plots canvas').length", |n| n == 6).await?;
+
+    // Traffic: the events plot fills.
+    for _ in 0..50 {
+        assert_eq!(s.agent_get("a1", "/ping").await?, (200, "pong".into()));
+    }
+    assert_eq!(s.agent_get("a1", "/save?bytes=100").await?, (200, "saved".into()));
+    browser.wait_js("return Number(document.getElementById('plots').dataset.eventsMax || 0)", |n| n.as_f64().is_some_and(|n| n > 0.0)).await?;
+    // The store holds the value as JSON: 100 characters and two quotes.
+    browser.wait_text("#facts", "store102 B").await?;
+
+    // Markup an agent logs stays text.
+    let markup = "<img src=x id=injected><b>bold</b>";
+    let query = format!("/log?text={}", url::form_urlencoded::byte_serialize(markup.as_bytes()).collect::<String>());
+    assert_eq!(s.agent_get("a1", &query).await?, (200, "logged".into()));
+    browser.wait_text("#logs", markup).await?;
+    let injected = browser.client().execute("return document.querySelectorAll('#logs img, #logs b, #injected').length", vec![]).await?;
+    assert_eq!(injected, 0, "no element was made from the log line");
+    // Search and the level filter.
+    browser.find("#log-search").await?.send_keys("bold").await?;
+    browser.wait_text("#log-count", "1 of").await?;
+    browser.find("#log-search").await?.clear().await?;
+    browser.find("#log-level option[value=error]").await?.click().await?;
+    browser.wait_text_where("#logs", |t| !t.contains("bold")).await?;
+    browser.client().execute("window.scrollTo(0, 0)", vec![]).await?;
+    browser.screenshot("agent").await?;
+    browser.client().execute("document.getElementById('plots').scrollIntoView()", vec![]).await?;
+    browser.screenshot("agent-plots").await?;
+    no_console_problems(&browser, "the agent's page").await?;
+    browser.close().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_version_is_deployed_and_rolled_back_from_the_agents_page() -> anyhow::Result<()> {
+    let s = Served::start(&probe_entry("a1", "a")?).await?;
+    let browser = Browser::start().await?;
+    browser.goto(&s.printed_link("a")?).await?;
+    browser.find("tr[data-agent=a1]").await?;
+    browser.goto(&format!("{}/agents/a1", s.manage)).await?;
+    browser.wait_text("#deploys", "no deploys through the API yet").await?;
+
+    // A refused module: its reason is shown, and the old version keeps answering.
+    let bad = s.dir.path().join("not-a-module.wasm");
+    std::fs::write(&bad, b"hello")?;
+    browser.choose_file("#deploy-file", &bad).await?;
+    browser.find("#deploy button").await?.click().await?;
+    browser.wait_text("#message", "not a WebAssembly component").await?;
+    s.wait_answer("a1", "/ping", "pong").await?;
+    // The refused upload's 400, which the page shows, is the one entry Chromium logs.
+    no_console_problems_but(&browser, "the agent's page", &["/api/agents/a1/deploy - Failed to load resource: the server responded with a status of 400"]).await?;
+
+    let echo = build_agent("http-echo")?;
+    browser.choose_file("#deploy-file", &echo).await?;
+    browser.find("#deploy button").await?.click().await?;
+    browser.wait_text("#message", "Deployed").await?;
+    s.wait_answer("a1", "/x", "GET /x {} ").await?;
+    browser.wait_text("#deploys", "the manifest's module").await?;
+    browser.screenshot("agent-deployed").await?;
+
+    // Back to the manifest's version, then forward again to the deployed one.
+    browser.find("#deploys tr:last-child button").await?.click().await?;
+    browser.wait_text("#message", "Rolled back").await?;
+    s.wait_answer("a1", "/ping", "pong").await?;
+    browser.wait_text("#deploys", "rollback").await?;
+    let echo_digest = browser.wait_js("return document.querySelector('#deploys tr[data-via=deploy]')?.dataset.module", |v| v.is_string()).await?;
+    let echo_digest = echo_digest.as_str().unwrap_or_default().to_owned();
+    browser.find(&format!("#deploys tr[data-module='{echo_digest}'] button")).await?.click().await?;
+    s.wait_answer("a1", "/x", "GET /x {} ").await?;
+    browser.wait_text("#message", "Rolled back").await?;
+    browser.screenshot("agent-rolled-back").await?;
+    no_console_problems(&browser, "the agent's page").await?;
+    browser.close().await;
+    Ok(())
+}
