@@ -123,7 +123,7 @@ impl Hub {
     /// Starts it and reads what it prints.
     pub async fn start() -> anyhow::Result<Hub> {
         let dir = tempfile::tempdir()?;
-        let (mut child, lines) = spawn(Command::new(tether_bin()).args(["hub", "--mqtt-port", "0", "--https-port", "0", "--state-dir"]).arg(dir.path()).env("NO_COLOR", "1")).context(NO_TETHER)?;
+        let (mut child, lines) = spawn(Command::new(tether_bin()).args(["hub", "--mqtt-port", "0", "--https-port", "0", "--page-listen", "127.0.0.1:0", "--state-dir"]).arg(dir.path()).env("NO_COLOR", "1")).context(NO_TETHER)?;
         lines.wait_for("/emulator/devices/", Duration::from_secs(60), || child.try_wait().ok().flatten().is_some()).await.context("tether hub did not start")?;
         let printed = lines.snapshot();
         let after = |prefix: &str| printed.iter().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_owned()));

@@ -369,7 +369,7 @@ pub async fn hub_kill_9() -> anyhow::Result<Report> {
     };
     let hub_args = |ports: &[String; 2]| {
         let s = state.display().to_string();
-        ["hub", "--persist", "--state-dir", &s, "--mqtt-port", &ports[0], "--https-port", &ports[1]].map(std::ffi::OsString::from)
+        ["hub", "--persist", "--state-dir", &s, "--mqtt-port", &ports[0], "--https-port", &ports[1], "--page-listen", "127.0.0.1:0"].map(std::ffi::OsString::from)
     };
     let ports = [mqtt_port.to_string(), https_port.to_string()];
     let start_hub = || async {

@@ -317,3 +317,79 @@ async fn a_version_is_deployed_and_rolled_back_from_the_agents_page() -> anyhow:
     browser.close().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_and_c2d() -> anyhow::Result<()> {
+    let agent = build_agent("azure-demo")?;
+    tether_tests::build_bin("device-sim")?;
+    let state = tempfile::tempdir()?;
+    let args = [
+        OsStr::new("demo"),
+        OsStr::new("--mqtt-port"),
+        OsStr::new("0"),
+        OsStr::new("--https-port"),
+        OsStr::new("0"),
+        OsStr::new("--page-listen"),
+        OsStr::new("127.0.0.1:0"),
+        OsStr::new("--interval"),
+        OsStr::new("0.5"),
+        OsStr::new("--state-dir"),
+        state.path().as_os_str(),
+        OsStr::new("--agent"),
+        agent.as_os_str(),
+    ];
+    let run = TetherRun::spawn(&args, "hub page: ", WAIT).await?;
+    let lines = run.lines();
+    let link = lines
+        .iter()
+        .find_map(|l| Some(l.split("log in once with ").nth(1)?.split_whitespace().next()?.to_owned()))
+        .ok_or_else(|| anyhow::anyhow!("no hub page link in {lines:?}"))?;
+    let page = link.split("/login/").next().unwrap_or_default().to_owned();
+    run.wait_until("the agent connects", WAIT, |l| l.iter().any(|l| l.contains("cloud-to-device messages enabled"))).await?;
+
+    let browser = Browser::start().await?;
+    // A connection string the hub refuses, then the printed link.
+    browser.goto(&format!("{page}/login")).await?;
+    browser.find("#connection_string").await?.send_keys("HostName=tether-hub;SharedAccessKeyName=iothubowner;SharedAccessKey=bm90LXRoZS1rZXk=").await?;
+    browser.find("#login button").await?.click().await?;
+    browser.wait_text("#message", "The hub refused").await?;
+    browser.goto(&link).await?;
+    browser.find("tr[data-device=demo-device][data-connection=connected] button").await?.click().await?;
+    browser.wait_text("#twin", "reported").await?;
+    browser.wait_text("#telemetry", "temperature").await?;
+
+    // A direct method reaches the agent, which asks the board; the answer comes back.
+    browser.find("#method-name").await?.send_keys("blink").await?;
+    browser.find("#method-payload").await?.clear().await?;
+    browser.find("#method-payload").await?.send_keys(r#"{"times":2}"#).await?;
+    browser.find("#method-form button").await?.click().await?;
+    browser.wait_text("#method-result", r#""blinked": 2"#).await?;
+    run.wait_until("the agent saw the method", WAIT, |l| l.iter().any(|l| l.contains("direct method blink"))).await?;
+
+    // A C2D message with a property.
+    browser.find("#c2d-body").await?.send_keys(r#"{"led": true}"#).await?;
+    browser.find("#c2d-properties").await?.send_keys("source=page").await?;
+    browser.find("#c2d-form button").await?.click().await?;
+    browser.wait_text("#message", "queued").await?;
+    run.wait_until("the agent got the C2D message", WAIT, |l| l.iter().any(|l| l.contains(r#"C2D message: {"led": true}"#) && l.contains("source"))).await?;
+
+    // Desired properties, one of them markup: the twin view shows it as text.
+    let desired = browser.find("#desired").await?;
+    desired.clear().await?;
+    desired.send_keys(r#"{"interval": 1, "note": "<img src=x id=injected>"}"#).await?;
+    browser.find("#desired-form button").await?.click().await?;
+    browser.wait_text("#twin", "<img src=x id=injected>").await?;
+    run.wait_until("the agent took the interval", WAIT, |l| l.iter().any(|l| l.contains("desired reporting interval: 1 s"))).await?;
+    assert_eq!(browser.client().execute("return document.querySelectorAll('#injected, #twin img').length", vec![]).await?, 0);
+
+    // A fault: the hub drops the device, which comes back.
+    browser.find("#fault-kind").await?.select_by_value("KillTcp").await?;
+    browser.find("#fault-form button").await?.click().await?;
+    browser.wait_text("#events", "demo-device disconnected").await?;
+    browser.wait_text_where("#events", |t| t.rfind("demo-device connected") > t.rfind("demo-device disconnected")).await?;
+    browser.client().execute("window.scrollTo(0, 0)", vec![]).await?;
+    browser.screenshot("hub").await?;
+    no_console_problems(&browser, "the hub page").await?;
+    browser.close().await;
+    Ok(())
+}

@@ -14,7 +14,7 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
     build_bin("device-sim")?;
     let state = tempfile::tempdir()?;
     let mut child = Command::new(&tether)
-        .args(["demo", "--mqtt-port", "0", "--https-port", "0", "--interval", "0.5"])
+        .args(["demo", "--mqtt-port", "0", "--https-port", "0", "--page-listen", "127.0.0.1:0", "--interval", "0.5"])
         .arg("--state-dir")
         .arg(state.path())
         .arg("--agent")
@@ -107,7 +107,7 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
 /// `tether hub` on free ports over `state` with `extra` arguments, and what it prints.
 fn start_hub(tether: &std::path::Path, state: &std::path::Path, extra: &[&str]) -> anyhow::Result<(std::process::Child, std::process::ChildStdout)> {
     let mut child = Command::new(tether)
-        .args(["hub", "--mqtt-port", "0", "--https-port", "0", "--state-dir"])
+        .args(["hub", "--mqtt-port", "0", "--https-port", "0", "--page-listen", "127.0.0.1:0", "--state-dir"])
         .arg(state)
         .args(extra)
         .env("RUST_LOG", "off")

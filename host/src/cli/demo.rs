@@ -42,7 +42,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if !args.agent.exists() {
         bail!("no demo agent at {}; build it with scripts/demo.sh (or pass --agent)", args.agent.display());
     }
-    let hub = start_hub(args.hub).await?;
+    let hub = start_hub(&args.hub).await?;
+    let page = super::hub::start_page(&hub, args.hub.page_listen).await?;
     let enrollment = hub
         .add_enrollment(Enrollment::Individual { registration_id: DEMO_DEVICE.into(), device_id: None, primary_key: None, secondary_key: None })
         .context("cannot add the demo enrollment")?;
@@ -104,7 +105,10 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let try_it = super::hub::try_it(&hub, DEMO_DEVICE, "blink", r#"{"times":3}"#, "the agent asks the board to blink", r#"{"led": true}"#)?;
     println!(
         "\nTether demo: hub emulator, simulated board and the azure-demo agent are running.\n\
-         From a second terminal:\n{try_it}\nCtrl-C ends the demo.\n"
+         Hub page (devices, live telemetry, twin, direct methods, C2D, faults): http://{page}/\n\
+         (the \"hub page:\" line above has a link that logs in once)\n\
+         From a second terminal:\n{try_it}\nCtrl-C ends the demo.\n",
+        page = page.addr()
     );
 
     tokio::select! {
@@ -113,6 +117,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     }
     tracing::info!("shutting down the demo");
     watcher.abort();
+    page.stop().await;
     host.shutdown().await;
     let _ = sim.kill().await;
     hub.shutdown().await;

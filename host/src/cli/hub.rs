@@ -29,16 +29,28 @@ pub struct HubArgs {
     /// The hub's name (also accepted as `<name>.azure-devices.net` in tokens).
     #[arg(long, default_value = "tether-hub")]
     pub hub_name: String,
+    /// Where the hub page (devices, telemetry, twins, methods, C2D, faults) listens:
+    /// loopback, since it acts with the hub's service credentials.
+    #[arg(long, default_value = "127.0.0.1:8090")]
+    pub page_listen: std::net::SocketAddr,
+}
+
+/// Serves the hub page for `hub` on `listen`, and says where in the log, with a link that
+/// logs in once as `iothubowner`.
+pub async fn start_page(hub: &tether_hub_emulator::Hub, listen: std::net::SocketAddr) -> anyhow::Result<tether_host::hub_page::HubPage> {
+    let page = tether_host::hub_page::HubPage::start(hub, listen).await.with_context(|| format!("cannot serve the hub page on {listen} (change it with --page-listen)"))?;
+    tracing::info!("hub page: http://{}/ ; log in once with {} (valid for 10 minutes)", page.addr(), page.login_link()?);
+    Ok(page)
 }
 
 
 /// Starts the emulator with `args`.
-pub async fn start_hub(args: HubArgs) -> anyhow::Result<tether_hub_emulator::Hub> {
+pub async fn start_hub(args: &HubArgs) -> anyhow::Result<tether_hub_emulator::Hub> {
     let config = tether_hub_emulator::HubConfig {
-        hub_name: args.hub_name,
+        hub_name: args.hub_name.clone(),
         mqtt_port: args.mqtt_port,
         https_port: args.https_port,
-        state_dir: args.state_dir,
+        state_dir: args.state_dir.clone(),
         persist: args.persist,
         ..tether_hub_emulator::HubConfig::default()
     };
@@ -78,7 +90,8 @@ pub fn try_it(hub: &tether_hub_emulator::Hub, device: &str, method: &str, payloa
 pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::watch()?;
     use tether_hub_emulator::Enrollment;
-    let hub = start_hub(args).await?;
+    let hub = start_hub(&args).await?;
+    let page = start_page(&hub, args.page_listen).await?;
     // Before the credentials are printed: a signal from here on stops the hub cleanly.
     shutdown.started();
     let device = match hub.device_connection_string(DEMO_DEVICE) {
@@ -101,6 +114,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
          \n  CA certificate:        {ca}\
          \n  device MQTT (TLS):     {mqtt}\
          \n  service/DPS (HTTPS):   https://{https}  (control API under /emulator, docs/hub-emulator.md)\
+         \n  hub page:              http://{page}/  (the log has a link that logs in once)\
          \n  control API token:     {control}\
          \n    (send `Authorization: Bearer <token>`; stored in {control_file})\
          \n\n  device connection string ({DEMO_DEVICE}):\n    {device}\
@@ -112,6 +126,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
         https = hub.https_addr(),
         service = hub.service_connection_string(),
         control = hub.control_token(),
+        page = page.addr(),
         control_file = hub.control_token_path().map_or("no file".into(), |p| p.display().to_string()),
         scope = hub.dps_scope_id(),
         reg = enrollment.id,
@@ -119,6 +134,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
     );
     shutdown.wait().await;
     tracing::info!("shutting down the hub emulator");
+    page.stop().await;
     hub.shutdown().await;
     Ok(())
 }

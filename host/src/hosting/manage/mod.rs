@@ -2,7 +2,7 @@
 //! their status and recent history, deploy a new module version or roll back to an earlier
 //! one, stop / start / restart, stream logs, Prometheus metrics. A bearer token acts for
 //! one tenant, which sees and changes only its own agents; the console's pages use a
-//! session cookie instead ([`session`]), so that no token stays in a URL.
+//! session cookie instead (`web::session`), so that no token stays in a URL.
 //!
 //! | request | answer |
 //! |---|---|
@@ -23,9 +23,6 @@
 //! | `GET /api/agents/{id}/logs`, `GET /api/logs` | server-sent events, one log line each: the recent ones, then new ones |
 //! | `GET /metrics` | Prometheus text format |
 
-mod console;
-mod session;
-
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -42,9 +39,10 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
-use self::session::{Sessions, set_cookie};
 use super::history::History;
 use super::manifest::{Access, ManageConfig};
+use super::web::session::{Sessions, set_cookie};
+use super::web::{self as console};
 use crate::kit::log::{Level, LogLine};
 use crate::kit::metrics::LATENCY_BUCKETS;
 use crate::runtime::agent::AgentStatus;
@@ -244,7 +242,7 @@ impl Api {
         if changes && !session.csrf_ok(headers) {
             return Err(ApiError::Forbidden);
         }
-        Ok(session.tenant)
+        Ok(session.principal)
     }
 
     /// Checks that agent `id` exists and is `tenant`'s. Another tenant's agent is "no

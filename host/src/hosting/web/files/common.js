@@ -23,7 +23,7 @@ const Tether = (() => {
   async function session() {
     const s = await api("/api/session");
     csrf = s.csrf;
-    $("tenant").textContent = "tenant " + s.tenant;
+    $("tenant").textContent = s.who ?? "tenant " + s.tenant;
     $("logout").onclick = async () => {
       await api("/logout", { method: "POST" }).catch(() => {});
       location.href = "/login";

@@ -1,6 +1,8 @@
-//! Console logins, the way Jupyter's local server does them: a tenant's token, typed into
-//! the login form or carried once by a short-lived link, is exchanged for a session
-//! cookie, so that nothing secret stays in a URL (and so in browser history) after login.
+//! Browser logins, the way Jupyter's local server does them: a secret (a tenant's token,
+//! the hub's service credentials), typed into a login form or carried once by a
+//! short-lived link, is exchanged for a session cookie, so that nothing secret stays in a
+//! URL (and so in browser history) after login. A session stands for a *principal*: a
+//! tenant on the console, a shared access policy on the hub page.
 //!
 //! The cookie is `HttpOnly` (page scripts cannot read it) and `SameSite=Strict` (another
 //! site's page cannot send it). A request the cookie authorises that changes something
@@ -27,8 +29,9 @@ const MAX_LINKS: usize = 1_000;
 
 /// A logged-in browser.
 #[derive(Clone)]
-pub(super) struct Session {
-    pub tenant: String,
+pub(crate) struct Session {
+    /// Who it acts for: a tenant, or a hub policy.
+    pub principal: String,
     /// What the session's changing requests send in `X-CSRF-Token`.
     pub csrf: String,
 }
@@ -39,13 +42,13 @@ struct Entry {
 }
 
 struct Link {
-    tenant: String,
+    principal: String,
     expires: Instant,
 }
 
 /// The host's console sessions and unused login links.
 #[derive(Default)]
-pub(super) struct Sessions {
+pub(crate) struct Sessions {
     sessions: Mutex<HashMap<String, Entry>>,
     links: Mutex<HashMap<String, Link>>,
 }
@@ -67,10 +70,10 @@ fn make_room<V>(map: &mut HashMap<String, V>, max: usize, age: impl Fn(&V) -> In
 }
 
 impl Sessions {
-    /// Starts a session for `tenant`: its cookie's id, to set on the response.
-    pub fn start(&self, tenant: &str) -> std::io::Result<String> {
+    /// Starts a session for `principal`: its cookie's id, to set on the response.
+    pub fn start(&self, principal: &str) -> std::io::Result<String> {
         let id = secret()?;
-        let session = Session { tenant: tenant.to_owned(), csrf: secret()? };
+        let session = Session { principal: principal.to_owned(), csrf: secret()? };
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         sessions.retain(|_, e| e.used.elapsed() < SESSION_IDLE);
         make_room(&mut sessions, MAX_SESSIONS, |e| e.used);
@@ -78,21 +81,21 @@ impl Sessions {
         Ok(id)
     }
 
-    /// A code for a one-time login as `tenant`, valid for [`LINK_TTL`].
-    pub fn link(&self, tenant: &str) -> std::io::Result<String> {
+    /// A code for a one-time login as `principal`, valid for [`LINK_TTL`].
+    pub fn link(&self, principal: &str) -> std::io::Result<String> {
         let code = secret()?;
         let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
         links.retain(|_, l| l.expires > Instant::now());
         make_room(&mut links, MAX_LINKS, |l| l.expires);
-        links.insert(code.clone(), Link { tenant: tenant.to_owned(), expires: Instant::now() + LINK_TTL });
+        links.insert(code.clone(), Link { principal: principal.to_owned(), expires: Instant::now() + LINK_TTL });
         Ok(code)
     }
 
-    /// The tenant of login code `code`, which is used up; `None` if it is unknown, used or
+    /// The principal of login code `code`, which is used up; `None` if it is unknown, used or
     /// expired.
     pub fn redeem(&self, code: &str) -> Option<String> {
         let link = self.links.lock().unwrap_or_else(|p| p.into_inner()).remove(code)?;
-        (link.expires > Instant::now()).then_some(link.tenant)
+        (link.expires > Instant::now()).then_some(link.principal)
     }
 
     /// The session of the request's cookie, if it is live.
@@ -136,7 +139,7 @@ fn cookie(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// `Set-Cookie` for session `id`; an empty `id` clears the cookie.
-pub(super) fn set_cookie(id: &str) -> HeaderValue {
+pub(crate) fn set_cookie(id: &str) -> HeaderValue {
     let max_age = if id.is_empty() { 0 } else { SESSION_IDLE.as_secs() };
     // Hex ids only, so the value is always a valid header.
     HeaderValue::from_str(&format!("{COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}")).unwrap_or_else(|_| HeaderValue::from_static(""))
@@ -167,7 +170,7 @@ mod tests {
         let id = sessions.start("a").expect("random");
         let headers = with_cookie(&format!("other=1; {COOKIE}={id}"));
         let session = sessions.of(&headers).expect("live");
-        assert_eq!(session.tenant, "a");
+        assert_eq!(session.principal, "a");
         assert!(sessions.of(&with_cookie(&format!("{COOKIE}=x{id}"))).is_none());
         let mut changing = headers.clone();
         assert!(!session.csrf_ok(&changing), "no CSRF token");
