@@ -290,6 +290,20 @@ impl Control {
         self.shared.events.wait_since(since, filter, wait).await
     }
 
+    /// The emulator's metrics in OpenMetrics text (docs/hub-emulator.md, metrics).
+    pub fn metrics_text(&self) -> String {
+        let holdings = {
+            let st = self.shared.lock();
+            crate::metrics::Holdings {
+                devices: st.p.devices.len() as u64,
+                connections: st.sessions.len() as u64,
+                c2d_queued: st.p.devices.values().filter(|d| !d.c2d.is_empty()).map(|d| (d.id.clone(), d.c2d.len() as u64)).collect(),
+            }
+        };
+        // Writing to a String cannot fail; an encoder error would be a bug, shown as such.
+        crate::metrics::render(&self.shared.metrics, holdings).unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n# EOF\n"))
+    }
+
     /// Cursor of the newest event (to read only what happens from now on).
     pub fn last_event_seq(&self) -> u64 {
         self.shared.events.last_seq()

@@ -5,9 +5,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::watch;
+
+use crate::metrics::Kind;
 
 /// Oldest events are dropped beyond this many, or beyond this many bytes of message
 /// bodies, so a long-running emulator stays bounded.
@@ -104,20 +108,24 @@ impl EventFilter {
 }
 
 pub(crate) struct EventLog {
+    /// Events recorded by type, for `/emulator/metrics`.
+    counts: Family<Kind, Counter>,
     /// Events and the total of their `body_bytes`.
     events: Mutex<(VecDeque<Event>, usize)>,
     last_seq: watch::Sender<u64>,
 }
 
 impl EventLog {
-    pub fn new() -> Self {
+    pub fn new(counts: Family<Kind, Counter>) -> Self {
         EventLog {
+            counts,
             events: Mutex::new((VecDeque::new(), 0)),
             last_seq: watch::Sender::new(0),
         }
     }
 
     pub fn record(&self, device_id: &str, kind: EventKind) {
+        self.counts.get_or_create(&Kind::new(kind.type_name())).inc();
         let mut guard = crate::util::lock(&self.events);
         let (events, bytes) = &mut *guard;
         let seq = *self.last_seq.borrow() + 1;
@@ -182,7 +190,7 @@ mod tests {
 
     #[test]
     fn log_is_bounded_by_count_and_bytes() {
-        let log = EventLog::new();
+        let log = EventLog::new(Family::default());
         for _ in 0..CAPACITY + 5 {
             log.record("d", EventKind::DeviceCreated);
         }

@@ -21,6 +21,7 @@ mod feedback;
 pub mod fuzzing;
 mod http;
 mod messages;
+mod metrics;
 mod mqtt;
 mod net;
 mod query;

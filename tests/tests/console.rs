@@ -318,6 +318,12 @@ async fn a_version_is_deployed_and_rolled_back_from_the_agents_page() -> anyhow:
     Ok(())
 }
 
+/// What follows `marker` on the first line of `run`'s output that has it.
+fn lines_after(run: &TetherRun, marker: &str) -> anyhow::Result<String> {
+    let lines = run.lines();
+    lines.iter().find_map(|l| l.split(marker).nth(1).map(str::to_owned)).ok_or_else(|| anyhow::anyhow!("no {marker:?} in {lines:?}"))
+}
+
 #[tokio::test]
 async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_and_c2d() -> anyhow::Result<()> {
     let agent = build_agent("azure-demo")?;
@@ -389,6 +395,15 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     browser.wait_text_where("#events", |t| t.rfind("demo-device connected") > t.rfind("demo-device disconnected")).await?;
     browser.client().execute("window.scrollTo(0, 0)", vec![]).await?;
     browser.screenshot("hub").await?;
+
+    // What the hub counted, for Prometheus: the control token is the bearer.
+    let control = lines_after(&run, "export CONTROL_TOKEN='")?.trim_end_matches('\'').to_owned();
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(format!("{page}/metrics")).send().await?.status(), 401);
+    let metrics = http.get(format!("{page}/metrics")).bearer_auth(&control).send().await?.text().await?;
+    for series in [r#"tether_hub_methods_total{kind="answered"} 1"#, "tether_hub_connections 1", r#"tether_hub_events_total{kind="disconnected"}"#, r#"tether_hub_events_total{kind="telemetry"}"#, "tether_hub_method_seconds_count 1"] {
+        assert!(metrics.contains(series), "no {series} in {metrics}");
+    }
     no_console_problems(&browser, "the hub page").await?;
     browser.close().await;
     Ok(())

@@ -189,7 +189,7 @@ async fn a_tenant_sees_and_changes_only_its_own_agents() -> anyhow::Result<()> {
     let (status, metrics) = s.call("GET", "/metrics", TOKEN_B, vec![]).await;
     assert_eq!(status, 200);
     assert!(metrics.contains("tether_agent_events_total{agent=\"b1\",tenant=\"b\"}"), "{metrics}");
-    assert!(metrics.contains("tether_agent_event_seconds_bucket{agent=\"b1\",tenant=\"b\",le=\"+Inf\"}"), "{metrics}");
+    assert!(metrics.contains("tether_agent_event_seconds_bucket{le=\"+Inf\",agent=\"b1\",tenant=\"b\"}"), "{metrics}");
     assert!(metrics.contains("tether_agent_slow_lane{agent=\"b1\",tenant=\"b\"} 0"), "{metrics}");
     assert!(!metrics.contains("a1"), "{metrics}");
 

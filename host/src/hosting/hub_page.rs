@@ -11,7 +11,8 @@
 //! AMQP and the emulator's control API); those go to the in-process emulator, for a
 //! logged-in policy with the `ServiceConnect` right.
 //!
-//! It listens on loopback unless told otherwise (`--page-listen`).
+//! It listens on loopback unless told otherwise (`--page-listen`). `/metrics` has the
+//! emulator's metrics for Prometheus, with the control token as bearer.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -44,6 +45,8 @@ struct PageState {
     hub_name: String,
     http: reqwest::Client,
     sessions: Sessions,
+    /// What `/metrics` wants as its bearer token: the emulator's control token.
+    control_token: String,
     /// The key of each policy someone logged in as, for the SAS tokens of its calls.
     keys: Mutex<HashMap<String, String>>,
     stop: watch::Receiver<bool>,
@@ -94,6 +97,7 @@ impl HubPage {
             hub_name: hub.hub_name().to_owned(),
             http,
             sessions: Sessions::default(),
+            control_token: hub.control_token().to_owned(),
             keys: Mutex::new(HashMap::from([(OWNER.to_owned(), owner_key)])),
             stop: stop_rx.clone(),
         });
@@ -111,6 +115,7 @@ impl HubPage {
             .route("/api/devices/{id}/disconnect", post(disconnect))
             .route("/api/faults", post(fault))
             .route("/api/events", get(events))
+            .route("/metrics", get(metrics))
             .layer(axum::middleware::map_response(web::security_headers))
             .with_state(state.clone());
         let mut stopped = stop_rx;
@@ -339,6 +344,16 @@ async fn fault(State(state): S, headers: HeaderMap, body: axum::body::Bytes) -> 
     state.may_connect_as_service(&policy).await?;
     state.control.inject_fault(body.device.as_deref(), fault, Duration::from_secs(body.duration_s));
     Ok(axum::Json(json!({ "injected": body.kind })).into_response())
+}
+
+/// The emulator's metrics (OpenMetrics), for Prometheus: with the control token as bearer,
+/// since a scraper has no browser session.
+async fn metrics(State(state): S, headers: HeaderMap) -> Result<Response, PageError> {
+    let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or_default();
+    if !bool::from(subtle::ConstantTimeEq::ct_eq(sent.trim().as_bytes(), state.control_token.as_bytes())) {
+        return Err(PageError(StatusCode::UNAUTHORIZED, "send the emulator's control token: Authorization: Bearer <token>".into()));
+    }
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.control.metrics_text()).into_response())
 }
 
 /// Server-sent events: the emulator's event log (telemetry with body and properties,

@@ -43,8 +43,14 @@ pub(super) fn routes(token: Arc<ControlToken>) -> Router<Arc<Shared>> {
         .route("/emulator/clock", post(clock))
         .route("/emulator/enrollments", post(enrollment))
         .route("/emulator/cas", post(add_ca))
+        .route("/emulator/metrics", get(metrics))
         // On every route above, before its handler reads anything.
         .route_layer(middleware::from_fn_with_state(token, require_token))
+}
+
+/// The emulator's metrics, OpenMetrics text.
+async fn metrics(State(shared): S) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], control(shared).metrics_text()).into_response()
 }
 
 /// Refuses a request without the right bearer token: 401 in IoT Hub's error shape, with

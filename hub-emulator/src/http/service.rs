@@ -661,6 +661,7 @@ async fn invoke_method(
             "'payload' size should be at most {MAX_PAYLOAD_BYTES} bytes (got {payload_len})."
         )));
     }
+    let started = std::time::Instant::now();
     let result = shared
         .invoke_method(
             &id,
@@ -670,6 +671,14 @@ async fn invoke_method(
             Duration::from_secs(connect_timeout),
         )
         .await;
+    let outcome = match &result {
+        Ok(_) => "answered",
+        Err(MethodError::DeviceNotFound) => "device_not_found",
+        Err(MethodError::NotOnline(_)) => "not_online",
+        Err(MethodError::ResponseTooLarge(_)) => "response_too_large",
+        Err(MethodError::Timeout(_)) => "timeout",
+    };
+    shared.metrics.method(outcome, started.elapsed());
     match result {
         Ok((status, payload)) => {
             Ok(axum::Json(json!({ "status": status, "payload": payload })).into_response())

@@ -147,6 +147,7 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
         | Ok(Err(ReadError::Malformed(
             MqttError::InvalidProtocol | MqttError::InvalidProtocolLevel(_),
         ))) => {
+            shared.metrics.refused("protocol_version");
             let _ = link
                 .connack(ConnectReturnCode::RefusedProtocolVersion, false)
                 .await;
@@ -183,18 +184,24 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
             // only Azure's DPS serves: say so where the user looks.
             Err(_) if password.is_empty() => {
                 tracing::warn!("dps connect {reg_id} refused: no SAS token; this DPS attests symmetric keys only (no X.509 or TPM attestation)");
+                shared.metrics.refused("dps_auth");
                 let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
             }
             Err(e) => {
                 tracing::debug!("dps connect {reg_id} refused: {e}");
+                shared.metrics.refused("dps_auth");
                 let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
             }
         },
         Some(Target::Device(device_id)) => {
             let fault = shared.lock().fault(&device_id);
             match fault {
-                Some(ActiveFault::MqttDown) => return link.shutdown().await,
+                Some(ActiveFault::MqttDown) => {
+                    shared.metrics.refused("fault_mqtt_down");
+                    return link.shutdown().await;
+                }
                 Some(ActiveFault::RefuseConnect) => {
+                    shared.metrics.refused("fault_auth_error");
                     let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
                     return link.shutdown().await;
                 }
@@ -206,10 +213,12 @@ pub(crate) async fn run<S: AsyncRead + AsyncWrite + Send + 'static>(
                     // Not a credential mistake but a missing emulator feature or setup
                     // (no CA, or X.509 over WebSocket): say so loudly.
                     tracing::warn!("connect {device_id} refused: {e}");
+                    shared.metrics.refused("device_auth");
                     let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
                 }
                 Err(e) => {
                     tracing::debug!("connect {device_id} refused: {e}");
+                    shared.metrics.refused("device_auth");
                     let _ = link.connack(ConnectReturnCode::NotAuthorized, false).await;
                 }
             }
@@ -558,6 +567,7 @@ impl<S: AsyncRead + AsyncWrite> DeviceSession<'_, S> {
         is_will: bool,
     ) -> Result<bool, Close> {
         if self.shared.lock().fault(&self.device_id) == Some(ActiveFault::Throttled) {
+            self.shared.metrics.throttled();
             return Err(Close::because("throttled (429001 ThrottlingException)"));
         }
         let mut props =

@@ -34,6 +34,7 @@ use tokio::sync::{Notify, watch};
 use crate::events::EventLog;
 use crate::feedback::FeedbackQueue;
 use crate::messages::{MAX_C2D_BYTES, MAX_C2D_QUEUE};
+use crate::metrics::HubMetrics;
 use crate::util::{lock, unix_secs};
 use device::Device;
 use faults::{ActiveFault, TestFaults};
@@ -114,6 +115,8 @@ pub(crate) struct Shared {
     pub scope_id: String,
     pub state: Mutex<State>,
     pub events: EventLog,
+    /// Counters for `/emulator/metrics`.
+    pub metrics: HubMetrics,
     /// Feedback records of C2D messages sent with `iothub-ack`.
     pub feedback: FeedbackQueue,
     /// Added to the wall clock for token checks (control API clock skew).
@@ -151,6 +154,7 @@ impl Shared {
             token_grace,
             persist_path,
         } = settings;
+        let metrics = HubMetrics::default();
         Shared {
             hostname,
             host_aliases,
@@ -164,7 +168,8 @@ impl Shared {
                 dps_operations: HashMap::new(),
                 next_rid: 0,
             }),
-            events: EventLog::new(),
+            events: EventLog::new(metrics.events()),
+            metrics,
             feedback: FeedbackQueue::default(),
             clock_offset: AtomicI64::new(0),
             token_grace,

@@ -21,10 +21,9 @@
 //! | `POST /api/agents/{id}/rollback` (JSON `{module}`) | 200, or 400/404 with the reason |
 //! | `POST /api/agents/{id}/stop`, `/start`, `/restart` | 202 |
 //! | `GET /api/agents/{id}/logs`, `GET /api/logs` | server-sent events, one log line each: the recent ones, then new ones |
-//! | `GET /metrics` | Prometheus text format |
+//! | `GET /metrics` | the tenant's agents' counters, OpenMetrics text (prometheus-client) |
 
 use std::collections::{HashMap, HashSet};
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -34,6 +33,12 @@ use axum::extract::{Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Unit;
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -592,54 +597,110 @@ fn line_json(line: &LogLine) -> serde_json::Value {
 
 async fn metrics(State(api): State<Arc<Api>>, headers: HeaderMap) -> Result<Response, ApiError> {
     let tenant = api.caller(&headers, false)?;
-    let text = prometheus(&tenant, &api.agents_of(&tenant));
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(AgentsCollector { tenant: tenant.clone(), agents: api.agents_of(&tenant) }));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).map_err(|e| ApiError::Internal(format!("cannot encode the metrics: {e}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response())
 }
 
-/// The Prometheus text exposition of `agents`' counters.
-fn prometheus(tenant: &str, agents: &[AgentReport]) -> String {
-    type Field = fn(&AgentReport) -> f64;
-    let simple: [(&str, &str, &str, Field); 13] = [
-        ("tether_agent_up", "gauge", "1 while the agent runs", |r| f64::from(u8::from(r.status == AgentStatus::Running))),
-        ("tether_agent_slow_lane", "gauge", "1 while the agent runs behind lighter ones (long event, heavy CPU use)", |r| f64::from(u8::from(r.slow_lane))),
-        ("tether_agent_restarts_total", "counter", "Crashes that restarted the agent", |r| r.restarts.into()),
-        ("tether_agent_events_total", "counter", "Events delivered, start included", |r| r.metrics.events as f64),
-        ("tether_agent_cpu_seconds_total", "counter", "CPU time spent running the agent's code", |r| r.metrics.busy_seconds),
-        ("tether_agent_memory_bytes", "gauge", "Linear memory last granted to the agent", |r| r.metrics.memory_bytes as f64),
-        ("tether_agent_log_lines_total", "counter", "Log lines the agent wrote", |r| r.metrics.log_lines as f64),
-        ("tether_agent_log_dropped_total", "counter", "Log lines dropped over the log rate", |r| r.metrics.log_dropped as f64),
-        ("tether_agent_http_requests_total", "counter", "Outgoing HTTP requests sent", |r| r.metrics.http_requests as f64),
-        ("tether_agent_http_refused_total", "counter", "Outgoing HTTP requests refused (not allowed, rate)", |r| r.metrics.http_refused as f64),
-        ("tether_agent_limit_refusals_total", "counter", "Calls refused at a per-agent limit (MQTT connections, timers)", |r| r.metrics.limit_refused as f64),
-        ("tether_agent_messages_total", "counter", "MQTT and device messages received", |r| (r.metrics.mqtt_messages + r.metrics.device_messages) as f64),
-        ("tether_agent_mqtt_pauses_total", "counter", "MQTT connections paused while the agent had too many messages waiting", |r| r.metrics.mqtt_pauses as f64),
+/// One tenant's agents' counters, read at the scrape: the agents keep plain atomics
+/// (`kit::metrics`), and this turns them into OpenMetrics families, one series per agent.
+#[derive(Debug)]
+struct AgentsCollector {
+    tenant: String,
+    agents: Vec<AgentReport>,
+}
+
+/// How a per-agent value is exposed: name (without unit or `_total`), help, unit, kind,
+/// and the value.
+type Field = (&'static str, &'static str, Option<Unit>, MetricType, fn(&AgentReport) -> f64);
+
+impl AgentsCollector {
+    const FIELDS: [Field; 13] = [
+        ("tether_agent_up", "1 while the agent runs", None, MetricType::Gauge, |r| f64::from(u8::from(r.status == AgentStatus::Running))),
+        ("tether_agent_slow_lane", "1 while the agent runs behind lighter ones (long event, heavy CPU use)", None, MetricType::Gauge, |r| f64::from(u8::from(r.slow_lane))),
+        ("tether_agent_restarts", "Crashes that restarted the agent", None, MetricType::Counter, |r| r.restarts.into()),
+        ("tether_agent_events", "Events delivered, start included", None, MetricType::Counter, |r| r.metrics.events as f64),
+        ("tether_agent_cpu", "CPU time spent running the agent's code", Some(Unit::Seconds), MetricType::Counter, |r| r.metrics.busy_seconds),
+        ("tether_agent_memory", "Linear memory last granted to the agent", Some(Unit::Bytes), MetricType::Gauge, |r| r.metrics.memory_bytes as f64),
+        ("tether_agent_log_lines", "Log lines the agent wrote", None, MetricType::Counter, |r| r.metrics.log_lines as f64),
+        ("tether_agent_log_dropped", "Log lines dropped over the log rate", None, MetricType::Counter, |r| r.metrics.log_dropped as f64),
+        ("tether_agent_http_requests", "Outgoing HTTP requests sent", None, MetricType::Counter, |r| r.metrics.http_requests as f64),
+        ("tether_agent_http_refused", "Outgoing HTTP requests refused (not allowed, rate)", None, MetricType::Counter, |r| r.metrics.http_refused as f64),
+        ("tether_agent_limit_refusals", "Calls refused at a per-agent limit (MQTT connections, timers)", None, MetricType::Counter, |r| r.metrics.limit_refused as f64),
+        ("tether_agent_messages", "MQTT and device messages received", None, MetricType::Counter, |r| (r.metrics.mqtt_messages + r.metrics.device_messages) as f64),
+        ("tether_agent_mqtt_pauses", "MQTT connections paused while the agent had too many messages waiting", None, MetricType::Counter, |r| r.metrics.mqtt_pauses as f64),
     ];
-    // Agent ids are plain (see `check_agent_id`); a tenant name may need escaping.
-    let tenant = tenant.replace('\\', "\\\\").replace('"', "\\\"");
-    let mut out = String::new();
-    for (name, kind, help, field) in simple {
-        let _ = writeln!(out, "# HELP {name} {help}.\n# TYPE {name} {kind}");
-        for r in agents {
-            let _ = writeln!(out, "{name}{{agent=\"{}\",tenant=\"{tenant}\"}} {}", r.id, field(r));
+}
+
+impl Collector for AgentsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let labels = |r: &AgentReport| [("agent", r.id.clone()), ("tenant", self.tenant.clone())];
+        for (name, help, unit, kind, value) in Self::FIELDS {
+            let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), kind.clone())?;
+            for r in &self.agents {
+                let labels = labels(r);
+                let series = family.encode_family(&labels)?;
+                let v = value(r);
+                // Counts are written as integers ("2", not "2.0"); only times have fractions.
+                let whole = v.fract() == 0.0 && v.abs() < 9e15;
+                match (kind.clone(), whole) {
+                    (MetricType::Counter, true) => ConstCounter::new(v as u64).encode(series)?,
+                    (MetricType::Counter, false) => ConstCounter::new(v).encode(series)?,
+                    (_, true) => ConstGauge::new(v as i64).encode(series)?,
+                    (_, false) => ConstGauge::new(v).encode(series)?,
+                }
+            }
         }
-    }
-    let name = "tether_agent_event_seconds";
-    let _ = writeln!(out, "# HELP {name} Time an event took inside the agent.\n# TYPE {name} histogram");
-    for r in agents {
-        let labels = format!("agent=\"{}\",tenant=\"{tenant}\"", r.id);
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(&r.metrics.latency_buckets) {
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+        let mut family = encoder.encode_descriptor("tether_agent_event", "Time an event took inside the agent", Some(&Unit::Seconds), MetricType::Histogram)?;
+        for r in &self.agents {
+            let labels = labels(r);
+            let mut series = family.encode_family(&labels)?;
+            // The agent counts cumulatively; the encoder wants each bucket's own count, and
+            // f64::MAX for the last bound, which it writes as +Inf.
+            let mut below = 0;
+            let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
+            for (bound, cumulative) in LATENCY_BUCKETS.iter().zip(&r.metrics.latency_buckets).map(|(b, c)| (*b, *c)).chain([(f64::MAX, r.metrics.events)]) {
+                buckets.push((bound, cumulative.saturating_sub(below)));
+                below = below.max(cumulative);
+            }
+            series.encode_histogram::<NoLabelSet>(r.metrics.busy_seconds, r.metrics.events, &buckets, None)?;
         }
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", r.metrics.events);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", r.metrics.busy_seconds);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", r.metrics.events);
+        Ok(())
     }
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kit::metrics::MetricsSnapshot;
+
+    #[test]
+    fn metrics_are_openmetrics_with_one_series_per_agent() {
+        let metrics = MetricsSnapshot { events: 5, busy_seconds: 0.25, latency_buckets: vec![1, 3, 3, 3, 3, 4, 4, 4], memory_bytes: 65536, ..Default::default() };
+        let agent = AgentReport { id: "a1".into(), status: AgentStatus::Running, restarts: 2, device_connected: None, module_digest: String::new(), slow_lane: false, metrics };
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(AgentsCollector { tenant: "t".into(), agents: vec![agent] }));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        for line in [
+            "# TYPE tether_agent_restarts counter",
+            r#"tether_agent_restarts_total{agent="a1",tenant="t"} 2"#,
+            r#"tether_agent_up{agent="a1",tenant="t"} 1"#,
+            "# UNIT tether_agent_memory_bytes bytes",
+            r#"tether_agent_memory_bytes{agent="a1",tenant="t"} 65536"#,
+            r#"tether_agent_cpu_seconds_total{agent="a1",tenant="t"} 0.25"#,
+            r#"tether_agent_event_seconds_bucket{le="0.0001",agent="a1",tenant="t"} 1"#,
+            r#"tether_agent_event_seconds_bucket{le="0.0005",agent="a1",tenant="t"} 3"#,
+            r#"tether_agent_event_seconds_bucket{le="1.0",agent="a1",tenant="t"} 4"#,
+            r#"tether_agent_event_seconds_bucket{le="+Inf",agent="a1",tenant="t"} 5"#,
+            r#"tether_agent_event_seconds_count{agent="a1",tenant="t"} 5"#,
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no line {line:?} in\n{text}");
+        }
+    }
 
     #[test]
     fn a_tenant_compiles_one_deploy_at_a_time() {
