@@ -27,14 +27,17 @@ apt_install() {
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 }
-# chromium (+ its WebDriver): the dashboard tests drive it headless.
-apt_install mosquitto python3-venv chromium chromium-driver
+# chromium (+ its WebDriver): the console tests drive it headless. prometheus: the
+# observability test scrapes a host with it and runs every query of the Grafana dashboard.
+apt_install mosquitto python3-venv chromium chromium-driver prometheus
 
-# Debian enables a system-wide mosquitto service on install; the tests start their own
-# brokers on free ports and need no background one.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet mosquitto 2>/dev/null; then
-  systemctl stop mosquitto || true
-fi
+# Debian enables system-wide mosquitto and prometheus services on install; the tests
+# start their own on free ports and need no background ones.
+for service in mosquitto prometheus; do
+  if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
+    systemctl stop "$service" || true
+  fi
+done
 
 venv=target/pyenv
 stamp="$venv/.installed-v2"

@@ -36,15 +36,27 @@ pub(crate) struct HubMetrics {
     method_seconds: Histogram,
 }
 
+/// Every value the `kind` labels take, so that each series exists from the start at 0
+/// (a query over a refusal that never happened returns 0, not nothing).
+const EVENT_KINDS: [&str; 7] = ["telemetry", "twinChange", "connected", "disconnected", "c2dFeedback", "deviceCreated", "deviceDeleted"];
+const REFUSALS: [&str; 5] = ["device_auth", "dps_auth", "protocol_version", "fault_mqtt_down", "fault_auth_error"];
+const METHOD_OUTCOMES: [&str; 5] = ["answered", "timeout", "not_online", "device_not_found", "response_too_large"];
+
 impl Default for HubMetrics {
     fn default() -> Self {
-        HubMetrics {
+        let metrics = HubMetrics {
             events: Family::default(),
             refused: Family::default(),
             throttled: Counter::default(),
             methods: Family::default(),
             method_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
+        };
+        for (family, kinds) in [(&metrics.events, &EVENT_KINDS[..]), (&metrics.refused, &REFUSALS[..]), (&metrics.methods, &METHOD_OUTCOMES[..])] {
+            for kind in kinds {
+                family.get_or_create(&Kind { kind });
+            }
         }
+        metrics
     }
 }
 
@@ -140,6 +152,7 @@ mod tests {
             r#"tether_hub_method_seconds_bucket{le="0.005"} 1"#,
             "tether_hub_devices 2",
             "tether_hub_connections 1",
+            r#"tether_hub_methods_total{kind="timeout"} 0"#,
             r#"tether_hub_c2d_queued{device="d1"} 3"#,
             "# EOF",
         ] {
