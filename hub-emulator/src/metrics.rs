@@ -53,7 +53,7 @@ impl Default for HubMetrics {
         };
         for (family, kinds) in [(&metrics.events, &EVENT_KINDS[..]), (&metrics.refused, &REFUSALS[..]), (&metrics.methods, &METHOD_OUTCOMES[..])] {
             for kind in kinds {
-                family.get_or_create(&Kind { kind });
+                drop(family.get_or_create(&Kind { kind }));
             }
         }
         metrics

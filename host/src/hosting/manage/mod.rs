@@ -638,14 +638,14 @@ impl Collector for AgentsCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let labels = |r: &AgentReport| [("agent", r.id.clone()), ("tenant", self.tenant.clone())];
         for (name, help, unit, kind, value) in Self::FIELDS {
-            let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), kind.clone())?;
+            let mut family = encoder.encode_descriptor(name, help, unit.as_ref(), kind)?;
             for r in &self.agents {
                 let labels = labels(r);
                 let series = family.encode_family(&labels)?;
                 let v = value(r);
                 // Counts are written as integers ("2", not "2.0"); only times have fractions.
                 let whole = v.fract() == 0.0 && v.abs() < 9e15;
-                match (kind.clone(), whole) {
+                match (kind, whole) {
                     (MetricType::Counter, true) => ConstCounter::new(v as u64).encode(series)?,
                     (MetricType::Counter, false) => ConstCounter::new(v).encode(series)?,
                     (_, true) => ConstGauge::new(v as i64).encode(series)?,
