@@ -30,6 +30,8 @@ pub(crate) struct HubMetrics {
     refused: Family<Kind, Counter>,
     /// Connections closed for going over a throttling limit.
     throttled: Counter,
+    /// Cloud-to-device messages accepted into a device's queue.
+    c2d_enqueued: Counter,
     /// Direct methods invoked through the service API, by outcome.
     methods: Family<Kind, Counter>,
     /// Time from a method's invocation to the device's answer (or the timeout).
@@ -48,6 +50,7 @@ impl Default for HubMetrics {
             events: Family::default(),
             refused: Family::default(),
             throttled: Counter::default(),
+            c2d_enqueued: Counter::default(),
             methods: Family::default(),
             method_seconds: Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0]),
         };
@@ -80,6 +83,10 @@ impl HubMetrics {
         self.throttled.inc();
     }
 
+    pub fn c2d_enqueued(&self) {
+        self.c2d_enqueued.inc();
+    }
+
     /// A direct method ended with `outcome` (`answered`, `timeout`, `not_connected`, ...)
     /// after `took`.
     pub fn method(&self, outcome: &'static str, took: Duration) {
@@ -92,6 +99,7 @@ impl HubMetrics {
         registry.register("tether_hub_events", "Events the hub recorded, by type (telemetry, twinChange, connected, disconnected, c2dFeedback, ...)", self.events.clone());
         registry.register("tether_hub_connections_refused", "Device and DPS connections refused, by reason", self.refused.clone());
         registry.register("tether_hub_throttled", "Connections closed for going over a throttling limit", self.throttled.clone());
+        registry.register("tether_hub_c2d_enqueued", "Cloud-to-device messages accepted into a device's queue (their ends are c2dFeedback events)", self.c2d_enqueued.clone());
         registry.register("tether_hub_methods", "Direct methods invoked through the service API, by outcome", self.methods.clone());
         registry.register_with_unit("tether_hub_method", "Time from a direct method's invocation to the device's answer or the timeout", Unit::Seconds, self.method_seconds.clone());
     }
@@ -141,12 +149,14 @@ mod tests {
         metrics.events().get_or_create(&Kind::new("telemetry")).inc_by(2);
         metrics.refused("auth");
         metrics.throttled();
+        metrics.c2d_enqueued();
         metrics.method("answered", Duration::from_millis(3));
         let text = render(&metrics, Holdings { devices: 2, connections: 1, c2d_queued: vec![("d1".into(), 3)] }).expect("renders");
         for line in [
             r#"tether_hub_events_total{kind="telemetry"} 2"#,
             r#"tether_hub_connections_refused_total{kind="auth"} 1"#,
             "tether_hub_throttled_total 1",
+            "tether_hub_c2d_enqueued_total 1",
             r#"tether_hub_methods_total{kind="answered"} 1"#,
             "tether_hub_method_seconds_count 1",
             r#"tether_hub_method_seconds_bucket{le="0.005"} 1"#,

@@ -318,6 +318,16 @@ async fn a_version_is_deployed_and_rolled_back_from_the_agents_page() -> anyhow:
     Ok(())
 }
 
+/// The console's one-time link in `tether demo`'s output.
+fn after_console(run: &TetherRun) -> anyhow::Result<String> {
+    let lines = run.lines();
+    lines
+        .iter()
+        .filter(|l| l.contains("console: "))
+        .find_map(|l| Some(l.split("log in once with ").nth(1)?.split_whitespace().next()?.to_owned()))
+        .ok_or_else(|| anyhow::anyhow!("no console link in {lines:?}"))
+}
+
 /// What follows `marker` on the first line of `run`'s output that has it.
 fn lines_after(run: &TetherRun, marker: &str) -> anyhow::Result<String> {
     let lines = run.lines();
@@ -337,6 +347,8 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
         OsStr::new("0"),
         OsStr::new("--page-listen"),
         OsStr::new("127.0.0.1:0"),
+        OsStr::new("--console-listen"),
+        OsStr::new("127.0.0.1:0"),
         OsStr::new("--interval"),
         OsStr::new("0.5"),
         OsStr::new("--state-dir"),
@@ -348,6 +360,7 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     let lines = run.lines();
     let link = lines
         .iter()
+        .filter(|l| l.contains("hub page: "))
         .find_map(|l| Some(l.split("log in once with ").nth(1)?.split_whitespace().next()?.to_owned()))
         .ok_or_else(|| anyhow::anyhow!("no hub page link in {lines:?}"))?;
     let page = link.split("/login/").next().unwrap_or_default().to_owned();
@@ -401,6 +414,15 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     let http = reqwest::Client::new();
     assert_eq!(http.get(format!("{page}/metrics")).send().await?.status(), 401);
     let metrics = http.get(format!("{page}/metrics")).bearer_auth(&control).send().await?.text().await?;
+    // The demo's console: the agent's page with its device line up.
+    let console_link = after_console(&run)?;
+    browser.goto(&console_link).await?;
+    browser.find("tr[data-agent=demo][data-status=running] a").await?.click().await?;
+    browser.wait_text("#device-link", "connected").await?;
+    browser.wait_text("#device", "frames in").await?;
+    browser.screenshot("demo-agent").await?;
+    no_console_problems(&browser, "the demo's console").await?;
+
     for series in [r#"tether_hub_methods_total{kind="answered"} 1"#, "tether_hub_connections 1", r#"tether_hub_events_total{kind="disconnected"}"#, r#"tether_hub_events_total{kind="telemetry"}"#, "tether_hub_method_seconds_count 1"] {
         assert!(metrics.contains(series), "no {series} in {metrics}");
     }

@@ -14,7 +14,7 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
     build_bin("device-sim")?;
     let state = tempfile::tempdir()?;
     let mut child = Command::new(&tether)
-        .args(["demo", "--mqtt-port", "0", "--https-port", "0", "--page-listen", "127.0.0.1:0", "--interval", "0.5"])
+        .args(["demo", "--mqtt-port", "0", "--https-port", "0", "--page-listen", "127.0.0.1:0", "--console-listen", "127.0.0.1:0", "--interval", "0.5"])
         .arg("--state-dir")
         .arg(state.path())
         .arg("--agent")

@@ -22,6 +22,9 @@ pub struct DemoArgs {
     /// Seconds between the simulated board's temperature readings.
     #[arg(long, default_value_t = 5.0)]
     interval: f64,
+    /// Where the console (the agent's page: plots, log, device line, deploys) listens.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    console_listen: std::net::SocketAddr,
 }
 
 
@@ -85,6 +88,22 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         device: Some(DeviceBinding { path: link, baud: 115_200 }),
     };
     host.spawn("demo", settings, module)?;
+    let host = std::sync::Arc::new(host);
+
+    // The console, for one tenant whose token nobody needs to see: the printed link logs
+    // in once, and `tether agents console` can make another with the token in the file.
+    let mut token = [0u8; 24];
+    getrandom::fill(&mut token).map_err(|e| anyhow::anyhow!("no randomness for the console token: {e}"))?;
+    let token = hex::encode(token);
+    let token_file = state_dir.join("console-token");
+    std::fs::write(&token_file, &token).with_context(|| format!("cannot write {}", token_file.display()))?;
+    let access = tether_host::manifest::Access::single("demo", &token, &["demo"]);
+    // One agent: sampling it every 2 s costs nothing and fills the plots quickly.
+    let config = tether_host::manifest::ManageConfig { history_interval_ms: 2000, ..Default::default() };
+    let manage = tether_host::manage::ManageServer::start(host.clone(), access, &config, args.console_listen)
+        .await
+        .with_context(|| format!("cannot serve the console on {} (change it with --console-listen)", args.console_listen))?;
+    tracing::info!("console: http://{}/ ; log in once with {} (the token is in {})", manage.addr(), manage.login_link("demo")?, token_file.display());
 
     // What the cloud side sees, live.
     let control = hub.control();
@@ -105,10 +124,12 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let try_it = super::hub::try_it(&hub, DEMO_DEVICE, "blink", r#"{"times":3}"#, "the agent asks the board to blink", r#"{"led": true}"#)?;
     println!(
         "\nTether demo: hub emulator, simulated board and the azure-demo agent are running.\n\
+         Console (the agent: plots, log, device line, deploys): http://{console}/\n\
          Hub page (devices, live telemetry, twin, direct methods, C2D, faults): http://{page}/\n\
-         (the \"hub page:\" line above has a link that logs in once)\n\
+         (the \"console:\" and \"hub page:\" lines above have links that log in once)\n\
          From a second terminal:\n{try_it}\nCtrl-C ends the demo.\n",
-        page = page.addr()
+        page = page.addr(),
+        console = manage.addr(),
     );
 
     tokio::select! {
@@ -118,7 +139,12 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     tracing::info!("shutting down the demo");
     watcher.abort();
     page.stop().await;
-    host.shutdown().await;
+    host.runtime().abandon_compiles();
+    manage.stop().await;
+    match std::sync::Arc::try_unwrap(host) {
+        Ok(host) => host.shutdown().await,
+        Err(_) => bail!("the host is still in use at shutdown"),
+    }
     let _ = sim.kill().await;
     hub.shutdown().await;
     Ok(())

@@ -320,6 +320,16 @@ pub struct Access {
     pub(crate) owners: HashMap<String, String>,
 }
 
+impl Access {
+    /// One tenant with `token`, owning `agents`: what `tether demo` serves its console with.
+    pub fn single(tenant: &str, token: &str, agents: &[&str]) -> Access {
+        Access {
+            tokens: HashMap::from([(token.to_owned(), tenant.to_owned())]),
+            owners: agents.iter().map(|id| ((*id).to_owned(), tenant.to_owned())).collect(),
+        }
+    }
+}
+
 /// The host's limits with an agent's overrides on top.
 fn agent_limits(defaults: &Limits, overrides: &toml::Table) -> Result<Limits, String> {
     let mut table = toml::Table::try_from(defaults).map_err(|e| e.to_string())?;

@@ -44,6 +44,7 @@ impl Shared {
             let _ = s.tx.send(SessionCmd::C2dWake);
         }
         drop(st);
+        self.metrics.c2d_enqueued();
         self.changed();
         Ok(id)
     }

@@ -72,7 +72,9 @@ async function refreshHistory() {
   plots.cpu.set([h.t, h.cpu]);
   plots.memory.set([h.t, h.memory_bytes]);
   plots.latency.set([h.t, h.p50_s, h.p99_s]);
-  $("history-note").textContent = `One sample every ${h.interval_s} s, the last ${h.t.length} kept by the host.`;
+  $("history-note").textContent = h.t.length
+    ? `One sample every ${h.interval_s} s, the last ${h.t.length} kept by the host.`
+    : `The host takes a sample every ${h.interval_s} s; the plots fill from the second one.`;
   // For tests and scripts: how full the plots are.
   $("plots").dataset.samples = h.t.length;
   $("plots").dataset.eventsMax = Math.max(0, ...h.events);
