@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use tether_host::manifest::Manifest;
 use tether_host::{AgentModule, AgentStatus, Host};
-use tether_tests::bench::{map_count, percentile, pss_kib, rss_kib, thread_cpu};
+use tether_host::hosting::history::History;
+use tether_tests::bench::{heap_kib, map_count, percentile, pss_kib, release_free_memory, rss_kib, thread_cpu};
 
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
@@ -32,6 +33,31 @@ fn p50_p99_in(mut samples: Vec<Duration>, unit: fn(Duration) -> String) -> Strin
 
 /// A manifest of `n` probe agents over 10 tenants; agent 0 has tight limits, agent 7 may
 /// reach `allow`.
+/// What the console's history costs per idle agent: the heap it takes once every ring is
+/// full, and the CPU of one sample of all agents (what the management server does every
+/// `history_interval_ms`).
+fn console_history(host: &Host, agents: usize) -> (String, String, String) {
+    release_free_memory();
+    let before = heap_kib();
+    let history = History::new(Duration::from_secs(10));
+    let mut sample_cpu = Vec::new();
+    for _ in 0..=tether_host::hosting::history::SAMPLES {
+        let cpu = thread_cpu();
+        history.sample(&host.agents());
+        sample_cpu.push(thread_cpu() - cpu);
+    }
+    release_free_memory();
+    let bytes = heap_kib().saturating_sub(before) as f64 * 1024.0 / agents as f64;
+    sample_cpu.sort();
+    let cpu = sample_cpu[sample_cpu.len() / 2];
+    drop(history);
+    (
+        format!("console history per idle agent ({agents} agents)"),
+        format!("{bytes:.0} bytes of heap with every ring full; one sample of all agents takes {:.1} ms of CPU (every 10 s by default)", cpu.as_secs_f64() * 1000.0),
+        "≤ 1 KiB per idle agent".into(),
+    )
+}
+
 fn manifest_text(dir: &std::path::Path, probe: &std::path::Path, n: usize, allow: &str) -> String {
     let mut text = format!(
         "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = \"{}\"\ncache_dir = \"{}\"\n",
@@ -292,6 +318,8 @@ async fn main() -> anyhow::Result<()> {
             if step >= 100_000 { "100,000 on a 24 GiB node".into() } else if step >= 10_000 { "10,000 under 4 GiB".into() } else { "—".into() },
         ));
     }
+
+    rows.push(console_history(&host, max));
 
     let base_url = host.agent_url("");
     let url: Arc<dyn Fn(usize) -> String + Send + Sync> = Arc::new(move |i| format!("{base_url}agent-{i:05}"));
