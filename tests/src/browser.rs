@@ -107,6 +107,19 @@ impl Browser {
         }
     }
 
+    /// Clicks the element matching `css`, finding it again if the page replaced it
+    /// between finding and clicking (tables that refresh do).
+    pub async fn click(&self, css: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.find(css).await?.click().await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => anyhow::bail!("cannot click {css}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
     /// Waits until `check` holds for the text of `css`; the text.
     pub async fn wait_text_where(&self, css: &str, check: impl Fn(&str) -> bool) -> anyhow::Result<String> {
         let deadline = Instant::now() + WAIT;

@@ -167,11 +167,11 @@ async fn the_console_logs_in_once_and_keeps_the_token_out_of_every_url() -> anyh
     // The form: a wrong token, then tenant b's; the token never shows in a URL.
     browser.goto(&format!("{}/login", s.manage)).await?;
     browser.find("#token").await?.send_keys("not-a-token-of-anyone").await?;
-    browser.find("#login button").await?.click().await?;
+    browser.click("#login button").await?;
     browser.wait_text("#message", "not one of this host's tenants").await?;
     browser.screenshot("login").await?;
     browser.find("#token").await?.send_keys(TOKEN_B).await?;
-    browser.find("#login button").await?.click().await?;
+    browser.click("#login button").await?;
     browser.find("tr[data-agent=b1]").await?;
     assert!(!browser.url().await?.contains(TOKEN_B));
     browser.wait_text("#tenant", "tenant b").await?;
@@ -180,7 +180,7 @@ async fn the_console_logs_in_once_and_keeps_the_token_out_of_every_url() -> anyh
     let cookies = browser.client().get_all_cookies().await?;
     let b_cookie = cookies.iter().find(|c| c.name() == "tether_session").map(|c| format!("tether_session={}", c.value())).unwrap_or_default();
     assert_eq!(s.http.get(format!("{}/api/agents", s.manage)).header("cookie", &b_cookie).send().await?.status(), 200);
-    browser.find("#logout").await?.click().await?;
+    browser.click("#logout").await?;
     browser.find("#login").await?;
     assert_eq!(s.http.get(format!("{}/api/agents", s.manage)).header("cookie", &b_cookie).send().await?.status(), 401);
     assert_eq!(s.http.get(format!("{}/api/agents", s.manage)).header("cookie", &cookie).send().await?.status(), 200, "tenant a's session is another, still live");
@@ -200,7 +200,7 @@ async fn a_new_version_is_deployed_from_the_overview_and_its_log_shows_live() ->
     browser.goto(&s.printed_link("a")?).await?;
     browser.find("#deploy-agent option[value=a1]").await?;
     browser.choose_file("#deploy-file", &build_agent("http-echo")?).await?;
-    browser.find("#deploy button").await?.click().await?;
+    browser.click("#deploy button").await?;
     browser.wait_text("#message", "Deployed").await?;
     s.wait_answer("a1", "/x", "GET /x {} ").await?;
     browser.wait_text("#logs", "[a1] Agent restarted: reload").await?;
@@ -219,7 +219,7 @@ async fn the_overview_filters_and_pages_many_agents() -> anyhow::Result<()> {
     let browser = Browser::start().await?;
     browser.goto(&s.printed_link("a")?).await?;
     browser.wait_text("#count", "1–50 of 120").await?;
-    browser.find("#next").await?.click().await?;
+    browser.click("#next").await?;
     browser.wait_text("#count", "51–100 of 120").await?;
     browser.find("tr[data-agent=a-050]").await?;
     browser.find("#filter").await?.send_keys("a-11").await?;
@@ -238,7 +238,7 @@ async fn an_agents_page_plots_its_traffic_and_shows_its_log_as_text() -> anyhow:
     let s = Served::start(&probe_entry("a1", "a")?).await?;
     let browser = Browser::start().await?;
     browser.goto(&s.printed_link("a")?).await?;
-    browser.find("tr[data-agent=a1] a").await?.click().await?;
+    browser.click("tr[data-agent=a1] a").await?;
     browser.wait_text("#agent-id", "a1").await?;
     assert_eq!(browser.url().await?, format!("{}/agents/a1", s.manage));
     browser.wait_text("#facts", &format!("{}/a1", s.agents)).await?;
@@ -264,7 +264,7 @@ async fn an_agents_page_plots_its_traffic_and_shows_its_log_as_text() -> anyhow:
     browser.find("#log-search").await?.send_keys("bold").await?;
     browser.wait_text("#log-count", "1 of").await?;
     browser.find("#log-search").await?.clear().await?;
-    browser.find("#log-level option[value=error]").await?.click().await?;
+    browser.click("#log-level option[value=error]").await?;
     browser.wait_text_where("#logs", |t| !t.contains("bold")).await?;
     browser.client().execute("window.scrollTo(0, 0)", vec![]).await?;
     browser.screenshot("agent").await?;
@@ -288,7 +288,7 @@ async fn a_version_is_deployed_and_rolled_back_from_the_agents_page() -> anyhow:
     let bad = s.dir.path().join("not-a-module.wasm");
     std::fs::write(&bad, b"hello")?;
     browser.choose_file("#deploy-file", &bad).await?;
-    browser.find("#deploy button").await?.click().await?;
+    browser.click("#deploy button").await?;
     browser.wait_text("#message", "not a WebAssembly component").await?;
     s.wait_answer("a1", "/ping", "pong").await?;
     // The refused upload's 400, which the page shows, is the one entry Chromium logs.
@@ -296,20 +296,20 @@ async fn a_version_is_deployed_and_rolled_back_from_the_agents_page() -> anyhow:
 
     let echo = build_agent("http-echo")?;
     browser.choose_file("#deploy-file", &echo).await?;
-    browser.find("#deploy button").await?.click().await?;
+    browser.click("#deploy button").await?;
     browser.wait_text("#message", "Deployed").await?;
     s.wait_answer("a1", "/x", "GET /x {} ").await?;
     browser.wait_text("#deploys", "the manifest's module").await?;
     browser.screenshot("agent-deployed").await?;
 
     // Back to the manifest's version, then forward again to the deployed one.
-    browser.find("#deploys tr:last-child button").await?.click().await?;
+    browser.click("#deploys tr:last-child button").await?;
     browser.wait_text("#message", "Rolled back").await?;
     s.wait_answer("a1", "/ping", "pong").await?;
     browser.wait_text("#deploys", "rollback").await?;
     let echo_digest = browser.wait_js("return document.querySelector('#deploys tr[data-via=deploy]')?.dataset.module", |v| v.is_string()).await?;
     let echo_digest = echo_digest.as_str().unwrap_or_default().to_owned();
-    browser.find(&format!("#deploys tr[data-module='{echo_digest}'] button")).await?.click().await?;
+    browser.click(&format!("#deploys tr[data-module='{echo_digest}'] button")).await?;
     s.wait_answer("a1", "/x", "GET /x {} ").await?;
     browser.wait_text("#message", "Rolled back").await?;
     browser.screenshot("agent-rolled-back").await?;
@@ -370,10 +370,10 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     // A connection string the hub refuses, then the printed link.
     browser.goto(&format!("{page}/login")).await?;
     browser.find("#connection_string").await?.send_keys("HostName=tether-hub;SharedAccessKeyName=iothubowner;SharedAccessKey=bm90LXRoZS1rZXk=").await?;
-    browser.find("#login button").await?.click().await?;
+    browser.click("#login button").await?;
     browser.wait_text("#message", "The hub refused").await?;
     browser.goto(&link).await?;
-    browser.find("tr[data-device=demo-device][data-connection=connected] button").await?.click().await?;
+    browser.click("tr[data-device=demo-device][data-connection=connected] button").await?;
     browser.wait_text("#twin", "reported").await?;
     browser.wait_text("#telemetry", "temperature").await?;
 
@@ -381,14 +381,14 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     browser.find("#method-name").await?.send_keys("blink").await?;
     browser.find("#method-payload").await?.clear().await?;
     browser.find("#method-payload").await?.send_keys(r#"{"times":2}"#).await?;
-    browser.find("#method-form button").await?.click().await?;
+    browser.click("#method-form button").await?;
     browser.wait_text("#method-result", r#""blinked": 2"#).await?;
     run.wait_until("the agent saw the method", WAIT, |l| l.iter().any(|l| l.contains("direct method blink"))).await?;
 
     // A C2D message with a property.
     browser.find("#c2d-body").await?.send_keys(r#"{"led": true}"#).await?;
     browser.find("#c2d-properties").await?.send_keys("source=page").await?;
-    browser.find("#c2d-form button").await?.click().await?;
+    browser.click("#c2d-form button").await?;
     browser.wait_text("#message", "queued").await?;
     run.wait_until("the agent got the C2D message", WAIT, |l| l.iter().any(|l| l.contains(r#"C2D message: {"led": true}"#) && l.contains("source"))).await?;
 
@@ -396,14 +396,14 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     let desired = browser.find("#desired").await?;
     desired.clear().await?;
     desired.send_keys(r#"{"interval": 1, "note": "<img src=x id=injected>"}"#).await?;
-    browser.find("#desired-form button").await?.click().await?;
+    browser.click("#desired-form button").await?;
     browser.wait_text("#twin", "<img src=x id=injected>").await?;
     run.wait_until("the agent took the interval", WAIT, |l| l.iter().any(|l| l.contains("desired reporting interval: 1 s"))).await?;
     assert_eq!(browser.client().execute("return document.querySelectorAll('#injected, #twin img').length", vec![]).await?, 0);
 
     // A fault: the hub drops the device, which comes back.
     browser.find("#fault-kind").await?.select_by_value("KillTcp").await?;
-    browser.find("#fault-form button").await?.click().await?;
+    browser.click("#fault-form button").await?;
     browser.wait_text("#events", "demo-device disconnected").await?;
     browser.wait_text_where("#events", |t| t.rfind("demo-device connected") > t.rfind("demo-device disconnected")).await?;
     browser.client().execute("window.scrollTo(0, 0)", vec![]).await?;
@@ -417,9 +417,18 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     // The demo's console: the agent's page with its device line up.
     let console_link = after_console(&run)?;
     browser.goto(&console_link).await?;
-    browser.find("tr[data-agent=demo][data-status=running] a").await?.click().await?;
+    browser.click("tr[data-agent=demo][data-status=running] a").await?;
     browser.wait_text("#device-link", "connected").await?;
     browser.wait_text("#device", "frames in").await?;
+    // The timeline follows a reading from the serial line, through the agent, to the
+    // broker's acknowledgement.
+    browser.wait_text("#timeline", "device → agent  temperature").await?;
+    browser.wait_text("#timeline", "agent log  telemetry sent").await?;
+    browser.wait_text("#timeline", "agent → broker  publish").await?;
+    browser.wait_text("#timeline", "broker → agent  acknowledged publish").await?;
+    browser.client().execute("document.getElementById('timeline').scrollIntoView()", vec![]).await?;
+    browser.screenshot("demo-timeline").await?;
+    browser.client().execute("window.scrollTo(0, 0)", vec![]).await?;
     browser.screenshot("demo-agent").await?;
     no_console_problems(&browser, "the demo's console").await?;
 

@@ -1,7 +1,7 @@
 //! What the parts of one agent are handed: the narrow handles through which a capability
 //! reaches the rest of the host without seeing it. A capability posts its events through
 //! [`events::Events`], writes host notes to the agent's [`log::Logger`], counts in
-//! [`metrics::AgentMetrics`] and runs its background work as [`tasks::TaskGuard`]s on the
+//! [`metrics::AgentMetrics`], notes its traffic in [`timeline::Timeline`] and runs its background work as [`tasks::TaskGuard`]s on the
 //! host's runtime. Nothing here knows any capability or the runtime that composes them.
 
 pub(crate) mod blocking;
@@ -10,6 +10,7 @@ pub(crate) mod events;
 pub mod log;
 pub mod metrics;
 pub(crate) mod tasks;
+pub mod timeline;
 
 use std::sync::Arc;
 
@@ -25,4 +26,6 @@ pub(crate) struct Handles {
     /// Where capabilities that block on the disk count the time, so that it is not
     /// charged to the agent as CPU.
     pub blocking: blocking::Blocking,
+    /// The agent's recent traffic at the serial line and the broker, while watched.
+    pub timeline: Arc<timeline::Timeline>,
 }

@@ -237,6 +237,12 @@ impl Host {
         FileStore::new(&self.shared.config.store_dir, id).bytes_on_disk()
     }
 
+    /// Agent `id`'s recent device and broker traffic, oldest first; it keeps recording for
+    /// the next minute (the timeline records only while someone looks).
+    pub fn timeline(&self, id: &str) -> Option<Vec<crate::kit::timeline::Entry>> {
+        Some(self.shared.agent(id)?.parts.handles.timeline.watch())
+    }
+
     /// Frame and error counts of agent `id`'s serial line, if it has a device.
     pub fn device_stats(&self, id: &str) -> Option<device_link::Stats> {
         Some(self.shared.agent(id)?.parts.device.as_ref()?.line_stats())
@@ -271,7 +277,7 @@ impl Host {
         let mut subscribers = vec![host.logs.clone()];
         subscribers.extend(policy.tenant.as_deref().map(|t| host.tenant_logs(t)));
         let log = Logger::new(id, subscribers, policy.limits.log_rate, metrics.clone());
-        let handles = Handles { log: log.clone(), metrics, io: host.io.clone(), blocking: Blocking::default() };
+        let handles = Handles { log: log.clone(), metrics, io: host.io.clone(), blocking: Blocking::default(), timeline: Arc::default() };
         let (device, driver) = match settings.device {
             Some(binding) => {
                 let line = SerialLine::new(binding.path, binding.baud);

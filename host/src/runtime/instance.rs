@@ -73,7 +73,7 @@ impl AgentCtx {
             mqtt: mqtt::Clients::new(agent.mqtt.clone(), handles.clone(), events(agent, generation)),
             store: store::Store::new(agent.store.clone(), handles.log.clone(), handles.blocking.clone()),
             queues: queue::Queues::new(agent.queues.clone(), handles.log.clone(), handles.blocking.clone()),
-            device: device::Device::new(agent.device.clone(), events(agent, generation), handles.metrics.clone()),
+            device: device::Device::new(agent.device.clone(), events(agent, generation), handles.metrics.clone(), handles.timeline.clone()),
         }
     }
 

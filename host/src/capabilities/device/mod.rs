@@ -26,6 +26,7 @@ use crate::hosting::config::Limits;
 use crate::kit::events::Events;
 use crate::kit::log::{Level, Logger, Quiet};
 use crate::kit::metrics::{AgentMetrics, Count};
+use crate::kit::timeline::{Edge, Timeline};
 
 pub(crate) use driver::Driver;
 pub(crate) use line::Line;
@@ -197,17 +198,19 @@ pub(crate) struct Device {
     /// Outcomes of this instance's messages come back here.
     events: Events<DeviceEvent>,
     metrics: Arc<AgentMetrics>,
+    timeline: Arc<Timeline>,
 }
 
 impl Device {
-    pub fn new(channel: Option<Arc<DeviceChannel>>, events: Events<DeviceEvent>, metrics: Arc<AgentMetrics>) -> Device {
-        Device { channel, events, metrics }
+    pub fn new(channel: Option<Arc<DeviceChannel>>, events: Events<DeviceEvent>, metrics: Arc<AgentMetrics>, timeline: Arc<Timeline>) -> Device {
+        Device { channel, events, metrics, timeline }
     }
 
     /// The event to deliver; a device message leaving the queue lets the driver read on.
     pub fn prepare(&mut self, DeviceEvent(event): DeviceEvent) -> Option<Event> {
-        if let Event::DeviceMessage(_) = &event {
+        if let Event::DeviceMessage((name, payload, _)) = &event {
             self.metrics.add(Count::DeviceMessage);
+            self.timeline.record(Edge::Device, true, name, payload);
             if let Some(channel) = &self.channel {
                 let _ = channel.state.inbound.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
             }
@@ -218,10 +221,13 @@ impl Device {
 
 impl wit::Host for Device {
     fn send(&mut self, name: String, payload: Vec<u8>, options: SendFlags) -> Result<u64, SendError> {
-        match &self.channel {
-            Some(device) => device.send(name, payload, options, &self.events),
-            None => Err(SendError::NotConnected),
+        let Some(device) = &self.channel else {
+            return Err(SendError::NotConnected);
+        };
+        if self.timeline.watching() {
+            self.timeline.record(Edge::Device, false, &name, &payload);
         }
+        device.send(name, payload, options, &self.events)
     }
 
     fn respond(&mut self, id: u64, answer: Answer) {

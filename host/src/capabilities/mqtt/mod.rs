@@ -23,6 +23,7 @@ use crate::kit::events::Events;
 use crate::kit::log::Quiet;
 use crate::kit::metrics::Count;
 use crate::kit::tasks::TaskGuard;
+use crate::kit::timeline::Edge;
 use crate::policy::allowed_hosts::AllowedHosts;
 use crate::policy::tls::TlsTrust;
 use driver::{Driver, MqttEvent, Ops, lock};
@@ -133,9 +134,16 @@ impl Clients {
                     conn.inbound.fetch_sub(1, Ordering::AcqRel);
                 }
                 self.handles.metrics.add(Count::MqttMessage);
+                self.handles.timeline.record(Edge::Broker, true, &m.topic, &m.payload);
                 Event::MqttMessage((client, m))
             }
-            MqttEvent::Published(op, code) => Event::MqttPublished((client, op, code)),
+            MqttEvent::Published(op, code) => {
+                if self.handles.timeline.watching() {
+                    let what = if code == code::SUCCESS { format!("acknowledged publish {op}") } else { format!("publish {op} failed: code {code}") };
+                    self.handles.timeline.record(Edge::Broker, true, &what, b"");
+                }
+                Event::MqttPublished((client, op, code))
+            }
             MqttEvent::Subscribed(op, code, granted) => Event::MqttSubscribed((client, op, code, granted)),
             MqttEvent::Unsubscribed(op, code) => Event::MqttUnsubscribed((client, op, code)),
             MqttEvent::ConnectionLost(code, cause) => {
@@ -242,11 +250,16 @@ impl wit::Host for Clients {
         };
         let op = self.op();
         let conn = self.connected(c)?;
+        // Copied only while someone watches, and noted only once the publish is queued.
+        let seen = self.handles.timeline.watching().then(|| (format!("publish {op}: {topic}"), payload.clone()));
         lock(&conn.ops).publishes.push_back((op, share));
         conn.client.try_publish(topic, q, retain, payload).map_err(|e| {
             lock(&conn.ops).publishes.pop_back();
             queue_error(e)
         })?;
+        if let Some((what, payload)) = seen {
+            self.handles.timeline.record(Edge::Broker, false, &what, &payload);
+        }
         Ok(op)
     }
 

@@ -16,6 +16,7 @@
 //! | `GET /api/agents?q=&status=&offset=&limit=` | JSON list of the tenant's agents, filtered and paged; `total` before paging |
 //! | `GET /api/agents/{id}` | one agent, with its device line, store size and URL |
 //! | `GET /api/agents/{id}/history` | the last samples of its counters, as columns |
+//! | `GET /api/agents/{id}/timeline` | its device messages, broker traffic and log lines, by time (recording while watched) |
 //! | `GET /api/agents/{id}/deploys` | its deploy history, and which versions can be rolled back to |
 //! | `POST /api/agents/{id}/deploy` (body: the component) | 200, or 400 with the reason |
 //! | `POST /api/agents/{id}/rollback` (JSON `{module}`) | 200, or 400/404 with the reason |
@@ -50,6 +51,7 @@ use super::web::session::{Sessions, set_cookie};
 use super::web::{self as console};
 use crate::kit::log::{Level, LogLine};
 use crate::kit::metrics::LATENCY_BUCKETS;
+use crate::kit::timeline::Edge;
 use crate::runtime::agent::AgentStatus;
 use crate::runtime::host::{AgentReport, ControlError, Host, RollbackError};
 
@@ -106,6 +108,7 @@ impl ManageServer {
             .route("/api/agents/{id}", get(show))
             .route("/api/agents/{id}/history", get(agent_history))
             .route("/api/agents/{id}/deploys", get(deploys))
+            .route("/api/agents/{id}/timeline", get(timeline))
             .route("/api/agents/{id}/deploy", post(deploy))
             .route("/api/agents/{id}/rollback", post(rollback))
             .route("/api/agents/{id}/logs", get(agent_logs))
@@ -354,6 +357,33 @@ async fn agent_history(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id)
     let tenant = api.caller(&headers, false)?;
     api.owned(&tenant, &id)?;
     Ok(json_response(StatusCode::OK, &api.history.columns(&id)))
+}
+
+/// The agent's device messages and broker traffic (recorded while someone watches, for a
+/// minute after each look) and its recent log lines, one list by time.
+async fn timeline(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let tenant = api.caller(&headers, false)?;
+    api.owned(&tenant, &id)?;
+    let traffic = api.host.timeline(&id).ok_or_else(|| ApiError::NotFound(id.clone()))?;
+    let mut entries: Vec<(u64, serde_json::Value)> = traffic
+        .into_iter()
+        .map(|e| {
+            let edge = match e.edge {
+                Edge::Device => "device",
+                Edge::Broker => "broker",
+            };
+            (e.at_ms, json!({ "at_ms": e.at_ms, "edge": edge, "direction": if e.inbound { "in" } else { "out" }, "what": e.what, "detail": e.preview }))
+        })
+        .collect();
+    for line in api.host.recent_logs(&id) {
+        let at_ms = line.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+        let level = if line.level == Level::Error { "error" } else { "info" };
+        entries.push((at_ms, json!({ "at_ms": at_ms, "edge": "agent", "direction": level, "what": "log", "detail": line.text })));
+    }
+    // Stable: entries of one millisecond keep the order they were recorded in.
+    entries.sort_by_key(|(at, _)| *at);
+    let watch_s = crate::kit::timeline::WATCH.as_secs();
+    Ok(json_response(StatusCode::OK, &json!({ "entries": entries.into_iter().map(|(_, e)| e).collect::<Vec<_>>(), "recording_for_s": watch_s })))
 }
 
 async fn deploys(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {

@@ -81,6 +81,24 @@ async function refreshHistory() {
   interval = Math.max(1000, h.interval_s * 1000);
 }
 
+// The timeline: device, agent and broker, interleaved. Asking for it keeps the host
+// recording the agent's traffic for the next minute.
+async function refreshTimeline() {
+  let t;
+  try {
+    t = await api(base + "/timeline");
+  } catch (e) {
+    return say(e.message, true);
+  }
+  const box = $("timeline");
+  const atEnd = box.scrollTop + box.clientHeight >= box.scrollHeight - 4;
+  const arrow = { device: { in: "device → agent", out: "agent → device" }, broker: { in: "broker → agent", out: "agent → broker" } };
+  box.replaceChildren(...t.entries.slice(-300).map((e) => el("div", { class: `${e.edge} ${e.direction}`, "data-edge": e.edge },
+    el("span", { class: "time" }, new Date(e.at_ms).toLocaleTimeString() + "." + String(e.at_ms % 1000).padStart(3, "0") + " "),
+    `${e.edge === "agent" ? "agent log" : arrow[e.edge][e.direction]}  ${e.what === "log" ? "" : e.what + "  "}${e.detail}`)));
+  if (atEnd) box.scrollTop = box.scrollHeight;
+}
+
 function showLogs() {
   const level = $("log-level").value;
   const needle = $("log-search").value.toLowerCase();
@@ -163,6 +181,8 @@ Tether.session().then(() => {
   refreshAgent();
   refreshDeploys();
   historyLoop();
+  refreshTimeline();
   setInterval(refreshAgent, 2000);
+  setInterval(refreshTimeline, 2000);
   Tether.follow(base + "/logs", addLog);
 }, (e) => say(e.message, true));
