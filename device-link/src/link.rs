@@ -252,6 +252,9 @@ pub struct Stats {
     pub not_connected: u32,
     /// ACK/NACK/REPLY for no pending message (late after a timeout, or bogus).
     pub unexpected: u32,
+    /// The last PING's round trip to the peer's PONG, ms (0 before the first), as the
+    /// link's clock (`tick`) sees it. A gauge, not a count.
+    pub rtt_ms: u32,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -379,6 +382,8 @@ struct Core<B> {
     frame_event: bool,
     mismatch_reported: bool,
     stats: Stats,
+    /// When the PING in flight left, for [`Stats::rtt_ms`].
+    ping_sent: Option<u64>,
 }
 
 impl<B: AsRef<[u8]> + AsMut<[u8]>> Core<B> {
@@ -465,7 +470,12 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Core<B> {
                 self.on_flow(f);
                 self.owe_pong = true;
             }
-            Frame::Pong(f) => self.on_flow(f),
+            Frame::Pong(f) => {
+                if let Some(sent) = self.ping_sent.take() {
+                    self.stats.rtt_ms = u32::try_from(self.now.saturating_sub(sent)).unwrap_or(u32::MAX);
+                }
+                self.on_flow(f);
+            }
             Frame::Credit { released } => self.on_released(released),
             Frame::Msg { id, .. } => {
                 if !after(self.released, id.0) {
@@ -605,7 +615,10 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Core<B> {
                 self.advertised = self.released;
                 match kind {
                     0 => self.owe_pong = false,
-                    1 => self.owe_ping = false,
+                    1 => {
+                        self.owe_ping = false;
+                        self.ping_sent = Some(self.now);
+                    }
                     _ => self.owe_credit = false,
                 }
             }
@@ -730,6 +743,7 @@ impl<B: AsRef<[u8]> + AsMut<[u8]>> Link<B> {
                 frame_event: false,
                 mismatch_reported: false,
                 stats: Stats::default(),
+                ping_sent: None,
             },
         })
     }

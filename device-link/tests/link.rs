@@ -643,3 +643,24 @@ fn owned_and_borrowed_events_agree_across_host_style_use() {
     assert!(matches!(host.poll_event(), Some(Event::Message(_))));
     assert_eq!(host.poll_event(), None);
 }
+
+#[test]
+fn a_pings_round_trip_is_measured() {
+    let mut p = Pair::connected(4);
+    assert_eq!(p.a.stats().rtt_ms, 0, "nothing measured yet");
+    // A quiet link: a pings on its heartbeat; b answers; the PONG reaches a 40 ms later.
+    let mut t = 0;
+    loop {
+        t += 100;
+        assert!(t < 10_000, "no PING from a");
+        p.a.tick(t);
+        let ping = take_tx(&mut p.a);
+        if decode_all(&ping).iter().any(|c| c[0] == kind::PING) {
+            deliver(&mut p.b, t, &ping, &mut || usize::MAX);
+            let pong = take_tx(&mut p.b);
+            deliver(&mut p.a, t + 40, &pong, &mut || usize::MAX);
+            break;
+        }
+    }
+    assert_eq!(p.a.stats().rtt_ms, 40);
+}

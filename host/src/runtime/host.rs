@@ -248,6 +248,11 @@ impl Host {
         Some(self.shared.agent(id)?.parts.device.as_ref()?.line_stats())
     }
 
+    /// Times agent `id`'s serial line closed and was reopened, if it has a device.
+    pub fn device_reopens(&self, id: &str) -> Option<u64> {
+        Some(self.shared.agent(id)?.parts.device.as_ref()?.reopens())
+    }
+
     pub(super) fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, flume::Receiver<Envelope>) {
         // Benchmark instances run without a device driver.
         let (agent, rx, _control, _driver) = self.new_agent_with_device(id, settings, self.default_policy());

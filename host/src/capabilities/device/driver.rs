@@ -90,6 +90,7 @@ impl<L: Line> Driver<L> {
                     self.log.write(Level::Info, &format!("device: opened {}", self.line.describe()));
                     reported = false;
                     let Some(cause) = self.drive(port).await else { return };
+                    self.state.reopens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.log.write(Level::Info, &format!("device: {path} closed ({cause}); reopening"));
                 }
                 Err(e) if !reported => {
@@ -189,6 +190,7 @@ impl<L: Line> Driver<L> {
             add(&mut line.version_errors, now.version_errors, counted.version_errors);
             add(&mut line.not_connected, now.not_connected, counted.not_connected);
             add(&mut line.unexpected, now.unexpected, counted.unexpected);
+            line.rtt_ms = now.rtt_ms;
             *line
         };
         *counted = now;

@@ -58,6 +58,8 @@ struct State {
     awaiting: Mutex<HashSet<u64>>,
     /// Frame and error counts of the line, summed over every session since the host started.
     line: Mutex<device_link::Stats>,
+    /// Times the line closed (unplugged, or the device went away) and was reopened.
+    reopens: AtomicU64,
 }
 
 #[derive(Default)]
@@ -124,6 +126,11 @@ impl DeviceChannel {
     /// Frames received and corrupted frames dropped on the line so far.
     pub fn line_stats(&self) -> device_link::Stats {
         *self.state.line.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Times the line closed and was reopened (a replug, or a device that went away).
+    pub fn reopens(&self) -> u64 {
+        self.state.reopens.load(Ordering::Relaxed)
     }
 
     /// The channel and the driver to spawn for it (only once the agent is registered, so a

@@ -347,6 +347,8 @@ async fn show(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Path<St
             "crc_errors": line.crc_errors,
             "malformed": line.malformed + line.cobs_errors + line.oversize + line.unknown_type,
             "unexpected": line.unexpected,
+            "rtt_ms": line.rtt_ms,
+            "replugs": api.host.device_reopens(&id).unwrap_or(0),
         }),
         None => serde_json::Value::Null,
     };

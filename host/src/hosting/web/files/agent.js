@@ -40,6 +40,7 @@ async function refreshAgent() {
   $("device").replaceChildren(...(d
     ? [fact("link", d.connected ? "connected" : "disconnected", { class: d.connected ? "connected" : "disconnected", id: "device-link" }),
        fact("messages", a.device_messages), fact("frames in", d.frames_rx), fact("frames out", d.frames_tx),
+       fact("round trip", d.rtt_ms ? d.rtt_ms + " ms" : "not measured yet"), fact("replugs", d.replugs),
        fact("CRC errors", d.crc_errors), fact("malformed", d.malformed), fact("unexpected", d.unexpected)]
     : [el("div", { class: "muted" }, "This agent has no device.")]));
 }
