@@ -47,7 +47,9 @@ fn cpu_clock(clock: libc::clockid_t) -> Duration {
 /// heap, apart from guest memories, stacks and the allocator's free pages.
 pub fn heap_kib() -> u64 {
     // SAFETY: mallinfo2 only reads the allocator's counters.
-    (unsafe { libc::mallinfo2() }.uordblks / 1024) as u64
+    let info = unsafe { libc::mallinfo2() };
+    // Large blocks (over 128 KiB: a big map's table, say) are mmapped and counted apart.
+    ((info.uordblks + info.hblkhd) / 1024) as u64
 }
 
 /// Gives the allocator's free pages back to the kernel, so that an RSS read next counts

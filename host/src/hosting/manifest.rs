@@ -75,7 +75,7 @@ pub struct ManageConfig {
     /// once; past it, 429.
     pub max_log_streams: usize,
     /// How often the console's plots take a sample of every agent's counters, ms; the
-    /// last 30 samples are kept.
+    /// last 24 samples are kept.
     pub history_interval_ms: u64,
 }
 
