@@ -116,6 +116,12 @@ module = "{probe}"
             .map_err(|e| anyhow::anyhow!("prometheus: {e}; run scripts/setup.sh --with-test-deps"))?,
     );
     tether_tests::wait_for_port(port, WAIT).await?;
+    // The port opens before the storage is; `/-/ready` says when queries will be answered.
+    let deadline = Instant::now() + WAIT;
+    while !http.get(format!("http://127.0.0.1:{port}/-/ready")).send().await.is_ok_and(|r| r.status().is_success()) {
+        anyhow::ensure!(Instant::now() < deadline, "prometheus never became ready");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let api = format!("http://127.0.0.1:{port}/api/v1");
 
     // Every query of every panel, with the dashboard's variables set to "all".
@@ -132,7 +138,10 @@ module = "{probe}"
     for expr in &exprs {
         let query = expr.replace("$__rate_interval", "10s").replace("$tenant", ".*").replace("$agent", ".*");
         loop {
-            let answer: serde_json::Value = serde_json::from_str(&http.get(format!("{api}/query?query={}", url::form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>())).send().await?.text().await?)?;
+            let response = http.get(format!("{api}/query?query={}", url::form_urlencoded::byte_serialize(query.as_bytes()).collect::<String>())).send().await?;
+            let status = response.status();
+            let text = response.text().await?;
+            let answer: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{query}: {status} {text:?}: {e}"))?;
             anyhow::ensure!(answer["status"] == "success", "{query}: {answer}");
             if answer["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
                 break;
