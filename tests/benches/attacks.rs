@@ -234,10 +234,8 @@ limits = {{ cpu_ms_per_event = 10000, http_rate = {{ burst = 1000000, per_sec = 
     let path = dir.path().join("manifest.toml");
     std::fs::write(&path, manifest)?;
     let serve = TetherRun::spawn(&[OsStr::new("serve"), OsStr::new("--manifest"), path.as_os_str()], "management API and console", Duration::from_secs(60)).await?;
-    let lines = serve.lines();
-    let after = |marker: &str| lines.iter().find_map(|l| Some(l.split(marker).nth(1)?.split_whitespace().next()?.trim_end_matches('/').to_owned()));
-    let agents = after("agent URLs under ").ok_or_else(|| anyhow::anyhow!("no agent URL in {lines:?}"))?;
-    let manage = after("management API and console: ").ok_or_else(|| anyhow::anyhow!("no management URL in {lines:?}"))?;
+    let agents = serve.word_after("agent URLs under ")?;
+    let manage = serve.word_after("management API and console: ")?;
     let pid = serve.pid().ok_or_else(|| anyhow::anyhow!("tether serve is gone"))?;
     let target = Arc::new(Target { agents, manage, http: reqwest::Client::new() });
     let agent_addr: SocketAddr = target.agents.trim_start_matches("http://").parse()?;

@@ -170,12 +170,18 @@ impl Browser {
             .collect())
     }
 
-    /// Saves a PNG of the page as `target/console-screenshots/<name>.png`; its path.
+    /// Saves PNGs of the page in `target/console-screenshots/`: `<name>.png` at
+    /// 1280×800 and `<name>-phone.png` at a phone's 390×844; the path of the first.
     pub async fn screenshot(&self, name: &str) -> anyhow::Result<PathBuf> {
         let dir = crate::workspace_root().join("target").join("console-screenshots");
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{name}.png"));
         std::fs::write(&path, self.client.screenshot().await?)?;
+        self.client.set_window_size(390, 844).await?;
+        // A frame for the layout to follow the new width.
+        self.client.execute("return new Promise(r => requestAnimationFrame(() => r()))", vec![]).await?;
+        std::fs::write(dir.join(format!("{name}-phone.png")), self.client.screenshot().await?)?;
+        self.client.set_window_size(1280, 800).await?;
         Ok(path)
     }
 

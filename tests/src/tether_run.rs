@@ -89,6 +89,16 @@ impl TetherRun {
         lock(&self.lines).clone()
     }
 
+    /// The word after `marker` on the first line printed that has it, without a trailing
+    /// `/`: an address or a link that `tether` printed.
+    pub fn word_after(&self, marker: &str) -> anyhow::Result<String> {
+        let lines = self.lines();
+        lines
+            .iter()
+            .find_map(|l| Some(l.split(marker).nth(1)?.split_whitespace().next()?.trim_end_matches('/').to_owned()))
+            .ok_or_else(|| anyhow::anyhow!("no {marker:?} in {lines:?}"))
+    }
+
     /// Waits until `done` holds for the lines printed so far.
     pub async fn wait_until(&self, what: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;

@@ -55,21 +55,14 @@ token = "{TOKEN_B}"
         let path = dir.path().join("manifest.toml");
         std::fs::write(&path, manifest)?;
         let run = TetherRun::spawn(&[OsStr::new("serve"), OsStr::new("--manifest"), path.as_os_str()], "console login for tenant b", WAIT).await?;
-        let lines = run.lines();
-        let after = |marker: &str| lines.iter().find_map(|l| Some(l.split(marker).nth(1)?.split_whitespace().next()?.trim_end_matches('/').to_owned()));
-        let manage = after("management API and console: ").ok_or_else(|| anyhow::anyhow!("no console URL in {lines:?}"))?;
-        let agents = after("agent URLs under ").ok_or_else(|| anyhow::anyhow!("no agent URL in {lines:?}"))?;
+        let manage = run.word_after("management API and console: ")?;
+        let agents = run.word_after("agent URLs under ")?;
         Ok(Served { run, manage, agents, http: reqwest::Client::new(), dir })
     }
 
     /// The one-time login link `tether serve` printed for `tenant`.
     fn printed_link(&self, tenant: &str) -> anyhow::Result<String> {
-        let marker = format!("console login for tenant {tenant}: ");
-        let lines = self.run.lines();
-        lines
-            .iter()
-            .find_map(|l| Some(l.split(&marker).nth(1)?.split_whitespace().next()?.to_owned()))
-            .ok_or_else(|| anyhow::anyhow!("no login link for {tenant} in {lines:?}"))
+        self.run.word_after(&format!("console login for tenant {tenant}: "))
     }
 
     /// A fresh one-time link for `token`'s tenant, from `tether agents console`.
@@ -318,22 +311,6 @@ async fn a_version_is_deployed_and_rolled_back_from_the_agents_page() -> anyhow:
     Ok(())
 }
 
-/// The console's one-time link in `tether demo`'s output.
-fn after_console(run: &TetherRun) -> anyhow::Result<String> {
-    let lines = run.lines();
-    lines
-        .iter()
-        .filter(|l| l.contains("console: "))
-        .find_map(|l| Some(l.split("log in once with ").nth(1)?.split_whitespace().next()?.to_owned()))
-        .ok_or_else(|| anyhow::anyhow!("no console link in {lines:?}"))
-}
-
-/// What follows `marker` on the first line of `run`'s output that has it.
-fn lines_after(run: &TetherRun, marker: &str) -> anyhow::Result<String> {
-    let lines = run.lines();
-    lines.iter().find_map(|l| l.split(marker).nth(1).map(str::to_owned)).ok_or_else(|| anyhow::anyhow!("no {marker:?} in {lines:?}"))
-}
-
 #[tokio::test]
 async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_and_c2d() -> anyhow::Result<()> {
     let agent = build_agent("azure-demo")?;
@@ -356,14 +333,9 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
         OsStr::new("--agent"),
         agent.as_os_str(),
     ];
-    let run = TetherRun::spawn(&args, "hub page: ", WAIT).await?;
-    let lines = run.lines();
-    let link = lines
-        .iter()
-        .filter(|l| l.contains("hub page: "))
-        .find_map(|l| Some(l.split("log in once with ").nth(1)?.split_whitespace().next()?.to_owned()))
-        .ok_or_else(|| anyhow::anyhow!("no hub page link in {lines:?}"))?;
-    let page = link.split("/login/").next().unwrap_or_default().to_owned();
+    let run = TetherRun::spawn(&args, "hub page login, once within 10 minutes: ", WAIT).await?;
+    let link = run.word_after("hub page login, once within 10 minutes: ")?;
+    let page = run.word_after("hub page: ")?;
     run.wait_until("the agent connects", WAIT, |l| l.iter().any(|l| l.contains("cloud-to-device messages enabled"))).await?;
 
     let browser = Browser::start().await?;
@@ -410,12 +382,12 @@ async fn the_hub_page_shows_telemetry_and_reaches_the_device_with_twin_method_an
     browser.screenshot("hub").await?;
 
     // What the hub counted, for Prometheus: the control token is the bearer.
-    let control = lines_after(&run, "export CONTROL_TOKEN='")?.trim_end_matches('\'').to_owned();
+    let control = run.word_after("export CONTROL_TOKEN='")?.trim_end_matches('\'').to_owned();
     let http = reqwest::Client::new();
     assert_eq!(http.get(format!("{page}/metrics")).send().await?.status(), 401);
     let metrics = http.get(format!("{page}/metrics")).bearer_auth(&control).send().await?.text().await?;
     // The demo's console: the agent's page with its device line up.
-    let console_link = after_console(&run)?;
+    let console_link = run.word_after("console login, once within 10 minutes: ")?;
     browser.goto(&console_link).await?;
     browser.click("tr[data-agent=demo][data-status=running] a").await?;
     browser.wait_text("#device-link", "connected").await?;

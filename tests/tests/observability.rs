@@ -14,15 +14,6 @@ use tether_tests::tether_run::TetherRun;
 const WAIT: Duration = Duration::from_secs(90);
 const TOKEN: &str = "token-of-tenant-a-0123456789";
 
-/// What follows `marker` up to the next space, on the first line of `run`'s output with it.
-fn after(run: &TetherRun, marker: &str) -> anyhow::Result<String> {
-    let lines = run.lines();
-    lines
-        .iter()
-        .find_map(|l| Some(l.split(marker).nth(1)?.split_whitespace().next()?.trim_end_matches('/').to_owned()))
-        .ok_or_else(|| anyhow::anyhow!("no {marker:?} in {lines:?}"))
-}
-
 /// A child process killed (with what it started) when dropped.
 struct Child(std::process::Child);
 
@@ -68,8 +59,8 @@ module = "{probe}"
     let path = dir.path().join("manifest.toml");
     std::fs::write(&path, manifest)?;
     let serve = TetherRun::spawn(&[OsStr::new("serve"), OsStr::new("--manifest"), path.as_os_str()], "console login for tenant a", WAIT).await?;
-    let manage = after(&serve, "management API and console: ")?;
-    let agents = after(&serve, "agent URLs under ")?;
+    let manage = serve.word_after("management API and console: ")?;
+    let agents = serve.word_after("agent URLs under ")?;
     let hub_dir = dir.path().join("hub");
     let hub_args = [
         OsStr::new("hub"),
@@ -82,8 +73,8 @@ module = "{probe}"
         OsStr::new("--state-dir"),
         hub_dir.as_os_str(),
     ];
-    let hub = TetherRun::spawn(&hub_args, "hub page: ", WAIT).await?;
-    let page = after(&hub, "hub page: ")?;
+    let hub = TetherRun::spawn(&hub_args, "hub page login, once within 10 minutes: ", WAIT).await?;
+    let page = hub.word_after("hub page: ")?;
 
     // Some traffic, so that rates have something to say.
     let http = reqwest::Client::new();

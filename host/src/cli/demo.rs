@@ -103,7 +103,8 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let manage = tether_host::manage::ManageServer::start(host.clone(), access, &config, args.console_listen)
         .await
         .with_context(|| format!("cannot serve the console on {} (change it with --console-listen)", args.console_listen))?;
-    tracing::info!("console: http://{}/ ; log in once with {} (the token is in {})", manage.addr(), manage.login_link("demo")?, token_file.display());
+    tracing::info!("console: http://{}/ (the token is in {})", manage.addr(), token_file.display());
+    tracing::info!("console login, once within 10 minutes: {}", manage.login_link("demo")?);
 
     // What the cloud side sees, live.
     let control = hub.control();
@@ -126,7 +127,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         "\nTether demo: hub emulator, simulated board and the azure-demo agent are running.\n\
          Console (the agent: plots, log, device line, deploys): http://{console}/\n\
          Hub page (devices, live telemetry, twin, direct methods, C2D, faults): http://{page}/\n\
-         (the \"console:\" and \"hub page:\" lines above have links that log in once)\n\
+         (the \"login\" lines above have links that log in once)\n\
          From a second terminal:\n{try_it}\nCtrl-C ends the demo.\n",
         page = page.addr(),
         console = manage.addr(),

@@ -39,7 +39,8 @@ pub struct HubArgs {
 /// logs in once as `iothubowner`.
 pub async fn start_page(hub: &tether_hub_emulator::Hub, listen: std::net::SocketAddr) -> anyhow::Result<tether_host::hub_page::HubPage> {
     let page = tether_host::hub_page::HubPage::start(hub, listen).await.with_context(|| format!("cannot serve the hub page on {listen} (change it with --page-listen)"))?;
-    tracing::info!("hub page: http://{}/ ; log in once with {} (valid for 10 minutes)", page.addr(), page.login_link()?);
+    tracing::info!("hub page: http://{}/", page.addr());
+    tracing::info!("hub page login, once within 10 minutes: {}", page.login_link()?);
     Ok(page)
 }
 
@@ -114,7 +115,7 @@ pub async fn hub(args: HubArgs) -> anyhow::Result<()> {
          \n  CA certificate:        {ca}\
          \n  device MQTT (TLS):     {mqtt}\
          \n  service/DPS (HTTPS):   https://{https}  (control API under /emulator, docs/hub-emulator.md)\
-         \n  hub page:              http://{page}/  (the log has a link that logs in once)\
+         \n  hub page:              http://{page}/  (the log's \"hub page login\" line logs in once)\
          \n  control API token:     {control}\
          \n    (send `Authorization: Bearer <token>`; stored in {control_file})\
          \n\n  device connection string ({DEMO_DEVICE}):\n    {device}\

@@ -84,6 +84,12 @@ impl Logger {
         self.recent.lock().map(|r| r.lines.iter().cloned().collect()).unwrap_or_default()
     }
 
+    /// The text of the newest error among the recent lines, found without copying the
+    /// rest: the agent list asks it of every agent it shows.
+    pub fn last_error(&self) -> Option<String> {
+        self.recent.lock().ok()?.lines.iter().rev().find(|l| l.level == Level::Error).map(|l| l.text.clone())
+    }
+
     /// A line the agent wrote: over its log rate it is dropped, and the next line that
     /// passes is preceded by a note of how many were.
     pub fn write_agent(&self, level: Level, text: &str) {

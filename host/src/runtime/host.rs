@@ -224,6 +224,11 @@ impl Host {
         self.shared.agent(id).map(|a| a.parts.handles.log.recent()).unwrap_or_default()
     }
 
+    /// The newest error line among agent `id`'s recent lines.
+    pub fn last_error(&self, id: &str) -> Option<String> {
+        self.shared.agent(id)?.parts.handles.log.last_error()
+    }
+
     /// The status of agent `id`, with how often it was restarted.
     pub fn status(&self, id: &str) -> Option<(AgentStatus, u32)> {
         let agent = self.shared.agent(id)?;

@@ -325,7 +325,7 @@ async fn list(State(api): State<Arc<Api>>, headers: HeaderMap, Query(query): Que
         .map(|r| {
             let mut agent = agent_json(&tenant, r);
             agent["messages_per_s"] = json!(api.history.messages(&r.id));
-            agent["last_error"] = json!(api.host.recent_logs(&r.id).iter().rev().find(|l| l.level == Level::Error).map(|l| &l.text));
+            agent["last_error"] = json!(api.host.last_error(&r.id));
             agent
         })
         .collect();

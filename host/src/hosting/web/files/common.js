@@ -70,6 +70,8 @@ const Tether = (() => {
   // A time plot of `series` (labels), filled by `set(columns)`: columns[0] is time (Unix
   // seconds), the others one per series.
   function plot(container, title, series, { width = 420, height = 160, format = rate } = {}) {
+    // Narrower on a narrow screen: the plot fits its box.
+    width = Math.max(200, Math.min(width, container.clientWidth - 10 || width));
     const opts = {
       title, width, height,
       series: [{}, ...series.map((label, i) => ({ label, stroke: colours[i % colours.length], width: 1.5, spanGaps: false, value: (u, v) => v == null ? "-" : format(v) }))],
