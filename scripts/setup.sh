@@ -29,11 +29,12 @@ apt_install() {
 }
 # chromium (+ its WebDriver): the console tests drive it headless. prometheus: the
 # observability test scrapes a host with it and runs every query of the Grafana dashboard.
-apt_install mosquitto python3-venv chromium chromium-driver prometheus
+# nats-server: the cluster tests run tether nodes on JetStream.
+apt_install mosquitto python3-venv chromium chromium-driver prometheus nats-server
 
 # Debian enables system-wide mosquitto and prometheus services on install; the tests
 # start their own on free ports and need no background ones.
-for service in mosquitto prometheus; do
+for service in mosquitto prometheus nats-server; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
     systemctl stop "$service" || true
   fi

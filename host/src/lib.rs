@@ -31,7 +31,7 @@ pub mod policy;
 pub mod runtime;
 
 pub use capabilities::mqtt::code as mqtt_code;
-pub use hosting::{config, hub_page, manage, manifest};
+pub use hosting::{cluster, config, hub_page, manage, manifest};
 pub use kit::log::{Level, LogLine};
 pub use kit::metrics;
 pub use policy::allowed_hosts;

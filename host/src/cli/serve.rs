@@ -5,6 +5,10 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use tether_host::Host;
 
+use std::time::Duration;
+
+use tether_host::cluster::{Cluster, ClusterConfig};
+
 use super::Shutdown;
 
 /// `tether serve`'s arguments.
@@ -13,6 +17,20 @@ pub struct ServeArgs {
     /// The manifest: host settings, tenants and agents (see docs/manifest.md).
     #[arg(long)]
     manifest: PathBuf,
+    /// Joins a cluster on these NATS servers (JetStream on): agents are spread over the
+    /// nodes given the same manifest, and move when a node dies (docs/cluster.md).
+    #[arg(long, value_name = "nats://HOST:PORT")]
+    cluster: Option<String>,
+    /// This node's name in the cluster, unique among its nodes (default: the host name).
+    #[arg(long, requires = "cluster")]
+    node: Option<String>,
+    /// How long a node may be silent before its agents move to the others.
+    #[arg(long, requires = "cluster", default_value_t = 3000, value_parser = clap::value_parser!(u64).range(1000..))]
+    lease_ttl_ms: u64,
+    /// Copies JetStream keeps of each lease, store and module: 3 on a three-server NATS
+    /// cluster.
+    #[arg(long, requires = "cluster", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    replicas: u8,
 }
 
 /// Runs a manifest's agents and the management API until Ctrl-C or SIGTERM.
@@ -23,16 +41,38 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     use tether_host::manifest::Manifest;
     let manifest = Manifest::load(manifest_path)?;
     let host = std::sync::Arc::new(Host::start(tether_host::config::HostConfig { compile_worker: super::compile_worker(), ..manifest.host.clone() }).await?);
-    manifest.spawn_agents(&host)?;
+    let cluster = match &args.cluster {
+        // Agents start as this node takes their leases, not here.
+        Some(url) => {
+            let node = match &args.node {
+                Some(node) => node.clone(),
+                None => host_name().context("no --node given, and cannot read the host name")?,
+            };
+            let config = ClusterConfig { url: url.clone(), node, lease_ttl: Duration::from_millis(args.lease_ttl_ms), replicas: args.replicas.into() };
+            let cluster = Cluster::join(host.clone(), &manifest, config).await.context("cannot join the cluster")?;
+            tracing::info!("node {} joined the cluster at {url}", cluster.node());
+            Some(std::sync::Arc::new(cluster))
+        }
+        None => {
+            manifest.spawn_agents(&host)?;
+            None
+        }
+    };
     // Before anything says "ready": a signal from here on stops the host cleanly.
     shutdown.started();
-    tracing::info!("{} agents running; agent URLs under {}", manifest.agents.len(), host.agent_url(""));
+    match &cluster {
+        Some(_) => tracing::info!("{} agents in the cluster, each starting on the node that takes its lease; agent URLs under {}", manifest.agents.len(), host.agent_url("")),
+        None => tracing::info!("{} agents running; agent URLs under {}", manifest.agents.len(), host.agent_url("")),
+    }
     let manage = match manifest.manage.listen {
         Some(listen) => {
             let server = ManageServer::start(host.clone(), manifest.access(), &manifest.manage, listen)
                 .await
                 .with_context(|| format!("cannot serve the management API on {listen}"))?;
             tracing::info!("management API and console: http://{}/", server.addr());
+            if let Some(cluster) = &cluster {
+                server.set_cluster(cluster.clone());
+            }
             // Jupyter's way: a link that logs in once, so nobody pastes a token. Each
             // works once, for 10 minutes; `tether agents console` makes more.
             for tenant in &manifest.tenants {
@@ -47,11 +87,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     shutdown.wait().await;
     tracing::info!("shutting down");
+    // First, so that the other nodes take this one's agents at once.
+    if let Some(cluster) = &cluster {
+        cluster.leave().await;
+    }
     // A deploy compiling would hold the management API's graceful stop.
     host.runtime().abandon_compiles();
     if let Some(manage) = manage {
         manage.stop().await;
     }
+    drop(cluster);
     match std::sync::Arc::try_unwrap(host) {
         Ok(host) => host.shutdown().await,
         Err(_) => bail!("the host is still in use at shutdown"),
@@ -59,3 +104,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+
+/// The machine's name, as a node name needs it.
+fn host_name() -> anyhow::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '-' }).collect())
+}

@@ -34,6 +34,8 @@ pub enum AgentStatus {
 pub(crate) enum Control {
     Stop,
     Run(Resume),
+    /// The agent ends here for good: in a cluster it moves to another node.
+    Leave,
 }
 
 /// Ways to (re)start an agent; each starts a fresh instance over the kept store.
@@ -125,6 +127,7 @@ pub(crate) async fn run(
         };
         let resume = match next {
             Control::Run(resume) => resume,
+            Control::Leave => break,
             Control::Stop => {
                 agent.parts.handles.log.write(Level::Info, "Agent stopped");
                 agent.set_status(AgentStatus::Stopped);
@@ -215,6 +218,7 @@ async fn idle(
             },
             Ok(c) = control.recv_async() => match c {
                 Control::Run(resume) => return Some(resume),
+                Control::Leave => return None,
                 Control::Stop => {}
             },
             _ = shutdown.changed() => return None,

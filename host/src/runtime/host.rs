@@ -55,6 +55,8 @@ pub(crate) struct HostShared {
     shutdown: watch::Sender<bool>,
     /// Compiles running at once (`compile_concurrency`).
     compile_gate: tokio::sync::Semaphore,
+    /// Where requests for agents that run on other nodes go (cluster mode).
+    forward: std::sync::OnceLock<Arc<dyn inbound::Forward>>,
 }
 
 impl HostShared {
@@ -83,6 +85,10 @@ impl Doors for HostShared {
             max_connections: agent.parts.limits.http_connections,
             log: agent.parts.handles.log.clone(),
         })
+    }
+
+    fn forward(&self) -> Option<Arc<dyn inbound::Forward>> {
+        self.forward.get().cloned()
     }
 }
 
@@ -145,7 +151,8 @@ pub struct AgentReport {
 pub struct Host {
     shared: Arc<HostShared>,
     http_addr: SocketAddr,
-    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Each agent's tasks by its id, so that one can be removed; the server's under "".
+    tasks: std::sync::Mutex<HashMap<String, Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Host {
@@ -181,6 +188,7 @@ impl Host {
             tenant_logs: Mutex::default(),
             shutdown: watch::channel(false).0,
             compile_gate: tokio::sync::Semaphore::new(compile_concurrency),
+            forward: std::sync::OnceLock::new(),
         });
         let router = inbound::router(shared.clone());
         let caps = server::Caps {
@@ -190,7 +198,7 @@ impl Host {
         };
         let stop = shared.shutdown.subscribe();
         let server = tokio::spawn(server::serve(listener, router, stop, caps));
-        Ok(Host { shared, http_addr, tasks: std::sync::Mutex::new(vec![server]) })
+        Ok(Host { shared, http_addr, tasks: std::sync::Mutex::new(HashMap::from([(String::new(), vec![server])])) })
     }
 
     /// The engine, to load modules.
@@ -260,7 +268,7 @@ impl Host {
 
     pub(super) fn new_agent(&self, id: &str, settings: AgentSettings) -> (Arc<AgentShared>, flume::Receiver<Envelope>) {
         // Benchmark instances run without a device driver.
-        let (agent, rx, _control, _driver) = self.new_agent_with_device(id, settings, self.default_policy());
+        let (agent, rx, _control, _driver) = self.new_agent_with_device(id, settings, self.default_policy(), None);
         (agent, rx)
     }
 
@@ -278,6 +286,7 @@ impl Host {
         id: &str,
         settings: AgentSettings,
         policy: AgentPolicy,
+        store: Option<Box<dyn store::Backend>>,
     ) -> (Arc<AgentShared>, flume::Receiver<Envelope>, flume::Receiver<Control>, Option<device::Driver<SerialLine>>) {
         let host = &self.shared;
         let (tx, rx) = flume::unbounded();
@@ -306,7 +315,11 @@ impl Host {
             device,
             http: Arc::new(http),
             mqtt: Arc::new(mqtt),
-            store: Arc::new(store::Policy::new(Box::new(FileStore::new(&host.config.store_dir, id)), limits.store_bytes, limits.store_rate)),
+            store: Arc::new(store::Policy::new(
+                store.unwrap_or_else(|| Box::new(FileStore::new(&host.config.store_dir, id))),
+                limits.store_bytes,
+                limits.store_rate,
+            )),
             queues: Arc::new(SqliteQueues::new(&host.config.store_dir, id, limits.queue_bytes as u64, host.config.queue_fsync)),
             limits,
             slow: Arc::default(),
@@ -332,9 +345,22 @@ impl Host {
 
     /// Starts agent `id` running `module` with its own limits and allowed destinations.
     pub fn spawn_with_policy(&self, id: &str, settings: AgentSettings, policy: AgentPolicy, module: AgentModule) -> Result<(), SpawnError> {
+        self.spawn_with_store(id, settings, policy, module, None)
+    }
+
+    /// [`Host::spawn_with_policy`] with the agent's `server.save` value kept in `store`
+    /// rather than in a file of the store directory (`None`).
+    pub(crate) fn spawn_with_store(
+        &self,
+        id: &str,
+        settings: AgentSettings,
+        policy: AgentPolicy,
+        module: AgentModule,
+        store: Option<Box<dyn store::Backend>>,
+    ) -> Result<(), SpawnError> {
         crate::hosting::config::check_agent_id(id)?;
         policy.limits.check()?;
-        let (agent, rx, control, driver) = self.new_agent_with_device(id, settings, policy);
+        let (agent, rx, control, driver) = self.new_agent_with_device(id, settings, policy, store);
         {
             let mut agents = self.shared.agents.write().unwrap_or_else(|p| p.into_inner());
             if agents.contains_key(id) {
@@ -344,12 +370,45 @@ impl Host {
         }
         let slow = agent.parts.slow.clone();
         let task = self.shared.slow_lane.spawn(&self.shared.io, agent::run(agent, module, rx, control, self.shared.shutdown.subscribe()), slow);
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.push(task);
+        let mut tasks = vec![task];
         if let Some(driver) = driver {
             tasks.push(tokio::spawn(driver.run(self.shared.shutdown.subscribe())));
         }
+        self.tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_owned(), tasks);
         Ok(())
+    }
+
+    /// Ends agent `id` on this host and forgets it, and returns once its instance is gone:
+    /// in a cluster it moves to another node, which must not run it while this one does.
+    /// False if it did not run here.
+    pub async fn remove_agent(&self, id: &str) -> bool {
+        let Some(agent) = self.shared.agents.write().unwrap_or_else(|p| p.into_inner()).remove(id) else {
+            return false;
+        };
+        // Its requests waiting in the queue are answered 503 as the queue is dropped.
+        let _ = agent.control.send(Control::Leave);
+        let tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(id).unwrap_or_default();
+        let mut tasks = tasks.into_iter();
+        if let Some(agent_task) = tasks.next() {
+            let _ = agent_task.await;
+        }
+        // The device driver runs until shutdown otherwise; dropping it closes the line.
+        for driver in tasks {
+            driver.abort();
+        }
+        true
+    }
+
+    /// Agent `id`'s answer to a request forwarded from another node, if it runs here.
+    pub(crate) async fn answer_here(&self, id: &str, rest: &str, req: axum::extract::Request) -> Option<axum::response::Response> {
+        let door = self.shared.door(id)?;
+        Some(inbound::serve(door, rest, req).await)
+    }
+
+    /// Sends requests for agents that do not run here to `forward` (cluster mode); set
+    /// once.
+    pub(crate) fn set_forward(&self, forward: Arc<dyn inbound::Forward>) {
+        let _ = self.shared.forward.set(forward);
     }
 
     /// Compiles (or takes from the cache) and links a module on a blocking thread, so
@@ -483,7 +542,7 @@ impl Host {
         self.shared.runtime.abandon_compiles();
         let _ = self.shared.shutdown.send(true);
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        for task in tasks {
+        for task in tasks.into_values().flatten() {
             let _ = task.await;
         }
     }

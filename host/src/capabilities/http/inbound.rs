@@ -87,8 +87,18 @@ impl Inbound {
 
 /// Finds the agent a URL names.
 pub(crate) trait Doors: Send + Sync + 'static {
-    /// Agent `id`'s door, `None` when there is no such agent.
+    /// Agent `id`'s door, `None` when there is no such agent here.
     fn door(&self, id: &str) -> Option<Door>;
+    /// Where requests for agents not here go, if anywhere (cluster mode).
+    fn forward(&self) -> Option<Arc<dyn Forward>>;
+}
+
+/// Takes requests for agents that run on other nodes to them.
+#[async_trait::async_trait]
+pub(crate) trait Forward: Send + Sync {
+    /// Agent `id`'s answer to `req` (whose path below the agent's is `rest`), from the node
+    /// that runs it; or why there is none.
+    async fn forward(&self, id: &str, rest: &str, req: Request) -> Response;
 }
 
 /// How a request reaches one agent, and the agent's limits on it.
@@ -133,8 +143,17 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
     let path = req.uri().path().trim_start_matches('/').to_owned();
     let (agent_id, rest) = path.split_once('/').unwrap_or((&path, ""));
     let Some(door) = doors.door(agent_id) else {
-        return (StatusCode::NOT_FOUND, format!("no agent {agent_id:?}\n")).into_response();
+        return match doors.forward() {
+            Some(forward) => forward.forward(agent_id, rest, req).await,
+            None => (StatusCode::NOT_FOUND, format!("no agent {agent_id:?}\n")).into_response(),
+        };
     };
+    serve(door, rest, req).await
+}
+
+/// Delivers `req` through `door` to its agent, within the agent's limits, and waits for
+/// its answer; `rest` is the path below the agent's.
+pub(crate) async fn serve(door: Door, rest: &str, req: Request) -> Response {
     let Some(_in_progress) = door.backlog.requests.take(1, door.max_connections) else {
         return door.crowded();
     };
@@ -159,7 +178,7 @@ async fn handle(State(doors): State<Arc<dyn Doors>>, req: Request) -> Response {
         None if chunked => door.body_bytes,
         None => 0,
     };
-    let head = REQUEST_OVERHEAD + headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() + path.len();
+    let head = REQUEST_OVERHEAD + headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>() + rest.len();
     let Some(mut held) = door.backlog.bytes.take(head + body_max, door.backlog_bytes) else {
         return door.busy();
     };

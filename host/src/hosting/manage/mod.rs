@@ -49,6 +49,7 @@ use super::history::History;
 use super::manifest::{Access, ManageConfig};
 use super::web::session::{Sessions, set_cookie};
 use super::web::{self as console};
+use crate::hosting::cluster::Cluster;
 use crate::kit::log::{Level, LogLine};
 use crate::kit::metrics::LATENCY_BUCKETS;
 use crate::kit::timeline::Edge;
@@ -66,6 +67,8 @@ struct Api {
     sessions: Sessions,
     history: Arc<History>,
     stop: watch::Receiver<bool>,
+    /// In cluster mode, where deploys are kept so that the agent's owner runs them.
+    cluster: std::sync::OnceLock<Arc<Cluster>>,
 }
 
 /// The running management server.
@@ -94,6 +97,7 @@ impl ManageServer {
             sessions: Sessions::default(),
             history,
             stop: stop_rx.clone(),
+            cluster: std::sync::OnceLock::new(),
         });
         let router = axum::Router::new()
             .route("/", get(|| async { console::page(console::OVERVIEW) }))
@@ -131,6 +135,11 @@ impl ManageServer {
     }
 
     /// Where the API listens.
+    /// Keeps deploys in `cluster`, whichever node runs the agent (`tether serve --cluster`).
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        let _ = self.api.cluster.set(cluster);
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -439,6 +448,14 @@ async fn deploy(State(api): State<Arc<Api>>, Path(id): Path<String>, request: Re
     let module = api.host.compile(bytes.to_vec()).await.map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let compile_ms = started.elapsed().as_secs_f64() * 1000.0;
     let digest = module.digest.clone();
+    if let Some(cluster) = api.cluster.get() {
+        cluster.publish_deploy(&id, &digest, &bytes, &tenant).await.map_err(|e| ApiError::Unavailable(format!("cannot keep the deploy in the cluster: {e:#}")))?;
+        // Running here: swap it in now. Elsewhere: its owner does, on seeing the deploy.
+        if api.host.agent(&id).is_some() {
+            api.host.deploy_kept(&id, module, &bytes, &tenant)?;
+        }
+        return Ok(json_response(StatusCode::OK, &json!({ "id": id, "module": digest, "compile_ms": compile_ms, "node": cluster.node() })));
+    }
     api.host.deploy_kept(&id, module, &bytes, &tenant)?;
     Ok(json_response(StatusCode::OK, &json!({ "id": id, "module": digest, "compile_ms": compile_ms })))
 }
