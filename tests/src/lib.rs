@@ -11,8 +11,10 @@ use std::time::{Duration, Instant};
 
 pub mod azure;
 pub mod browser;
+pub mod cluster;
 pub mod bench;
 pub mod faults;
+pub mod nats;
 pub mod tether_run;
 
 use anyhow::{Context, bail};

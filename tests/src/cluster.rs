@@ -1,0 +1,195 @@
+//! A Tether cluster of real processes on loopback: a nats-server with JetStream and
+//! `tether serve --cluster` nodes sharing one manifest of probe agents, for the cluster
+//! tests and bench.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::build_agent;
+use crate::nats::Nats;
+use crate::tether_run::TetherRun;
+
+/// How long a node waits for a silent node before taking its agents, in the tests.
+pub const LEASE_TTL_MS: u64 = 3000;
+
+/// Every tenant's token: `token-<tenant>-0123456789`.
+pub fn token(tenant: &str) -> String {
+    format!("token-{tenant}-0123456789")
+}
+
+/// One `tether serve --cluster` node.
+pub struct Node {
+    pub name: String,
+    run: TetherRun,
+    /// Where its agents' URLs are served: `http://127.0.0.1:<port>`.
+    pub agents: String,
+    /// Its management API: `http://127.0.0.1:<port>`.
+    pub manage: String,
+}
+
+impl Node {
+    /// Every line the node printed.
+    pub fn lines(&self) -> Vec<String> {
+        self.run.lines()
+    }
+
+    /// The agents this node runs now, by its log.
+    pub fn running(&self) -> Vec<String> {
+        running(&self.name, &self.lines())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.run.pid()
+    }
+
+    /// Waits until the node prints a line holding `text`.
+    pub async fn wait_line(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
+        self.run.wait_until(text, timeout, |lines| lines.iter().any(|l| l.contains(text))).await
+    }
+}
+
+/// The agents node `name` runs by its log `lines`: those whose last line of
+/// "agent X runs on node N" and "agent X left node N" is the first.
+pub fn running(name: &str, lines: &[String]) -> Vec<String> {
+    let (runs, left) = (format!(" runs on node {name} "), format!(" left node {name}:"));
+    let mut state: HashMap<String, bool> = HashMap::new();
+    for line in lines {
+        let Some(rest) = line.split("cluster: agent ").nth(1) else { continue };
+        let Some(id) = rest.split_whitespace().next() else { continue };
+        if rest.contains(&runs) {
+            state.insert(id.to_owned(), true);
+        } else if rest.contains(&left) {
+            state.insert(id.to_owned(), false);
+        }
+    }
+    let mut ids: Vec<String> = state.into_iter().filter(|(_, on)| *on).map(|(id, _)| id).collect();
+    ids.sort();
+    ids
+}
+
+/// The NATS server, the nodes and the manifest they share.
+pub struct Rig {
+    pub nats: Nats,
+    pub nodes: Vec<Option<Node>>,
+    /// The agents' ids, by tenant.
+    pub agents: Vec<(String, String)>,
+    dir: tempfile::TempDir,
+    probe: PathBuf,
+}
+
+impl Rig {
+    /// NATS and `nodes` nodes (`n1`, `n2`, …) with `per_tenant` probe agents in each of
+    /// `tenants` (`<tenant>-<i>`), started one after the other.
+    pub async fn start(nodes: usize, tenants: &[&str], per_tenant: usize) -> anyhow::Result<Rig> {
+        let nats = Nats::start().await?;
+        let probe = build_agent("probe")?;
+        let agents = tenants.iter().flat_map(|t| (0..per_tenant).map(move |i| (format!("{t}-{i}"), (*t).to_owned()))).collect();
+        let mut rig = Rig { nats, nodes: Vec::new(), agents, dir: tempfile::tempdir()?, probe };
+        for i in 1..=nodes {
+            let node = rig.start_node(&format!("n{i}")).await?;
+            rig.nodes.push(Some(node));
+        }
+        Ok(rig)
+    }
+
+    /// The manifest of node `name`: the shared agents, its own directories and ports.
+    fn manifest(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir)?;
+        let mut text = format!(
+            "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = \"{}\"\ncache_dir = \"{}\"\n\n[manage]\nlisten = \"127.0.0.1:0\"\n",
+            dir.join("store").display(),
+            dir.join("cache").display()
+        );
+        let mut tenants: Vec<&str> = self.agents.iter().map(|(_, t)| t.as_str()).collect();
+        tenants.dedup();
+        for tenant in tenants {
+            text += &format!("\n[[tenant]]\nname = \"{tenant}\"\ntoken = \"{}\"\n", token(tenant));
+        }
+        for (id, tenant) in &self.agents {
+            text += &format!("\n[[agent]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nmodule = \"{}\"\n", self.probe.display());
+        }
+        let path = dir.join("manifest.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Starts node `name` and waits until it has joined.
+    pub async fn start_node(&self, name: &str) -> anyhow::Result<Node> {
+        let manifest = self.manifest(name)?;
+        let url = self.nats.url();
+        let ttl = LEASE_TTL_MS.to_string();
+        let args: Vec<&OsStr> = ["serve", "--cluster", &url, "--node", name, "--lease-ttl-ms", &ttl, "--manifest"]
+            .into_iter()
+            .map(OsStr::new)
+            .chain([manifest.as_os_str()])
+            .collect();
+        let run = TetherRun::spawn(&args, "management API and console: ", Duration::from_secs(120)).await?;
+        let agents = run.word_after("agent URLs under ")?;
+        let manage = run.word_after("management API and console: ")?;
+        Ok(Node { name: name.to_owned(), run, agents, manage })
+    }
+
+    /// Node `i` (0-based), while it runs.
+    pub fn node(&self, i: usize) -> &Node {
+        self.nodes[i].as_ref().expect("that node was killed")
+    }
+
+    /// The nodes that run.
+    pub fn live(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.iter().flatten()
+    }
+
+    /// `kill -9` of node `i`; its lines.
+    pub async fn kill(&mut self, i: usize) -> anyhow::Result<Vec<String>> {
+        let node = self.nodes[i].take().ok_or_else(|| anyhow::anyhow!("node {i} is not running"))?;
+        node.run.kill_9().await
+    }
+
+    /// Waits until every running node runs `share` agents or one more, and every agent
+    /// runs on exactly one node.
+    pub async fn wait_spread(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let live: Vec<&Node> = self.live().collect();
+            let share = self.agents.len() / live.len().max(1);
+            let counts: Vec<usize> = live.iter().map(|n| n.running().len()).collect();
+            let mut all: Vec<String> = live.iter().flat_map(|n| n.running()).collect();
+            all.sort();
+            let once = all.len() == self.agents.len() && all.windows(2).all(|w| w[0] != w[1]);
+            if once && counts.iter().all(|c| *c == share || *c == share + 1) {
+                return Ok(());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "agents not spread over the nodes within {timeout:?}: {counts:?}, {} placed", all.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Where node `name`'s files are.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// GET `url`: status and body; 0 when no answer came.
+pub async fn get(http: &reqwest::Client, url: &str) -> (u16, String) {
+    match http.get(url).timeout(Duration::from_secs(10)).send().await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// GET `url` until it answers 200 (503 while an agent moves); its body.
+pub async fn get_ok(http: &reqwest::Client, url: &str, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = get(http, url).await;
+        if status == 200 {
+            return Ok(body);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{url}: {status} {body:?} for {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

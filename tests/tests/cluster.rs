@@ -1,0 +1,163 @@
+//! Cluster mode with real processes on loopback: a nats-server with JetStream and three
+//! `tether serve --cluster` nodes sharing 60 probe agents of 3 tenants.
+//!
+//! "No agent ran twice, nothing acknowledged lost" is checked through the probe's `/count`,
+//! which loads its counter, adds one and saves it: asked one request at a time, an agent's
+//! answers must rise. An acknowledged save lost in a move, or a second copy of the agent
+//! running on another node over an older value, would make a number come twice.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tether_tests::build_agent;
+use tether_tests::cluster::{Rig, get, get_ok, token};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `/count` of every agent once through node `via` (cycling over the live nodes): each
+/// agent's answer.
+async fn count_all(rig: &Rig, http: &reqwest::Client) -> anyhow::Result<HashMap<String, u64>> {
+    let nodes: Vec<String> = rig.live().map(|n| n.agents.clone()).collect();
+    let mut counts = HashMap::new();
+    for (i, (id, _)) in rig.agents.iter().enumerate() {
+        let body = get_ok(http, &format!("{}/{id}/count", nodes[i % nodes.len()]), WAIT).await?;
+        counts.insert(id.clone(), body.trim().parse()?);
+    }
+    Ok(counts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_agent_answers_through_every_node_and_a_deploy_through_one_runs_on_another() -> anyhow::Result<()> {
+    let rig = Rig::start(3, &["a", "b", "c"], 20).await?;
+    rig.wait_spread(WAIT).await?;
+    let http = reqwest::Client::new();
+    for node in rig.live() {
+        for (id, _) in &rig.agents {
+            assert_eq!(get_ok(&http, &format!("{}/{id}/ping", node.agents), WAIT).await?, "pong", "{id} through {}", node.name);
+        }
+    }
+    // An unknown agent is 404 on every node, not a wait for a node that will never answer.
+    assert_eq!(get(&http, &format!("{}/nobody/ping", rig.node(0).agents)).await.0, 404);
+
+    // A deploy through node 1's API of an agent that node 3 runs.
+    let id = rig.node(2).running().into_iter().next().ok_or_else(|| anyhow::anyhow!("node 3 runs no agent"))?;
+    let tenant = rig.agents.iter().find(|(a, _)| *a == id).map(|(_, t)| t.clone()).unwrap_or_default();
+    let stranger = if tenant == "a" { "b" } else { "a" };
+    let echo = std::fs::read(build_agent("http-echo")?)?;
+    let deploy = |token: String| {
+        http.post(format!("{}/api/agents/{id}/deploy", rig.node(0).manage)).bearer_auth(token).body(echo.clone()).send()
+    };
+    // Another tenant's token does not reach it through any node.
+    assert_eq!(deploy(token(stranger)).await?.status().as_u16(), 404);
+    let answer = deploy(token(&tenant)).await?;
+    assert_eq!(answer.status().as_u16(), 200, "{:?}", answer.text().await);
+    // The echo answers through node 2, run by node 3.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = get(&http, &format!("{}/{id}/ping", rig.node(1).agents)).await;
+        if body.starts_with("GET /ping") {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the deployed echo does not answer: {body:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(rig.node(2).lines().iter().any(|l| l.contains("deployed through the cluster") && l.contains(&id)), "node 3 did not run the deploy");
+    assert!(rig.node(2).running().contains(&id));
+    // The agents next to it still run the probe.
+    let other = rig.agents.iter().map(|(id, _)| id).find(|o| **o != id).ok_or_else(|| anyhow::anyhow!("one agent only"))?;
+    assert_eq!(get_ok(&http, &format!("{}/{other}/ping", rig.node(1).agents), WAIT).await?, "pong");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_agents_move_with_their_stores_and_none_runs_twice() -> anyhow::Result<()> {
+    let mut rig = Rig::start(3, &["a", "b", "c"], 20).await?;
+    rig.wait_spread(WAIT).await?;
+    let http = reqwest::Client::new();
+    for round in 1..=2 {
+        assert!(count_all(&rig, &http).await?.values().all(|c| *c == round));
+    }
+    let victims = rig.node(1).running();
+    assert!(!victims.is_empty());
+
+    // Each of node 2's agents is asked `/count` one request at a time through nodes 1
+    // and 3 while node 2 is killed; every answer is kept.
+    let answers: Arc<Mutex<HashMap<String, Vec<u64>>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut askers = Vec::new();
+    for (i, id) in victims.iter().enumerate() {
+        let via = [rig.node(0).agents.clone(), rig.node(2).agents.clone()][i % 2].clone();
+        let (http, answers, stop, id) = (http.clone(), answers.clone(), stop.clone(), id.clone());
+        askers.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (status, body) = get(&http, &format!("{via}/{id}/count")).await;
+                if status == 200 {
+                    let n: u64 = body.trim().parse().unwrap_or(0);
+                    answers.lock().unwrap_or_else(|p| p.into_inner()).entry(id.clone()).or_default().push(n);
+                } else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Instant::now();
+    rig.kill(1).await?;
+    // Every one of its agents answers through both other nodes again.
+    for id in &victims {
+        for node in rig.live() {
+            get_ok(&http, &format!("{}/{id}/ping", node.agents), WAIT).await?;
+        }
+    }
+    println!("all {} agents of the killed node answered again {:?} after the kill", victims.len(), killed.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for asker in askers {
+        asker.await?;
+    }
+    let answers = answers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    for id in &victims {
+        let seen = answers.get(id).ok_or_else(|| anyhow::anyhow!("{id} never answered"))?;
+        assert_eq!(seen.first(), Some(&3), "{id}: the counter before the kill was 2");
+        assert!(seen.windows(2).all(|w| w[1] > w[0]), "{id}: a number came twice or went back: {seen:?}");
+    }
+    // The other nodes run every agent, each on one of them.
+    rig.wait_spread(WAIT).await?;
+
+    // Node 2 comes back: it gets agents again, still none runs twice, and every counter
+    // goes on from where it was.
+    let before = count_all(&rig, &http).await?;
+    let back = rig.start_node("n2").await?;
+    rig.nodes[1] = Some(back);
+    rig.wait_spread(WAIT).await?;
+    assert!(!rig.node(1).running().is_empty());
+    let after = count_all(&rig, &http).await?;
+    for (id, n) in &after {
+        assert_eq!(*n, before[id] + 1, "{id}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_come_back_when_nats_restarts_and_every_saved_value_is_kept() -> anyhow::Result<()> {
+    let mut rig = Rig::start(2, &["a"], 10).await?;
+    rig.wait_spread(WAIT).await?;
+    let http = reqwest::Client::new();
+    for round in 1..=2 {
+        assert!(count_all(&rig, &http).await?.values().all(|c| *c == round));
+    }
+    let before: Vec<(String, Vec<String>)> = rig.live().map(|n| (n.name.clone(), n.running())).collect();
+    rig.nats.kill();
+    // Without NATS the nodes stop their agents within half a lease TTL: none can tell
+    // whether another has taken them.
+    for (node, (name, ran)) in rig.live().zip(&before) {
+        for id in ran {
+            node.wait_line(&format!("agent {id} left node {name}: this node lost NATS"), WAIT).await?;
+        }
+    }
+    rig.nats.restart().await?;
+    rig.wait_spread(WAIT).await?;
+    assert!(count_all(&rig, &http).await?.values().all(|c| *c == 3));
+    Ok(())
+}
