@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::build_agent;
+use crate::{build_agent, build_bin};
 use crate::nats::Nats;
 use crate::tether_run::TetherRun;
 
@@ -77,16 +77,26 @@ pub struct Rig {
     pub agents: Vec<(String, String)>,
     dir: tempfile::TempDir,
     probe: PathBuf,
+    /// The `tether` binary the nodes run.
+    tether: PathBuf,
+    /// Lines added to every node's `[host]`.
+    host_extra: String,
 }
 
 impl Rig {
     /// NATS and `nodes` nodes (`n1`, `n2`, …) with `per_tenant` probe agents in each of
     /// `tenants` (`<tenant>-<i>`), started one after the other.
     pub async fn start(nodes: usize, tenants: &[&str], per_tenant: usize) -> anyhow::Result<Rig> {
+        Self::start_with(&build_bin("tether")?, "", nodes, tenants, per_tenant).await
+    }
+
+    /// [`Rig::start`] with nodes running `tether` and `host_extra` added to their `[host]`
+    /// table.
+    pub async fn start_with(tether: &Path, host_extra: &str, nodes: usize, tenants: &[&str], per_tenant: usize) -> anyhow::Result<Rig> {
         let nats = Nats::start().await?;
         let probe = build_agent("probe")?;
-        let agents = tenants.iter().flat_map(|t| (0..per_tenant).map(move |i| (format!("{t}-{i}"), (*t).to_owned()))).collect();
-        let mut rig = Rig { nats, nodes: Vec::new(), agents, dir: tempfile::tempdir()?, probe };
+        let agents = tenants.iter().flat_map(|t| (0..per_tenant).map(move |i| (format!("{t}-{i:04}"), (*t).to_owned()))).collect();
+        let mut rig = Rig { nats, nodes: Vec::new(), agents, dir: tempfile::tempdir()?, probe, tether: tether.to_owned(), host_extra: host_extra.to_owned() };
         for i in 1..=nodes {
             let node = rig.start_node(&format!("n{i}")).await?;
             rig.nodes.push(Some(node));
@@ -99,9 +109,10 @@ impl Rig {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir)?;
         let mut text = format!(
-            "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = \"{}\"\ncache_dir = \"{}\"\n\n[manage]\nlisten = \"127.0.0.1:0\"\n",
+            "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = \"{}\"\ncache_dir = \"{}\"\n{}\n\n[manage]\nlisten = \"127.0.0.1:0\"\n",
             dir.join("store").display(),
-            dir.join("cache").display()
+            dir.join("cache").display(),
+            self.host_extra
         );
         let mut tenants: Vec<&str> = self.agents.iter().map(|(_, t)| t.as_str()).collect();
         tenants.dedup();
@@ -118,15 +129,21 @@ impl Rig {
 
     /// Starts node `name` and waits until it has joined.
     pub async fn start_node(&self, name: &str) -> anyhow::Result<Node> {
-        let manifest = self.manifest(name)?;
         let url = self.nats.url();
         let ttl = LEASE_TTL_MS.to_string();
-        let args: Vec<&OsStr> = ["serve", "--cluster", &url, "--node", name, "--lease-ttl-ms", &ttl, "--manifest"]
-            .into_iter()
-            .map(OsStr::new)
-            .chain([manifest.as_os_str()])
-            .collect();
-        let run = TetherRun::spawn(&args, "management API and console: ", Duration::from_secs(120)).await?;
+        self.serve(name, &["--cluster", &url, "--node", name, "--lease-ttl-ms", &ttl]).await
+    }
+
+    /// `tether serve` of the same manifest without a cluster, as `name`: every agent runs
+    /// in it, with its store in files.
+    pub async fn start_alone(&self, name: &str) -> anyhow::Result<Node> {
+        self.serve(name, &[]).await
+    }
+
+    async fn serve(&self, name: &str, options: &[&str]) -> anyhow::Result<Node> {
+        let manifest = self.manifest(name)?;
+        let args: Vec<&OsStr> = ["serve"].iter().chain(options).chain(&["--manifest"]).map(OsStr::new).chain([manifest.as_os_str()]).collect();
+        let run = TetherRun::spawn_program(&self.tether, &args, &[], "management API and console: ", Duration::from_secs(300)).await?;
         let agents = run.word_after("agent URLs under ")?;
         let manage = run.word_after("management API and console: ")?;
         Ok(Node { name: name.to_owned(), run, agents, manage })

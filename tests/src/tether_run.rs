@@ -47,7 +47,13 @@ impl TetherRun {
 
     /// Like [`TetherRun::spawn`], with extra environment variables.
     pub async fn spawn_with_env(args: &[&OsStr], env: &[(&str, &OsStr)], ready: &str, timeout: Duration) -> anyhow::Result<TetherRun> {
-        let mut child = tokio::process::Command::new(build_bin("tether")?)
+        Self::spawn_program(&build_bin("tether")?, args, env, ready, timeout).await
+    }
+
+    /// Like [`TetherRun::spawn_with_env`] with another `tether` binary (a release build, for
+    /// a benchmark).
+    pub async fn spawn_program(program: &Path, args: &[&OsStr], env: &[(&str, &OsStr)], ready: &str, timeout: Duration) -> anyhow::Result<TetherRun> {
+        let mut child = tokio::process::Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "info")
