@@ -30,6 +30,7 @@ pub mod kit;
 pub mod policy;
 pub mod runtime;
 
+pub use capabilities::device::{GatewayConfig, run_gateway};
 pub use capabilities::mqtt::code as mqtt_code;
 pub use hosting::{cluster, config, hub_page, manage, manifest};
 pub use kit::log::{Level, LogLine};

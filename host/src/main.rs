@@ -28,6 +28,9 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Runs every agent of a host manifest, and the management API, until Ctrl-C.
     Serve(cli::serve::ServeArgs),
+    /// Runs on the box with a device's serial port and carries its line over a cluster's
+    /// NATS to the device's agent, wherever it runs.
+    Gateway(cli::gateway::GatewayArgs),
     /// Manages the agents of a `tether serve` through its management API.
     Agents(cli::agents::AgentsArgs),
     /// Runs the local Azure IoT Hub + DPS emulator until Ctrl-C, and prints ready-made
@@ -84,6 +87,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Test(args) => cli::test::test(&args),
         Command::Run(args) => cli::run::run(args).await,
         Command::Serve(args) => cli::serve::serve(args).await,
+        Command::Gateway(args) => cli::gateway::gateway(args).await,
         Command::Agents(args) => cli::agents::agents(args).await,
         Command::Hub(args) => cli::hub::hub(args).await,
         Command::Demo(args) => cli::demo::demo(args).await,

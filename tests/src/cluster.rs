@@ -46,7 +46,12 @@ impl Node {
 
     /// Waits until the node prints a line holding `text`.
     pub async fn wait_line(&self, text: &str, timeout: Duration) -> anyhow::Result<()> {
-        self.run.wait_until(text, timeout, |lines| lines.iter().any(|l| l.contains(text))).await
+        self.wait_lines(text, 1, timeout).await
+    }
+
+    /// Waits until the node has printed `n` lines holding `text`.
+    pub async fn wait_lines(&self, text: &str, n: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.run.wait_until(text, timeout, |lines| lines.iter().filter(|l| l.contains(text)).count() >= n).await
     }
 }
 
@@ -81,6 +86,8 @@ pub struct Rig {
     tether: PathBuf,
     /// Lines added to every node's `[host]`.
     host_extra: String,
+    /// `[[agent]]` entries added to the manifest.
+    pub extra_agents: String,
 }
 
 impl Rig {
@@ -93,10 +100,24 @@ impl Rig {
     /// [`Rig::start`] with nodes running `tether` and `host_extra` added to their `[host]`
     /// table.
     pub async fn start_with(tether: &Path, host_extra: &str, nodes: usize, tenants: &[&str], per_tenant: usize) -> anyhow::Result<Rig> {
+        Self::start_full(tether, host_extra, "", nodes, tenants, per_tenant).await
+    }
+
+    /// [`Rig::start_with`] with more agents: `[[agent]]` entries of existing tenants.
+    pub async fn start_full(tether: &Path, host_extra: &str, extra_agents: &str, nodes: usize, tenants: &[&str], per_tenant: usize) -> anyhow::Result<Rig> {
         let nats = Nats::start().await?;
         let probe = build_agent("probe")?;
         let agents = tenants.iter().flat_map(|t| (0..per_tenant).map(move |i| (format!("{t}-{i:04}"), (*t).to_owned()))).collect();
-        let mut rig = Rig { nats, nodes: Vec::new(), agents, dir: tempfile::tempdir()?, probe, tether: tether.to_owned(), host_extra: host_extra.to_owned() };
+        let mut rig = Rig {
+            nats,
+            nodes: Vec::new(),
+            agents,
+            dir: tempfile::tempdir()?,
+            probe,
+            tether: tether.to_owned(),
+            host_extra: host_extra.to_owned(),
+            extra_agents: extra_agents.to_owned(),
+        };
         for i in 1..=nodes {
             let node = rig.start_node(&format!("n{i}")).await?;
             rig.nodes.push(Some(node));
@@ -122,6 +143,7 @@ impl Rig {
         for (id, tenant) in &self.agents {
             text += &format!("\n[[agent]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nmodule = \"{}\"\n", self.probe.display());
         }
+        text += &self.extra_agents;
         let path = dir.join("manifest.toml");
         std::fs::write(&path, text)?;
         Ok(path)
@@ -165,15 +187,28 @@ impl Rig {
         node.run.kill_9().await
     }
 
+    /// The node that runs agent `id` now, by the logs, waiting up to `timeout` for one.
+    pub async fn owner(&self, id: &str, timeout: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(i) = self.nodes.iter().position(|n| n.as_ref().is_some_and(|n| n.running().iter().any(|r| r == id))) {
+                return Ok(i);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no node runs {id} after {timeout:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until every running node runs `share` agents or one more, and every agent
-    /// runs on exactly one node.
+    /// runs on exactly one node (the extra agents are not counted).
     pub async fn wait_spread(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let live: Vec<&Node> = self.live().collect();
             let share = self.agents.len() / live.len().max(1);
-            let counts: Vec<usize> = live.iter().map(|n| n.running().len()).collect();
-            let mut all: Vec<String> = live.iter().flat_map(|n| n.running()).collect();
+            let ours = |n: &Node| n.running().into_iter().filter(|id| self.agents.iter().any(|(a, _)| a == id)).collect::<Vec<_>>();
+            let counts: Vec<usize> = live.iter().map(|n| ours(n).len()).collect();
+            let mut all: Vec<String> = live.iter().flat_map(|n| ours(n)).collect();
             all.sort();
             let once = all.len() == self.agents.len() && all.windows(2).all(|w| w[0] != w[1]);
             if once && counts.iter().all(|c| *c == share || *c == share + 1) {

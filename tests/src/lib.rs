@@ -99,7 +99,7 @@ impl TestHost {
         let settings = AgentSettings {
             id: Some(id.to_owned()),
             config: config.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
-            device: device.map(|path| DeviceBinding { path: path.to_owned(), baud: 115_200 }),
+            device: device.map(|path| DeviceBinding::serial(path.to_owned(), 115_200)),
         };
         self.host.spawn(id, settings, module)?;
         Ok(())

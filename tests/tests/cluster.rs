@@ -10,7 +10,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tether_tests::build_agent;
+use std::ffi::OsStr;
+
+use tether_tests::tether_run::TetherRun;
+use tether_tests::{DeviceSim, build_agent};
 use tether_tests::cluster::{Rig, get, get_ok, token};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -80,6 +83,17 @@ async fn a_killed_node_s_agents_move_with_their_stores_and_none_runs_twice() -> 
     }
     let victims = rig.node(1).running();
     assert!(!victims.is_empty());
+    // Queue entries appended on node 2 (durable in JetStream when acknowledged), one of
+    // them already removed again.
+    let vias: Vec<String> = (0..victims.len()).map(|i| rig.node(if i % 2 == 0 { 0 } else { 2 }).agents.clone()).collect();
+    let via = |i: usize| vias[i].clone();
+    let mut kept = HashMap::new();
+    for (i, id) in victims.iter().enumerate() {
+        let ids = get_ok(&http, &format!("{}/{id}/queue/append?name=outbox&payload=m&n=3", via(i)), WAIT).await?;
+        let ids: Vec<u64> = ids.split(',').map(str::parse).collect::<Result<_, _>>()?;
+        assert_eq!(get_ok(&http, &format!("{}/{id}/queue/remove?name=outbox&id={}", via(i), ids[1]), WAIT).await?, "true");
+        kept.insert(id.clone(), format!("{} m0\n{} m2", ids[0], ids[2]));
+    }
 
     // Each of node 2's agents is asked `/count` one request at a time through nodes 1
     // and 3 while node 2 is killed; every answer is kept.
@@ -122,8 +136,12 @@ async fn a_killed_node_s_agents_move_with_their_stores_and_none_runs_twice() -> 
         assert_eq!(seen.first(), Some(&3), "{id}: the counter before the kill was 2");
         assert!(seen.windows(2).all(|w| w[1] > w[0]), "{id}: a number came twice or went back: {seen:?}");
     }
-    // The other nodes run every agent, each on one of them.
+    // The other nodes run every agent, each on one of them; the queues came along.
     rig.wait_spread(WAIT).await?;
+    for (i, id) in victims.iter().enumerate() {
+        assert_eq!(get_ok(&http, &format!("{}/{id}/queue/entries?name=outbox&after=0&max=10", via(i)), WAIT).await?, kept[id], "{id}");
+        assert_eq!(get_ok(&http, &format!("{}/{id}/queue/stats", via(i)), WAIT).await?, format!("entries=2 bytes=4 quota={}", 16 * 1024 * 1024));
+    }
 
     // Node 2 comes back: it gets agents again, still none runs twice, and every counter
     // goes on from where it was.
@@ -159,5 +177,59 @@ async fn nodes_come_back_when_nats_restarts_and_every_saved_value_is_kept() -> a
     rig.nats.restart().await?;
     rig.wait_spread(WAIT).await?;
     assert!(count_all(&rig, &http).await?.values().all(|c| *c == 3));
+    Ok(())
+}
+
+/// The URL of `path` of the agent `board` through node `via`.
+fn board(rig: &Rig, via: usize, path: &str) -> String {
+    format!("{}/board{path}", rig.node(via).agents)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_on_a_gateway_talks_to_its_agent_wherever_it_runs() -> anyhow::Result<()> {
+    let probe = build_agent("device-probe")?;
+    let entry = format!("\n[[agent]]\nid = \"board\"\ntenant = \"a\"\nmodule = \"{}\"\ndevice = {{ gateway = true }}\n", probe.display());
+    let mut rig = Rig::start_full(&tether_tests::build_bin("tether")?, "", &entry, 3, &["a"], 6).await?;
+    let link = rig.dir().join("ttyBOARD");
+    let link_arg = link.to_str().unwrap_or_default();
+    let mut sim = DeviceSim::start(&["--link", link_arg, "--device-id", "board-1", "--interval", "0.2", "--control"])?;
+    let url = rig.nats.url();
+    let args: Vec<&OsStr> = ["gateway", "--cluster", &url, "--device", link_arg, "--agent", "board"].into_iter().map(OsStr::new).collect();
+    let gateway = TetherRun::spawn(&args, "gateway for agent", WAIT).await?;
+
+    let owner = rig.owner("board", WAIT).await?;
+    let other = (owner + 1) % 3;
+    rig.node(owner).wait_line("device connected: board-1", WAIT).await?;
+    // Device → agent: its readings arrive.
+    rig.node(owner).wait_line("temperature ", WAIT).await?;
+    gateway.wait_until("opened port", WAIT, |l| l.iter().any(|l| l.contains("gateway: opened"))).await?;
+    let http = reqwest::Client::new();
+    // Agent → device and back, through another node's URL: replies, and a message the
+    // device has no handler for.
+    assert_eq!(get_ok(&http, &board(&rig, other, "/connected"), WAIT).await?, "true");
+    assert_eq!(get_ok(&http, &board(&rig, other, "/request?name=ping"), WAIT).await?, "reply \"pong\"");
+    assert_eq!(get_ok(&http, &board(&rig, other, "/request?name=echo&data=%5B1%2C%22x%22%5D"), WAIT).await?, "reply [1,\"x\"]");
+    assert_eq!(get_ok(&http, &board(&rig, other, "/request?name=no-such-handler"), WAIT).await?, "fail no handler");
+    // Many messages in flight: the link's credits hold end to end, none is lost.
+    assert_eq!(get_ok(&http, &board(&rig, owner, "/seq?count=300&size=2000"), WAIT).await?, "acked 300 failed 0");
+
+    // Unplugged at the gateway: the agent sees the device go, a queued request times out
+    // as on a local line, and the device comes back when plugged in again.
+    sim.command("unplug")?;
+    rig.node(owner).wait_line("device disconnected", WAIT).await?;
+    assert_eq!(get_ok(&http, &board(&rig, owner, "/connected"), WAIT).await?, "false");
+    assert_eq!(get_ok(&http, &board(&rig, owner, "/request?name=ping&queued&timeout=0.5"), WAIT).await?, "fail timed out");
+    sim.command("replug")?;
+    rig.node(owner).wait_lines("device connected: board-1", 2, WAIT).await?;
+    assert_eq!(get_ok(&http, &board(&rig, other, "/request?name=ping"), WAIT).await?, "reply \"pong\"");
+
+    // The agent's node is killed: the agent resumes on another, and the device connects
+    // to it there through the same gateway.
+    rig.kill(owner).await?;
+    let next = rig.owner("board", WAIT).await?;
+    rig.node(next).wait_line("device connected: board-1", WAIT).await?;
+    let via = (0..3).find(|i| *i != owner && *i != next).unwrap_or(next);
+    assert_eq!(get_ok(&http, &board(&rig, via, "/request?name=ping"), WAIT).await?, "reply \"pong\"");
+    assert!(gateway.lines().iter().filter(|l| l.contains("gateway: opened")).count() >= 2, "the gateway reopens the port after the replug");
     Ok(())
 }

@@ -85,7 +85,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
         .collect(),
-        device: Some(DeviceBinding { path: link, baud: 115_200 }),
+        device: Some(DeviceBinding::serial(link, 115_200)),
     };
     host.spawn("demo", settings, module)?;
     let host = std::sync::Arc::new(host);

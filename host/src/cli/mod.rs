@@ -4,6 +4,7 @@ pub mod agents;
 pub mod build;
 pub mod compile_worker;
 pub mod demo;
+pub mod gateway;
 pub mod hub;
 pub mod new;
 pub mod run;

@@ -223,15 +223,37 @@ impl std::fmt::Debug for AgentSettings {
     }
 }
 
-/// Where an agent's device is attached: a serial port, 8N1.
+/// Where an agent's device is attached: a serial port, 8N1, on this machine (`path`), or
+/// on a gateway box that runs `tether gateway` for the agent (`gateway = true`, cluster
+/// mode only).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceBinding {
     /// The port's path (`/dev/ttyUSB0`, a stable `/dev/serial/by-id/...` link, or a pty).
+    #[serde(default)]
     pub path: PathBuf,
     /// Line speed; default 115200.
     #[serde(default = "default_baud")]
     pub baud: u32,
+    /// The device is on a gateway box, reached over the cluster's NATS.
+    #[serde(default)]
+    pub gateway: bool,
+}
+
+impl DeviceBinding {
+    /// A serial port on this machine.
+    pub fn serial(path: PathBuf, baud: u32) -> DeviceBinding {
+        DeviceBinding { path, baud, gateway: false }
+    }
+
+    /// Refuses a binding that names no port, or both a port and a gateway.
+    pub fn check(&self) -> Result<(), String> {
+        match (self.gateway, self.path.as_os_str().is_empty()) {
+            (false, true) => Err("device: give the port's `path`, or `gateway = true` for a device on a gateway box".into()),
+            (true, false) => Err("device: a `path` is for a port on this machine; a device on a gateway has none here".into()),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn default_baud() -> u32 {
@@ -257,6 +279,9 @@ impl RunConfig {
         })?;
         config.host.limits.check()?;
         check_modules(&config.host.modules)?;
+        if let Some(device) = &config.agent.device {
+            device.check().map_err(ConfigError::Invalid)?;
+        }
         Ok(config)
     }
 }

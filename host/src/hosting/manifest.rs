@@ -245,6 +245,9 @@ impl Manifest {
                 Some(overrides) => agent_limits(&host.limits, overrides.get_ref()).map_err(|m| at(overrides.span(), m))?,
                 None => host.limits.clone(),
             };
+            if let Some(device) = &a.device {
+                device.check().map_err(|m| at(a.id.span(), m))?;
+            }
             let tenant = a.tenant.into_inner();
             agents.push(AgentEntry {
                 id: id.clone(),

@@ -16,11 +16,11 @@ use super::instance::AgentParts;
 use super::queue::{Envelope, Queue};
 use super::sched::SlowLane;
 use crate::capabilities::agent_info::AgentInfo;
-use crate::capabilities::device::{self, SerialLine};
+use crate::capabilities::device::{self, AnyLine, GatewayLine, SerialLine};
 use crate::capabilities::http::inbound::{self, Door, Doors};
 use crate::capabilities::http::{outbound, server};
 use crate::capabilities::mqtt;
-use crate::capabilities::queue::SqliteQueues;
+use crate::capabilities::queue::{self, SqliteQueues};
 use crate::capabilities::store::{self, FileStore};
 use crate::hosting::config::{AgentPolicy, AgentSettings, ConfigError, HostConfig};
 use crate::hosting::deployed::{DeployRecord, Deployed};
@@ -57,6 +57,8 @@ pub(crate) struct HostShared {
     compile_gate: tokio::sync::Semaphore,
     /// Where requests for agents that run on other nodes go (cluster mode).
     forward: std::sync::OnceLock<Arc<dyn inbound::Forward>>,
+    /// The cluster's NATS, for devices on gateway boxes (cluster mode).
+    gateways: std::sync::OnceLock<async_nats::Client>,
 }
 
 impl HostShared {
@@ -90,6 +92,13 @@ impl Doors for HostShared {
     fn forward(&self) -> Option<Arc<dyn inbound::Forward>> {
         self.forward.get().cloned()
     }
+}
+
+/// Where an agent keeps its `server.save` value and its queues when not in the store
+/// directory's files (cluster mode: in JetStream).
+pub(crate) struct Kept {
+    pub store: Box<dyn store::Backend>,
+    pub queues: Arc<dyn queue::Backend>,
 }
 
 /// Errors starting an agent.
@@ -189,6 +198,7 @@ impl Host {
             shutdown: watch::channel(false).0,
             compile_gate: tokio::sync::Semaphore::new(compile_concurrency),
             forward: std::sync::OnceLock::new(),
+            gateways: std::sync::OnceLock::new(),
         });
         let router = inbound::router(shared.clone());
         let caps = server::Caps {
@@ -286,8 +296,8 @@ impl Host {
         id: &str,
         settings: AgentSettings,
         policy: AgentPolicy,
-        store: Option<Box<dyn store::Backend>>,
-    ) -> (Arc<AgentShared>, flume::Receiver<Envelope>, flume::Receiver<Control>, Option<device::Driver<SerialLine>>) {
+        kept: Option<Kept>,
+    ) -> (Arc<AgentShared>, flume::Receiver<Envelope>, flume::Receiver<Control>, Option<device::Driver<AnyLine>>) {
         let host = &self.shared;
         let (tx, rx) = flume::unbounded();
         let queue = Arc::new(Queue(tx));
@@ -299,13 +309,23 @@ impl Host {
         let handles = Handles { log: log.clone(), metrics, io: host.io.clone(), blocking: Blocking::default(), timeline: Arc::default() };
         let (device, driver) = match settings.device {
             Some(binding) => {
-                let line = SerialLine::new(binding.path, binding.baud);
+                let line = match binding.gateway {
+                    true => AnyLine::Gateway(GatewayLine::new(host.gateways.get().cloned(), id)),
+                    false => AnyLine::Serial(SerialLine::new(binding.path, binding.baud)),
+                };
                 let (channel, driver) = device::DeviceChannel::new(line, id, Events::any_instance(queue.clone()), log, &policy.limits);
                 (Some(Arc::new(channel)), Some(driver))
             }
             None => (None, None),
         };
         let limits = policy.limits;
+        let (store, queues) = match kept {
+            Some(Kept { store, queues }) => (store, queues),
+            None => (
+                Box::new(FileStore::new(&host.config.store_dir, id)) as Box<dyn store::Backend>,
+                Arc::new(SqliteQueues::new(&host.config.store_dir, id, limits.queue_bytes as u64, host.config.queue_fsync)) as Arc<dyn queue::Backend>,
+            ),
+        };
         let http = outbound::Policy::new(policy.allowed_hosts.clone(), host.http_clients.clone(), &limits);
         let mqtt = mqtt::Policy::new(host.mqtt_network.clone(), policy.allowed_hosts, &limits);
         let parts = AgentParts {
@@ -315,12 +335,8 @@ impl Host {
             device,
             http: Arc::new(http),
             mqtt: Arc::new(mqtt),
-            store: Arc::new(store::Policy::new(
-                store.unwrap_or_else(|| Box::new(FileStore::new(&host.config.store_dir, id))),
-                limits.store_bytes,
-                limits.store_rate,
-            )),
-            queues: Arc::new(SqliteQueues::new(&host.config.store_dir, id, limits.queue_bytes as u64, host.config.queue_fsync)),
+            store: Arc::new(store::Policy::new(store, limits.store_bytes, limits.store_rate)),
+            queues,
             limits,
             slow: Arc::default(),
             backlog: Arc::default(),
@@ -345,22 +361,15 @@ impl Host {
 
     /// Starts agent `id` running `module` with its own limits and allowed destinations.
     pub fn spawn_with_policy(&self, id: &str, settings: AgentSettings, policy: AgentPolicy, module: AgentModule) -> Result<(), SpawnError> {
-        self.spawn_with_store(id, settings, policy, module, None)
+        self.spawn_kept(id, settings, policy, module, None)
     }
 
-    /// [`Host::spawn_with_policy`] with the agent's `server.save` value kept in `store`
-    /// rather than in a file of the store directory (`None`).
-    pub(crate) fn spawn_with_store(
-        &self,
-        id: &str,
-        settings: AgentSettings,
-        policy: AgentPolicy,
-        module: AgentModule,
-        store: Option<Box<dyn store::Backend>>,
-    ) -> Result<(), SpawnError> {
+    /// [`Host::spawn_with_policy`] with the agent's `server.save` value and queues kept in
+    /// `kept` rather than in files of the store directory (`None`).
+    pub(crate) fn spawn_kept(&self, id: &str, settings: AgentSettings, policy: AgentPolicy, module: AgentModule, kept: Option<Kept>) -> Result<(), SpawnError> {
         crate::hosting::config::check_agent_id(id)?;
         policy.limits.check()?;
-        let (agent, rx, control, driver) = self.new_agent_with_device(id, settings, policy, store);
+        let (agent, rx, control, driver) = self.new_agent_with_device(id, settings, policy, kept);
         {
             let mut agents = self.shared.agents.write().unwrap_or_else(|p| p.into_inner());
             if agents.contains_key(id) {
@@ -403,6 +412,12 @@ impl Host {
     pub(crate) async fn answer_here(&self, id: &str, rest: &str, req: axum::extract::Request) -> Option<axum::response::Response> {
         let door = self.shared.door(id)?;
         Some(inbound::serve(door, rest, req).await)
+    }
+
+    /// Reaches devices on gateway boxes through `client` (cluster mode); set once, before
+    /// any agent with such a device starts.
+    pub(crate) fn set_gateways(&self, client: async_nats::Client) {
+        let _ = self.shared.gateways.set(client);
     }
 
     /// Sends requests for agents that do not run here to `forward` (cluster mode); set

@@ -3,13 +3,16 @@
 //! An agent bound to a port (`AgentSettings::device`) gets a [`DeviceChannel`]: its host
 //! calls check and queue messages synchronously, and a driver task ([`driver`]) owns the
 //! line and the `device_link::Link`, reopens the line when it comes back, and posts
-//! `device-*` events. The line is a [`Line`]: today a serial port ([`serial`]). The channel belongs to the agent, not to one instance: the device outlives
+//! `device-*` events. The line is a [`Line`]: a serial port ([`serial`]), or in a cluster
+//! the port of a gateway box far away, carried over NATS ([`gateway`]). The channel
+//! belongs to the agent, not to one instance: the device outlives
 //! agent restarts, so connection changes and device messages go to whichever instance
 //! runs, while the outcome of a sent message goes to the instance that sent it.
 //! Without a binding the device is never connected and sending fails at once, as imp does
 //! for an offline device.
 
 mod driver;
+mod gateway;
 mod line;
 mod serial;
 
@@ -29,8 +32,45 @@ use crate::kit::metrics::{AgentMetrics, Count};
 use crate::kit::timeline::{Edge, Timeline};
 
 pub(crate) use driver::Driver;
+pub(crate) use gateway::GatewayLine;
+pub use gateway::{GatewayConfig, run_gateway};
 pub(crate) use line::Line;
 pub(crate) use serial::SerialLine;
+
+/// An agent's line, whichever kind its binding names.
+pub(crate) enum AnyLine {
+    Serial(SerialLine),
+    Gateway(GatewayLine),
+}
+
+/// A line's open byte stream, whichever kind.
+pub(crate) trait Port: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Port for T {}
+
+impl Line for AnyLine {
+    type Port = Box<dyn Port>;
+
+    async fn open(&mut self) -> std::io::Result<Box<dyn Port>> {
+        Ok(match self {
+            AnyLine::Serial(line) => Box::new(line.open().await?),
+            AnyLine::Gateway(line) => Box::new(line.open().await?),
+        })
+    }
+
+    fn name(&self) -> String {
+        match self {
+            AnyLine::Serial(line) => line.name(),
+            AnyLine::Gateway(line) => line.name(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            AnyLine::Serial(line) => line.describe(),
+            AnyLine::Gateway(line) => line.describe(),
+        }
+    }
+}
 
 /// A `device-*` event, as the driver posts it.
 pub(crate) struct DeviceEvent(pub Event);

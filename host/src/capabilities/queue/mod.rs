@@ -11,9 +11,7 @@ use wasmtime::component::{HasSelf, Linker};
 use crate::bindings::queue::{self as wit, Entry, QueueStats};
 use crate::kit::blocking::Blocking;
 use crate::kit::log::{Level, Logger};
-use backend::QueueError;
-
-pub(crate) use backend::Backend;
+pub(crate) use backend::{Backend, QueueError, check_name, largest_entry, max_entries};
 pub(crate) use sqlite::SqliteQueues;
 
 /// The capability's state in an instance: the agent's queues, which outlive it.

@@ -12,6 +12,7 @@
 
 mod forward;
 mod placement;
+mod queues;
 mod store;
 
 use std::sync::Arc;
@@ -43,7 +44,7 @@ pub struct ClusterConfig {
 pub enum ClusterError {
     #[error("cannot reach NATS at {url}: {source}")]
     Connect { url: String, source: async_nats::ConnectError },
-    #[error("cannot open the JetStream {what} bucket (is JetStream enabled on the server, `nats-server -js`?): {reason}")]
+    #[error("cannot open the JetStream {what} bucket or stream (is JetStream enabled on the server, `nats-server -js`?): {reason}")]
     Bucket { what: &'static str, reason: String },
     #[error("node name {0:?} must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'")]
     NodeName(String),
@@ -63,6 +64,9 @@ pub(crate) struct Buckets {
     deploys: kv::Store,
     /// Module bytes by SHA-256.
     modules: object_store::ObjectStore,
+    /// Every agent's durable queues ([`queues`]).
+    queues: jetstream::stream::Stream,
+    js: jetstream::Context,
 }
 
 /// A deploy through the management API, kept in the deploys bucket.
@@ -101,9 +105,12 @@ impl Cluster {
             stores: bucket(&js, "tether_stores", config.replicas).await?,
             deploys: bucket(&js, "tether_deploys", config.replicas).await?,
             modules: objects(&js, "tether_modules", config.replicas).await?,
+            queues: queues::stream(&js, config.replicas).await.map_err(|reason| ClusterError::Bucket { what: queues::STREAM, reason })?,
+            js,
         });
         let forwarder = forward::Forwarder::new(client.clone(), manifest);
         host.set_forward(Arc::new(forwarder));
+        host.set_gateways(client.clone());
         let placement = placement::start(host, manifest, client, buckets.clone(), &config);
         Ok(Cluster { node: config.node, buckets, placement: tokio::sync::Mutex::new(Some(placement)) })
     }

@@ -17,12 +17,13 @@ use async_nats::jetstream::kv;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
+use super::queues::StreamQueues;
 use super::{Buckets, ClusterConfig, DeployRecord, forward, module_bytes, store::KvStore};
 use crate::hosting::config::AgentPolicy;
 use crate::hosting::config::AgentSettings;
 use crate::hosting::manifest::{Manifest, ModuleSource};
 use crate::runtime::engine::AgentModule;
-use crate::runtime::host::Host;
+use crate::runtime::host::{Host, Kept};
 
 /// Agents one round gives back: the others see them free a round later.
 const RELEASES_PER_ROUND: usize = 4;
@@ -328,7 +329,9 @@ impl Node {
         let store = KvStore::open(self.buckets.stores.clone(), &id, tokio::runtime::Handle::current()).await?;
         let subscription = self.client.subscribe(forward::subject(&id)).await?;
         let agent = &self.agents[index];
-        self.host.spawn_with_store(&id, agent.settings.clone(), agent.policy.clone(), module, Some(Box::new(store)))?;
+        let queues = StreamQueues::new(self.buckets.queues.clone(), self.buckets.js.clone(), &id, agent.policy.limits.queue_bytes as u64, tokio::runtime::Handle::current());
+        let kept = Kept { store: Box::new(store), queues: Arc::new(queues) };
+        self.host.spawn_kept(&id, agent.settings.clone(), agent.policy.clone(), module, Some(kept))?;
         let forwarding = tokio::spawn(forward::serve(self.host.clone(), self.client.clone(), id.clone(), subscription));
         tracing::info!(agent = id, "cluster: agent {id} runs on node {} (lease revision {revision})", self.name);
         self.owned.insert(id, Owned { revision, module: digest, forwarding });
