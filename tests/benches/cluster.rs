@@ -6,9 +6,13 @@
 //! - an agent's request answered by its own node, and forwarded from another node;
 //! - a `/save` request (one `server.save` of 64 bytes) with the store in a file (`tether
 //!   serve` without a cluster) and in JetStream KV, beside a `/ping` on the same agent;
+//! - a device's round trip (a request from the agent, the device's reply) on a serial
+//!   line of the agent's own node, and through `tether gateway` with the agent on a
+//!   cluster node; both timed from the HTTP request that makes the agent ask;
 //! - one node with many agents, cluster mode off and on: start-up time and memory.
 //!
-//! `cargo bench -p tether-tests --bench cluster [-- --kills K --requests N --agents A]`
+//! `cargo bench -p tether-tests --bench cluster [-- --kills K --requests N --agents A
+//! --only gateway]`
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -66,6 +70,10 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     println!("| measurement | samples | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|");
+    gateway(&tether, &http, requests).await?;
+    if args.iter().any(|a| a == "gateway") {
+        return Ok(());
+    }
 
     let mut rig = Rig::start_with(&tether, HOST_EXTRA, 3, &["a", "b", "c"], 10).await?;
     rig.wait_spread(WAIT).await?;
@@ -145,6 +153,47 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss = rss_kib(&node);
         println!("| cluster mode {} | {:.1} | {:.0} | {:.1} |", if cluster { "on" } else { "off" }, took.as_secs_f64(), rss as f64 / 1024.0, rss as f64 / many as f64);
+    }
+    Ok(())
+}
+
+/// A device round trip through a local serial line, then through a gateway.
+async fn gateway(tether: &std::path::Path, http: &reqwest::Client, requests: usize) -> anyhow::Result<()> {
+    use std::ffi::OsStr;
+    let probe = tether_tests::build_agent("device-probe")?;
+    let scratch = tempfile::tempdir()?;
+    let link = scratch.path().join("ttyBOARD");
+    let link_arg = link.to_str().unwrap_or_default().to_owned();
+    let _sim = tether_tests::DeviceSim::start(&["--link", &link_arg, "--device-id", "board-1", "--interval", "0"])?;
+    let entry = |device: &str| format!("\n[[agent]]\nid = \"board\"\ntenant = \"a\"\nmodule = \"{}\"\ndevice = {device}\n", probe.display());
+    let ask = |base: &str| format!("{base}/board/request?name=ping");
+
+    // The device on the agent's own node.
+    let rig = Rig::start_full(tether, "", &entry(&format!("{{ path = \"{link_arg}\" }}")), 0, &["a"], 1).await?;
+    let alone = rig.start_alone("alone").await?;
+    wait_reply(http, &ask(&alone.agents)).await?;
+    let mut local = timed(http, &ask(&alone.agents), requests).await?;
+    drop(alone);
+    drop(rig);
+
+    // The device on a gateway, the agent on a cluster node.
+    let rig = Rig::start_full(tether, "", &entry("{ gateway = true }"), 1, &["a"], 1).await?;
+    let url = rig.nats.url();
+    let args: Vec<&OsStr> = ["gateway", "--cluster", &url, "--device", &link_arg, "--agent", "board"].into_iter().map(OsStr::new).collect();
+    let _gateway = tether_tests::tether_run::TetherRun::spawn_program(tether, &args, &[], "gateway for agent", WAIT).await?;
+    wait_reply(http, &ask(&rig.node(0).agents)).await?;
+    let mut through = timed(http, &ask(&rig.node(0).agents), requests).await?;
+    row("device round trip, serial line on the agent's node", &mut local);
+    row("device round trip, through tether gateway over NATS", &mut through);
+    Ok(())
+}
+
+/// Waits until the device answers the agent's ping.
+async fn wait_reply(http: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while get(http, url).await.1 != "reply \"pong\"" {
+        anyhow::ensure!(Instant::now() < deadline, "the device does not answer at {url}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
 }

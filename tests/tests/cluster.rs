@@ -233,3 +233,55 @@ async fn a_device_on_a_gateway_talks_to_its_agent_wherever_it_runs() -> anyhow::
     assert!(gateway.lines().iter().filter(|l| l.contains("gateway: opened")).count() >= 2, "the gateway reopens the port after the replug");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_management_api_of_any_node_covers_every_node_s_agents() -> anyhow::Result<()> {
+    let rig = Rig::start(3, &["a", "b"], 6).await?;
+    rig.wait_spread(WAIT).await?;
+    let http = reqwest::Client::new();
+    let api = |via: usize, path: &str| format!("{}{path}", rig.node(via).manage);
+    let json = |response: reqwest::Response| async move {
+        let status = response.status().as_u16();
+        anyhow::Ok((status, serde_json::from_str::<serde_json::Value>(&response.text().await?)?))
+    };
+
+    // The list through node 1: tenant a's six agents, wherever they run, paged here.
+    let (status, list) = json(http.get(api(0, "/api/agents?limit=4")).bearer_auth(token("a")).send().await?).await?;
+    assert_eq!(status, 200);
+    assert_eq!(list["total"], 6, "{list}");
+    let ids: Vec<&str> = list["agents"].as_array().map(|a| a.iter().filter_map(|x| x["id"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(ids, ["a-0000", "a-0001", "a-0002", "a-0003"]);
+    let (_, filtered) = json(http.get(api(0, "/api/agents?q=a-0005")).bearer_auth(token("a")).send().await?).await?;
+    assert_eq!(filtered["total"], 1, "{filtered}");
+
+    // One agent that node 3 runs, asked about and restarted through node 1.
+    let id = rig.node(2).running().into_iter().find(|id| id.starts_with("a-")).ok_or_else(|| anyhow::anyhow!("node 3 runs none of a's agents"))?;
+    let (status, shown) = json(http.get(api(0, &format!("/api/agents/{id}"))).bearer_auth(token("a")).send().await?).await?;
+    assert_eq!((status, shown["id"].as_str()), (200, Some(id.as_str())), "{shown}");
+    assert_eq!(shown["status"], "running");
+    // Another tenant learns nothing of it, through any node.
+    assert_eq!(http.get(api(0, &format!("/api/agents/{id}"))).bearer_auth(token("b")).send().await?.status().as_u16(), 404);
+    assert_eq!(http.get(api(0, &format!("/api/agents/{id}"))).send().await?.status().as_u16(), 401);
+    // A forwarded-call header from outside is refused, not believed.
+    let forged = http.get(api(0, &format!("/api/agents/{id}"))).header("x-tether-forwarded", "guess:a").send().await?;
+    assert_eq!(forged.status().as_u16(), 401);
+
+    // The tenant's log stream on node 1 shows a line of the agent on node 3.
+    let mut stream = http.get(api(0, "/api/logs")).bearer_auth(token("a")).send().await?;
+    assert_eq!(stream.status().as_u16(), 200);
+    get_ok(&http, &format!("{}/{id}/log?text=written-on-node-3", rig.node(2).agents), WAIT).await?;
+    let mut seen = String::new();
+    let deadline = Instant::now() + WAIT;
+    while !seen.contains("written-on-node-3") {
+        anyhow::ensure!(Instant::now() < deadline, "the line never came: {seen}");
+        match tokio::time::timeout(Duration::from_secs(1), stream.chunk()).await {
+            Ok(chunk) => seen.push_str(&String::from_utf8_lossy(&chunk?.unwrap_or_default())),
+            Err(_) => continue,
+        }
+    }
+
+    let restarted = http.post(api(0, &format!("/api/agents/{id}/restart"))).bearer_auth(token("a")).send().await?;
+    assert_eq!(restarted.status().as_u16(), 202);
+    rig.node(2).wait_line("Agent restarted: restart", WAIT).await?;
+    Ok(())
+}

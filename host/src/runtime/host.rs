@@ -237,6 +237,12 @@ impl Host {
         self.shared.tenant_logs(tenant).subscribe()
     }
 
+    /// Hands `line`, of an agent of `tenant` that runs on another node, to the tenant's
+    /// log streams here (cluster mode).
+    pub(crate) fn relay_log(&self, tenant: &str, line: LogLine) {
+        let _ = self.shared.tenant_logs(tenant).send(line);
+    }
+
     /// Agent `id`'s recent log lines (up to 100, 16 KiB), oldest first.
     pub fn recent_logs(&self, id: &str) -> Vec<LogLine> {
         self.shared.agent(id).map(|a| a.parts.handles.log.recent()).unwrap_or_default()

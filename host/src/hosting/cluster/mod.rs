@@ -79,6 +79,7 @@ struct DeployRecord {
 /// A node in a cluster: the placement loop and the forwarding of requests.
 pub struct Cluster {
     node: String,
+    client: async_nats::Client,
     buckets: Arc<Buckets>,
     placement: tokio::sync::Mutex<Option<placement::Handle>>,
 }
@@ -111,13 +112,34 @@ impl Cluster {
         let forwarder = forward::Forwarder::new(client.clone(), manifest);
         host.set_forward(Arc::new(forwarder));
         host.set_gateways(client.clone());
-        let placement = placement::start(host, manifest, client, buckets.clone(), &config);
-        Ok(Cluster { node: config.node, buckets, placement: tokio::sync::Mutex::new(Some(placement)) })
+        let placement = placement::start(host, manifest, client.clone(), buckets.clone(), &config);
+        Ok(Cluster { node: config.node, client, buckets, placement: tokio::sync::Mutex::new(Some(placement)) })
     }
 
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// The cluster's NATS connection.
+    pub(crate) fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The node that holds agent `id`'s lease, if any.
+    pub(crate) async fn owner_of(&self, id: &str) -> Option<String> {
+        let entry = self.buckets.leases.entry(id).await.ok()??;
+        (entry.operation == kv::Operation::Put).then(|| String::from_utf8_lossy(&entry.value).into_owned())
+    }
+
+    /// The nodes with a heartbeat in the bucket (a node that died lately among them, until
+    /// its entry is replaced or removed).
+    pub(crate) async fn nodes(&self) -> Vec<String> {
+        use futures_util::StreamExt;
+        match self.buckets.nodes.keys().await {
+            Ok(keys) => keys.filter_map(|k| async move { k.ok() }).collect().await,
+            Err(_) => vec![self.node.clone()],
+        }
     }
 
     /// Keeps `bytes` (a module that compiled, `digest`) as agent `id`'s version in the

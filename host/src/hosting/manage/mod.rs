@@ -45,6 +45,8 @@ use serde_json::json;
 use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
+mod elsewhere;
+
 use super::history::History;
 use super::manifest::{Access, ManageConfig};
 use super::web::session::{Sessions, set_cookie};
@@ -69,14 +71,21 @@ struct Api {
     stop: watch::Receiver<bool>,
     /// In cluster mode, where deploys are kept so that the agent's owner runs them.
     cluster: std::sync::OnceLock<Arc<Cluster>>,
+    /// What marks a call forwarded from another node as this process's own
+    /// ([`elsewhere::FORWARDED`]).
+    forward_secret: String,
 }
 
 /// The running management server.
 pub struct ManageServer {
     addr: SocketAddr,
     api: Arc<Api>,
+    /// The API itself, to answer calls forwarded from other nodes.
+    router: axum::Router,
     stop: watch::Sender<bool>,
     tasks: [tokio::task::JoinHandle<()>; 2],
+    /// Answering other nodes and relaying log lines, in cluster mode.
+    cluster_tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl ManageServer {
@@ -98,6 +107,7 @@ impl ManageServer {
             history,
             stop: stop_rx.clone(),
             cluster: std::sync::OnceLock::new(),
+            forward_secret: super::web::session::secret()?,
         });
         let router = axum::Router::new()
             .route("/", get(|| async { console::page(console::OVERVIEW) }))
@@ -119,11 +129,13 @@ impl ManageServer {
             .route("/api/agents/{id}/{action}", post(act))
             .route("/api/logs", get(all_logs))
             .route("/metrics", get(metrics))
+            .layer(axum::middleware::from_fn_with_state(api.clone(), elsewhere::route))
             .layer(axum::middleware::map_response(console::security_headers))
             .with_state(api.clone());
         let mut stopped = stop_rx.clone();
+        let served = router.clone();
         let serve = tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let serve = axum::serve(listener, served).with_graceful_shutdown(async move {
                 let _ = stopped.wait_for(|s| *s).await;
             });
             if let Err(e) = serve.await {
@@ -131,15 +143,22 @@ impl ManageServer {
             }
         });
         let sample = tokio::spawn(sample(api.clone(), stop_rx));
-        Ok(ManageServer { addr, api, stop, tasks: [serve, sample] })
+        Ok(ManageServer { addr, api, router, stop, tasks: [serve, sample], cluster_tasks: Mutex::default() })
+    }
+
+    /// Serves the API for the whole cluster (`tether serve --cluster`): deploys are kept
+    /// in it, calls about agents on other nodes are answered by them, the agent list and
+    /// log streams cover every node.
+    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
+        if self.api.cluster.set(cluster.clone()).is_err() {
+            return;
+        }
+        let mut tasks = self.cluster_tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.push(tokio::spawn(elsewhere::answer(self.api.clone(), self.router.clone(), cluster.clone())));
+        tasks.push(tokio::spawn(elsewhere::relay_logs(self.api.clone(), cluster)));
     }
 
     /// Where the API listens.
-    /// Keeps deploys in `cluster`, whichever node runs the agent (`tether serve --cluster`).
-    pub fn set_cluster(&self, cluster: Arc<Cluster>) {
-        let _ = self.api.cluster.set(cluster);
-    }
-
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -153,6 +172,9 @@ impl ManageServer {
     /// Stops serving (ending open log streams) and waits for it.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
+        for task in self.cluster_tasks.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            task.abort();
+        }
         for task in self.tasks {
             let _ = task.await;
         }
@@ -255,6 +277,14 @@ impl Api {
     /// session, whose requests that change something (`changes`) must carry the session's
     /// CSRF token too.
     fn caller(&self, headers: &HeaderMap, changes: bool) -> Result<String, ApiError> {
+        if let Some(forwarded) = headers.get(elsewhere::FORWARDED) {
+            // Checked by the node the call came in on; this process marked it.
+            let (secret, tenant) = forwarded.to_str().ok().and_then(|v| v.split_once(':')).ok_or(ApiError::Unauthorized)?;
+            return match bool::from(secret.as_bytes().ct_eq(self.forward_secret.as_bytes())) {
+                true => Ok(tenant.to_owned()),
+                false => Err(ApiError::Unauthorized),
+            };
+        }
         let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
         if let Some(token) = bearer {
             return self.tenant_of(token).map(str::to_owned).ok_or(ApiError::Unauthorized);

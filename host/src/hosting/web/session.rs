@@ -54,7 +54,7 @@ pub(crate) struct Sessions {
 }
 
 /// 32 random bytes, hex: a session id, CSRF token or link code nobody can guess.
-fn secret() -> std::io::Result<String> {
+pub(crate) fn secret() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
     Ok(hex::encode(bytes))

@@ -1,0 +1,210 @@
+//! The management API in cluster mode: any node answers for any agent.
+//! - A call about an agent that runs on another node is checked here (the caller, the
+//!   tenant's ownership) and then asked of that node over NATS request/reply, on
+//!   `tether.manage.<node>`; the node answers it as its own API would, for that tenant.
+//! - The agent list gathers every node's agents of the tenant, then filters and pages.
+//! - Log lines of every node's agents are relayed on `tether.logs.<tenant>`, so a log
+//!   stream on any node shows the tenant's live lines wherever its agents run.
+//!
+//! Deploys need none of this: they are kept in the cluster, whose owner runs them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::HeaderMap as NatsHeaders;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use serde_json::json;
+use tower::ServiceExt;
+
+use super::{Api, ApiError, json_response};
+use crate::hosting::cluster::Cluster;
+use crate::kit::log::{Level, LogLine};
+
+/// The header a forwarded call carries inside its answering node: `<secret>:<tenant>`.
+/// The secret is that process's own, so the header cannot come from outside.
+pub(super) const FORWARDED: &str = "x-tether-forwarded";
+
+const METHOD: &str = "Tether-Method";
+const PATH: &str = "Tether-Path";
+const TENANT: &str = "Tether-Tenant";
+const STATUS: &str = "Tether-Status";
+
+/// The largest call body forwarded (a rollback's JSON; deploys are not forwarded).
+const MAX_BODY: usize = 64 * 1024;
+
+/// How long a forwarded call may take.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+fn subject(node: &str) -> String {
+    format!("tether.manage.{node}")
+}
+
+/// Middleware: sends calls about agents running elsewhere to their node, and gathers the
+/// agent list from every node; everything else is answered here.
+pub(super) async fn route(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
+    let Some(cluster) = api.cluster.get().cloned() else { return next.run(req).await };
+    if req.headers().contains_key(FORWARDED) {
+        return next.run(req).await;
+    }
+    let path = req.uri().path().to_owned();
+    if path == "/api/agents" && req.method() == axum::http::Method::GET {
+        return match api.caller(req.headers(), false) {
+            Ok(tenant) => gather(&cluster, &tenant, req.uri().query().unwrap_or("")).await,
+            Err(e) => e.into_response(),
+        };
+    }
+    let Some(rest) = path.strip_prefix("/api/agents/") else { return next.run(req).await };
+    let id = rest.split('/').next().unwrap_or("");
+    // Deploys go through the cluster already; log streams follow the relayed lines.
+    let here = rest.ends_with("/deploy") || rest.ends_with("/logs") || api.host.agent(id).is_some() || !api.access.owners.contains_key(id);
+    if here {
+        return next.run(req).await;
+    }
+    let tenant = match api.caller(req.headers(), req.method() != axum::http::Method::GET).and_then(|t| api.owned(&t, id).map(|()| t)) {
+        Ok(tenant) => tenant,
+        Err(e) => return e.into_response(),
+    };
+    let Some(node) = cluster.owner_of(id).await else {
+        return ApiError::Unavailable(format!("agent {id:?} is not running on any node just now (it may be moving); try again")).into_response();
+    };
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or(path);
+    let body = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
+        Ok(body) => body,
+        Err(_) => return ApiError::BadRequest(format!("body over {MAX_BODY} bytes")).into_response(),
+    };
+    match ask(&cluster, &node, &tenant, &method, &path, body).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Asks node `node` for its answer to a call of `tenant`'s.
+async fn ask(cluster: &Cluster, node: &str, tenant: &str, method: &str, path: &str, body: bytes::Bytes) -> Result<Response, ApiError> {
+    let mut headers = NatsHeaders::new();
+    headers.insert(METHOD, method);
+    headers.insert(PATH, path);
+    headers.insert(TENANT, tenant);
+    let request = async_nats::Request::new().headers(headers).payload(body).timeout(Some(TIMEOUT));
+    let message = cluster.client().send_request(subject(node), request).await.map_err(|e| ApiError::Unavailable(format!("node {node} did not answer: {e}")))?;
+    let status = message.headers.as_ref().and_then(|h| h.get(STATUS)).and_then(|s| s.as_str().parse::<u16>().ok()).and_then(|s| StatusCode::from_u16(s).ok());
+    let status = status.ok_or_else(|| ApiError::Internal(format!("node {node} answered without a status")))?;
+    let mut response = Response::new(Body::from(message.payload));
+    *response.status_mut() = status;
+    if let Some(kind) = message.headers.as_ref().and_then(|h| h.get("Content-Type")).and_then(|v| HeaderValue::from_str(v.as_str()).ok()) {
+        response.headers_mut().insert(header::CONTENT_TYPE, kind);
+    }
+    Ok(response)
+}
+
+/// `GET /api/agents` over the cluster: every node's list of the tenant's agents (filtered
+/// there), merged by id and paged here.
+async fn gather(cluster: &Cluster, tenant: &str, query: &str) -> Response {
+    let mut params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let number = |params: &[(String, String)], key: &str| params.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.parse::<usize>().ok());
+    let (offset, limit) = (number(&params, "offset").unwrap_or(0), number(&params, "limit"));
+    params.retain(|(k, _)| k != "offset" && k != "limit");
+    let path = format!("/api/agents?{}", url::form_urlencoded::Serializer::new(String::new()).extend_pairs(&params).finish());
+    let nodes = cluster.nodes().await;
+    let asks = nodes.iter().map(|node| ask(cluster, node, tenant, "GET", &path, bytes::Bytes::new()));
+    let mut agents: Vec<serde_json::Value> = Vec::new();
+    for answer in futures_util::future::join_all(asks).await {
+        // A node that died lately has no answer; its agents are moving.
+        let Ok(answer) = answer else { continue };
+        let Ok(body) = axum::body::to_bytes(answer.into_body(), usize::MAX).await else { continue };
+        if let Ok(serde_json::Value::Object(mut list)) = serde_json::from_slice(&body)
+            && let Some(serde_json::Value::Array(some)) = list.remove("agents")
+        {
+            agents.extend(some);
+        }
+    }
+    agents.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    agents.dedup_by(|a, b| a["id"] == b["id"]);
+    let total = agents.len();
+    let page: Vec<_> = agents.into_iter().skip(offset).take(limit.unwrap_or(usize::MAX)).collect();
+    json_response(StatusCode::OK, &json!({ "agents": page, "total": total }))
+}
+
+/// Answers the calls other nodes forward to this one, through `router` (the API itself),
+/// until the subscription ends.
+pub(super) async fn answer(api: Arc<Api>, router: axum::Router, cluster: Arc<Cluster>) {
+    let Ok(mut calls) = cluster.client().subscribe(subject(cluster.node())).await else {
+        tracing::error!("cannot answer forwarded management calls: NATS refused the subscription");
+        return;
+    };
+    while let Some(call) = calls.next().await {
+        let (api, router, client) = (api.clone(), router.clone(), cluster.client().clone());
+        tokio::spawn(async move {
+            let Some(reply) = call.reply.clone() else { return };
+            let response = match forwarded(&api, call) {
+                Ok(req) => router.oneshot(req).await.unwrap_or_else(|e| match e {}),
+                Err(why) => ApiError::BadRequest(why).into_response(),
+            };
+            let (parts, body) = response.into_parts();
+            let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+            let mut headers = NatsHeaders::new();
+            headers.insert(STATUS, parts.status.as_u16().to_string().as_str());
+            if let Some(kind) = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) {
+                headers.insert("Content-Type", kind);
+            }
+            let _ = client.publish_with_headers(reply, headers, body).await;
+        });
+    }
+}
+
+/// A forwarded call as a request to this node's API, marked with this process's secret.
+fn forwarded(api: &Api, call: async_nats::Message) -> Result<Request, String> {
+    let headers = call.headers.ok_or("a forwarded call without headers")?;
+    let field = |name: &str| headers.get(name).map(|v| v.as_str().to_owned()).ok_or(format!("a forwarded call without {name}"));
+    let (method, path, tenant) = (field(METHOD)?, field(PATH)?, field(TENANT)?);
+    Request::builder()
+        .method(method.as_str())
+        .uri(path.as_str())
+        .header(FORWARDED, format!("{}:{tenant}", api.forward_secret))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(call.payload))
+        .map_err(|e| format!("a forwarded call that is not HTTP: {e}"))
+}
+
+/// Publishes this node's agents' log lines for the other nodes, and hands theirs to this
+/// host's tenant streams, until the host stops.
+pub(super) async fn relay_logs(api: Arc<Api>, cluster: Arc<Cluster>) {
+    let client = cluster.client().clone();
+    let Ok(mut theirs) = client.subscribe("tether.logs.>").await else {
+        tracing::error!("cannot relay log lines between nodes: NATS refused the subscription");
+        return;
+    };
+    let mut ours = api.host.logs();
+    let node = cluster.node().to_owned();
+    loop {
+        tokio::select! {
+            line = ours.recv() => match line {
+                Ok(line) => {
+                    let Some(tenant) = api.access.owners.get(&*line.agent) else { continue };
+                    let at = line.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+                    let body = json!({ "node": node, "agent": &*line.agent, "error": line.level == Level::Error, "text": line.text, "at_ms": at });
+                    let _ = client.publish(format!("tether.logs.{tenant}"), body.to_string().into()).await;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
+            message = theirs.next() => {
+                let Some(message) = message else { return };
+                let Ok(line) = serde_json::from_slice::<serde_json::Value>(&message.payload) else { continue };
+                if line["node"].as_str() == Some(node.as_str()) {
+                    continue;
+                }
+                let (Some(agent), Some(text)) = (line["agent"].as_str(), line["text"].as_str()) else { continue };
+                let Some(tenant) = api.access.owners.get(agent) else { continue };
+                let at = std::time::UNIX_EPOCH + Duration::from_millis(line["at_ms"].as_u64().unwrap_or(0));
+                let level = if line["error"].as_bool() == Some(true) { Level::Error } else { Level::Info };
+                api.host.relay_log(tenant, LogLine { seq: u64::MAX, agent: agent.into(), level, text: text.to_owned(), at });
+            }
+        }
+    }
+}
