@@ -151,9 +151,16 @@ impl Rig {
 
     /// Starts node `name` and waits until it has joined.
     pub async fn start_node(&self, name: &str) -> anyhow::Result<Node> {
+        self.start_node_with(name, &[]).await
+    }
+
+    /// [`Rig::start_node`] with more options (`--label L`).
+    pub async fn start_node_with(&self, name: &str, options: &[&str]) -> anyhow::Result<Node> {
         let url = self.nats.url();
         let ttl = LEASE_TTL_MS.to_string();
-        self.serve(name, &["--cluster", &url, "--node", name, "--lease-ttl-ms", &ttl]).await
+        let mut args = vec!["--cluster", &url, "--node", name, "--lease-ttl-ms", &ttl];
+        args.extend_from_slice(options);
+        self.serve(name, &args).await
     }
 
     /// `tether serve` of the same manifest without a cluster, as `name`: every agent runs

@@ -236,9 +236,18 @@ async fn a_device_on_a_gateway_talks_to_its_agent_wherever_it_runs() -> anyhow::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_management_api_of_any_node_covers_every_node_s_agents() -> anyhow::Result<()> {
-    let rig = Rig::start(3, &["a", "b"], 6).await?;
+    // Besides, an agent pinned by label to node 3, which starts last.
+    let probe = build_agent("probe")?;
+    let pinned = format!("\n[[agent]]\nid = \"pinned\"\ntenant = \"a\"\nmodule = \"{}\"\nnode_label = \"port\"\n", probe.display());
+    let mut rig = Rig::start_full(&tether_tests::build_bin("tether")?, "", &pinned, 0, &["a", "b"], 6).await?;
+    for (name, options) in [("n1", &[][..]), ("n2", &[][..]), ("n3", &["--label", "port"][..])] {
+        let node = rig.start_node_with(name, options).await?;
+        rig.nodes.push(Some(node));
+    }
     rig.wait_spread(WAIT).await?;
+    assert_eq!(rig.owner("pinned", WAIT).await?, 2);
     let http = reqwest::Client::new();
+    assert_eq!(get_ok(&http, &format!("{}/pinned/ping", rig.node(0).agents), WAIT).await?, "pong");
     let api = |via: usize, path: &str| format!("{}{path}", rig.node(via).manage);
     let json = |response: reqwest::Response| async move {
         let status = response.status().as_u16();
@@ -247,12 +256,15 @@ async fn the_management_api_of_any_node_covers_every_node_s_agents() -> anyhow::
 
     // The list through node 1: tenant a's six agents, wherever they run, paged here.
     let (status, list) = json(http.get(api(0, "/api/agents?limit=4")).bearer_auth(token("a")).send().await?).await?;
+    // (six agents a-*, and the pinned one)
     assert_eq!(status, 200);
-    assert_eq!(list["total"], 6, "{list}");
+    assert_eq!(list["total"], 7, "{list}");
     let ids: Vec<&str> = list["agents"].as_array().map(|a| a.iter().filter_map(|x| x["id"].as_str()).collect()).unwrap_or_default();
     assert_eq!(ids, ["a-0000", "a-0001", "a-0002", "a-0003"]);
     let (_, filtered) = json(http.get(api(0, "/api/agents?q=a-0005")).bearer_auth(token("a")).send().await?).await?;
     assert_eq!(filtered["total"], 1, "{filtered}");
+    let (_, theirs) = json(http.get(api(1, "/api/agents")).bearer_auth(token("b")).send().await?).await?;
+    assert_eq!(theirs["total"], 6, "{theirs}");
 
     // One agent that node 3 runs, asked about and restarted through node 1.
     let id = rig.node(2).running().into_iter().find(|id| id.starts_with("a-")).ok_or_else(|| anyhow::anyhow!("node 3 runs none of a's agents"))?;
@@ -283,5 +295,11 @@ async fn the_management_api_of_any_node_covers_every_node_s_agents() -> anyhow::
     let restarted = http.post(api(0, &format!("/api/agents/{id}/restart"))).bearer_auth(token("a")).send().await?;
     assert_eq!(restarted.status().as_u16(), 202);
     rig.node(2).wait_line("Agent restarted: restart", WAIT).await?;
+
+    // Without its labelled node the pinned agent runs nowhere, though the others move.
+    rig.kill(2).await?;
+    rig.wait_spread(WAIT).await?;
+    assert!(rig.live().all(|n| !n.running().contains(&"pinned".to_owned())));
+    assert_eq!(get(&http, &format!("{}/pinned/ping", rig.node(0).agents)).await.0, 503);
     Ok(())
 }

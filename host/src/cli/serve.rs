@@ -31,6 +31,10 @@ pub struct ServeArgs {
     /// cluster.
     #[arg(long, requires = "cluster", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     replicas: u8,
+    /// A label of this node (repeatable): agents whose manifest entry has this
+    /// `node_label` run only on nodes that have it, e.g. the node with their device's port.
+    #[arg(long = "label", requires = "cluster", value_name = "LABEL")]
+    labels: Vec<String>,
 }
 
 /// Runs a manifest's agents and the management API until Ctrl-C or SIGTERM.
@@ -48,7 +52,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 Some(node) => node.clone(),
                 None => host_name().context("no --node given, and cannot read the host name")?,
             };
-            let config = ClusterConfig { url: url.clone(), node, lease_ttl: Duration::from_millis(args.lease_ttl_ms), replicas: args.replicas.into() };
+            let config = ClusterConfig { url: url.clone(), node, lease_ttl: Duration::from_millis(args.lease_ttl_ms), replicas: args.replicas.into(), labels: args.labels.clone() };
             let cluster = Cluster::join(host.clone(), &manifest, config).await.context("cannot join the cluster")?;
             tracing::info!("node {} joined the cluster at {url}", cluster.node());
             Some(std::sync::Arc::new(cluster))

@@ -117,6 +117,9 @@ pub struct AgentEntry {
     /// Configuration values and secrets together (both read with `agent-info.config`).
     pub settings: AgentSettings,
     pub policy: AgentPolicy,
+    /// In a cluster, only nodes started with this `--label` run it (the node with its
+    /// device's port, say); ignored without a cluster.
+    pub node_label: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +155,7 @@ struct RawAgent {
     secrets: Option<Spanned<BTreeMap<String, String>>>,
     device: Option<DeviceBinding>,
     limits: Option<Spanned<toml::Table>>,
+    node_label: Option<String>,
 }
 
 impl Manifest {
@@ -255,6 +259,7 @@ impl Manifest {
                 module,
                 settings: AgentSettings { id: Some(id), config, device: a.device },
                 policy: AgentPolicy { limits, allowed_hosts: AllowedHosts::Only(allowed), tenant: Some(tenant) },
+                node_label: a.node_label,
             });
         }
 

@@ -37,6 +37,8 @@ pub struct ClusterConfig {
     /// Copies JetStream keeps of leases, stores and modules (1 with one NATS server; 3 on
     /// a three-server NATS cluster).
     pub replicas: usize,
+    /// This node's labels: agents with a `node_label` run only on nodes that have it.
+    pub labels: Vec<String>,
 }
 
 /// Why a node could not join.

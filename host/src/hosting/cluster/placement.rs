@@ -3,7 +3,8 @@
 //! its owner; a node takes a lease that is free, or whose owner has not been heard from for
 //! a TTL, with a compare-and-set on the revision it saw, so two nodes never both win it.
 //! Each node takes up to its fair share (agents / live nodes, rounded up) and gives back
-//! what is over it, one by one, so a node that comes back gets agents again.
+//! what is over it, a few per round, so a node that comes back gets agents again. An agent
+//! with a `node_label` runs only on nodes started with that `--label`, outside the share.
 //!
 //! No agent runs twice: a node that cannot renew its heartbeat for half a TTL stops its
 //! agents itself, before any other node would take them; and a node that still ran one
@@ -34,6 +35,8 @@ struct Agent {
     settings: AgentSettings,
     policy: AgentPolicy,
     module: ModuleSource,
+    /// Only nodes with this label run it.
+    label: Option<String>,
 }
 
 /// One lease as last seen in the bucket.
@@ -80,7 +83,8 @@ pub(super) fn start(host: Arc<Host>, manifest: &Manifest, client: async_nats::Cl
     let agents = manifest
         .agents
         .iter()
-        .map(|a| Agent { id: a.id.clone(), settings: a.settings.clone(), policy: a.policy.clone(), module: a.module.clone() })
+        .map(|a| Agent { id: a.id.clone(), settings: a.settings.clone(), policy: a.policy.clone(), module: a.module.clone(), label: a.node_label.clone() })
+        .filter(|a| a.label.as_ref().is_none_or(|l| config.labels.contains(l)))
         .collect();
     let seen = Arc::new(Mutex::new(Seen::default()));
     let watches = vec![
@@ -222,7 +226,8 @@ impl Node {
         };
         self.notice_losses(&leases).await;
         self.follow_deploys(&deploys).await;
-        let fair = self.agents.len().div_ceil(live.len().max(1));
+        // Agents pinned by label go to the nodes with it, outside the share.
+        let fair = self.agents.iter().filter(|a| a.label.is_none()).count().div_ceil(live.len().max(1));
         self.give_back(fair, &leases).await;
         self.take(fair, &live, &leases, &deploys).await;
     }
@@ -264,10 +269,16 @@ impl Node {
         }
     }
 
+    /// Agents running here that count against the fair share: those not pinned by label.
+    fn shared(&self) -> Vec<String> {
+        self.owned.keys().filter(|id| self.agents.iter().any(|a| a.id == **id && a.label.is_none())).cloned().collect()
+    }
+
     /// Gives back agents over this node's fair share, a few per round.
     async fn give_back(&mut self, fair: usize, leases: &HashMap<String, Lease>) {
-        let over = self.owned.len().saturating_sub(fair).min(RELEASES_PER_ROUND);
-        let ids: Vec<String> = self.owned.keys().take(over).cloned().collect();
+        let shared = self.shared();
+        let over = shared.len().saturating_sub(fair).min(RELEASES_PER_ROUND);
+        let ids: Vec<String> = shared.into_iter().take(over).collect();
         for id in ids {
             let revision = self.owned.get(&id).map(|o| o.revision);
             self.drop_agent(&id, "spreading agents over the nodes").await;
@@ -278,13 +289,14 @@ impl Node {
     }
 
     /// Takes free agents, and those of nodes not heard from for a TTL, up to the fair
-    /// share; this node's own leases it resumes whatever the share.
+    /// share; agents pinned to one of its labels, and its own leases, whatever the share.
     async fn take(&mut self, fair: usize, live: &HashSet<String>, leases: &HashMap<String, Lease>, deploys: &HashMap<String, String>) {
         // Starting at a different agent on each node keeps them from all trying the same.
         let start = self.name.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b.into())) % self.agents.len().max(1);
         let order: Vec<usize> = (0..self.agents.len()).map(|i| (start + i) % self.agents.len()).collect();
         // A node that just joined has not yet seen whose heartbeats are fresh.
         let settled = self.joined.elapsed() >= self.ttl;
+        let mut shared = self.shared().len();
         for index in order {
             let id = self.agents[index].id.clone();
             if self.owned.contains_key(&id) {
@@ -297,7 +309,8 @@ impl Node {
                 Some(Lease { owner: None, .. }) => true,
                 Some(Lease { owner: Some(owner), .. }) => settled && !live.contains(owner),
             };
-            if !(mine || (free && self.owned.len() < fair)) {
+            let pinned = self.agents[index].label.is_some();
+            if !(mine || (free && (pinned || shared < fair))) {
                 continue;
             }
             if !self.fresh() {
@@ -310,6 +323,9 @@ impl Node {
             };
             // Lost the race, or NATS is slow: the watch shows who has it next round.
             let Ok(Ok(revision)) = taken else { continue };
+            if !pinned {
+                shared += 1;
+            }
             if let Err(e) = self.run_agent(index, revision, deploys.get(&id)).await {
                 tracing::error!(agent = id, "cluster: cannot run the agent here: {e:#}; giving its lease back");
                 let _ = tokio::time::timeout(self.write_timeout, self.buckets.leases.delete_expect_revision(&id, Some(revision))).await;
