@@ -69,6 +69,26 @@ pub(crate) fn check_name(name: &str) -> Result<(), QueueError> {
     Ok(())
 }
 
+/// Checks an append of `payload` to queue `name` against the name and size rules; its
+/// length, for the quota check the backend makes against what it holds.
+pub(crate) fn check_append(name: &str, payload: &[u8], quota: u64) -> Result<u64, QueueError> {
+    check_name(name)?;
+    let len = payload.len() as u64;
+    let max = largest_entry(quota);
+    if len > max {
+        return Err(QueueError::TooLarge { len: payload.len(), max });
+    }
+    Ok(len)
+}
+
+/// Whether `entries` holding `bytes` leave room under `quota` for one more of `len`.
+pub(crate) fn room_for(entries: u64, bytes: u64, len: u64, quota: u64) -> Result<(), QueueError> {
+    if bytes.saturating_add(len) > quota || entries >= max_entries(quota) {
+        return Err(QueueError::QuotaExceeded { quota });
+    }
+    Ok(())
+}
+
 /// The largest entry an agent with `quota` may append: [`MAX_ENTRY_BYTES`] or the quota,
 /// whichever is smaller.
 pub(crate) fn largest_entry(quota: u64) -> u64 {

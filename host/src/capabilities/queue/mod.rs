@@ -11,7 +11,7 @@ use wasmtime::component::{HasSelf, Linker};
 use crate::bindings::queue::{self as wit, Entry, QueueStats};
 use crate::kit::blocking::Blocking;
 use crate::kit::log::{Level, Logger};
-pub(crate) use backend::{Backend, QueueError, check_name, largest_entry, max_entries};
+pub(crate) use backend::{Backend, QueueError, check_append, check_name, room_for};
 pub(crate) use sqlite::SqliteQueues;
 
 /// The capability's state in an instance: the agent's queues, which outlive it.

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
-use super::backend::{Backend, QueueError, check_name, largest_entry, max_entries};
+use super::backend::{Backend, QueueError, check_append, check_name, room_for};
 use crate::bindings::queue::{Entry, QueueStats};
 
 /// The layout's version, in `PRAGMA user_version`. Version 0 with a table `entry` is the
@@ -196,16 +196,9 @@ impl Drop for Db {
 // write()s (~10 µs); with queue_fsync, a disk flush too (~250 µs, see `append_cost`).
 impl Backend for SqliteQueues {
     fn append(&self, name: &str, payload: &[u8]) -> Result<u64, QueueError> {
-        check_name(name)?;
-        let len = payload.len() as u64;
-        let max = largest_entry(self.quota);
-        if len > max {
-            return Err(QueueError::TooLarge { len: payload.len(), max });
-        }
+        let len = check_append(name, payload, self.quota)?;
         self.with_db(|db| {
-            if db.bytes.saturating_add(len) > self.quota || db.entries >= max_entries(self.quota) {
-                return Err(QueueError::QuotaExceeded { quota: self.quota });
-            }
+            room_for(db.entries, db.bytes, len, self.quota)?;
             let id = db.next_id;
             let tx = db.conn.unchecked_transaction()?;
             db.delete_removed(&tx)?;

@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 
 use crate::bindings::queue::{Entry, QueueStats};
-use crate::capabilities::queue::{Backend, QueueError, check_name, largest_entry, max_entries};
+use crate::capabilities::queue::{Backend, QueueError, check_append, check_name, room_for};
 
 /// The stream every agent's queues are in.
 pub(super) const STREAM: &str = "tether_queues";
@@ -120,16 +120,9 @@ async fn read_index(stream: stream::Stream, prefix: String) -> Result<Index, Que
 
 impl Backend for StreamQueues {
     fn append(&self, name: &str, payload: &[u8]) -> Result<u64, QueueError> {
-        check_name(name)?;
-        let len = payload.len() as u64;
-        let max = largest_entry(self.quota);
-        if len > max {
-            return Err(QueueError::TooLarge { len: payload.len(), max });
-        }
+        let len = check_append(name, payload, self.quota)?;
         self.with_index(|index| {
-            if index.bytes.saturating_add(len) > self.quota || index.entries.len() as u64 >= max_entries(self.quota) {
-                return Err(QueueError::QuotaExceeded { quota: self.quota });
-            }
+            room_for(index.entries.len() as u64, index.bytes, len, self.quota)?;
             let (js, subject, payload) = (self.js.clone(), subject(&self.agent, name), bytes::Bytes::copy_from_slice(payload));
             let id = self.wait(async move {
                 let ack = timed(js.publish(subject, payload)).await?.map_err(io)?;
