@@ -1,6 +1,8 @@
 //! A Tether cluster of real processes on loopback: a nats-server with JetStream and
-//! `tether serve --cluster` nodes sharing one manifest of probe agents, for the cluster
-//! tests and bench.
+//! `tether serve --cluster` nodes running probe agents, for the cluster tests and bench.
+//! Node `n1`'s manifest has the tenants and agents, which it makes the cluster's desired
+//! state; the other nodes' manifests have only their own `[host]` and `[manage]`, and they
+//! take the agents, and their modules, from the cluster.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -125,8 +127,9 @@ impl Rig {
         Ok(rig)
     }
 
-    /// The manifest of node `name`: the shared agents, its own directories and ports.
-    fn manifest(&self, name: &str) -> anyhow::Result<PathBuf> {
+    /// The manifest of node `name`: its own directories and ports, and the tenants and
+    /// agents if `agents`.
+    fn manifest(&self, name: &str, agents: bool) -> anyhow::Result<PathBuf> {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir)?;
         let mut text = format!(
@@ -137,13 +140,15 @@ impl Rig {
         );
         let mut tenants: Vec<&str> = self.agents.iter().map(|(_, t)| t.as_str()).collect();
         tenants.dedup();
-        for tenant in tenants {
+        for tenant in tenants.iter().filter(|_| agents) {
             text += &format!("\n[[tenant]]\nname = \"{tenant}\"\ntoken = \"{}\"\n", token(tenant));
         }
-        for (id, tenant) in &self.agents {
+        for (id, tenant) in self.agents.iter().filter(|_| agents) {
             text += &format!("\n[[agent]]\nid = \"{id}\"\ntenant = \"{tenant}\"\nmodule = \"{}\"\n", self.probe.display());
         }
-        text += &self.extra_agents;
+        if agents {
+            text += &self.extra_agents;
+        }
         let path = dir.join("manifest.toml");
         std::fs::write(&path, text)?;
         Ok(path)
@@ -160,17 +165,17 @@ impl Rig {
         let ttl = LEASE_TTL_MS.to_string();
         let mut args = vec!["--cluster", &url, "--node", name, "--lease-ttl-ms", &ttl];
         args.extend_from_slice(options);
-        self.serve(name, &args).await
+        self.serve(name, &args, name == "n1").await
     }
 
     /// `tether serve` of the same manifest without a cluster, as `name`: every agent runs
     /// in it, with its store in files.
     pub async fn start_alone(&self, name: &str) -> anyhow::Result<Node> {
-        self.serve(name, &[]).await
+        self.serve(name, &[], true).await
     }
 
-    async fn serve(&self, name: &str, options: &[&str]) -> anyhow::Result<Node> {
-        let manifest = self.manifest(name)?;
+    async fn serve(&self, name: &str, options: &[&str], agents: bool) -> anyhow::Result<Node> {
+        let manifest = self.manifest(name, agents)?;
         let args: Vec<&OsStr> = ["serve"].iter().chain(options).chain(&["--manifest"]).map(OsStr::new).chain([manifest.as_os_str()]).collect();
         let run = TetherRun::spawn_program(&self.tether, &args, &[], "management API and console: ", Duration::from_secs(300)).await?;
         let agents = run.word_after("agent URLs under ")?;

@@ -159,7 +159,14 @@ async fn a_killed_node_s_agents_move_with_their_stores_and_none_runs_twice() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_come_back_when_nats_restarts_and_every_saved_value_is_kept() -> anyhow::Result<()> {
-    let mut rig = Rig::start(2, &["a"], 10).await?;
+    let mut rig = Rig::start_with(&tether_tests::build_bin("tether")?, "", 0, &["a"], 10).await?;
+    // A node without agents of its own, before any node has given the cluster some.
+    let refused = rig.start_node("n2").await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refused.contains("has no tenants or agents, and the cluster has none yet"), "{refused}");
+    for name in ["n1", "n2"] {
+        let node = rig.start_node(name).await?;
+        rig.nodes.push(Some(node));
+    }
     rig.wait_spread(WAIT).await?;
     let http = reqwest::Client::new();
     for round in 1..=2 {
@@ -277,6 +284,15 @@ async fn the_management_api_of_any_node_covers_every_node_s_agents() -> anyhow::
     // A forwarded-call header from outside is refused, not believed.
     let forged = http.get(api(0, &format!("/api/agents/{id}"))).header("x-tether-forwarded", "guess:a").send().await?;
     assert_eq!(forged.status().as_u16(), 401);
+
+    // Node 1's /metrics has the series of every node's agents of the tenant, in one
+    // exposition.
+    let metrics = http.get(api(0, "/metrics")).bearer_auth(token("a")).send().await?.text().await?;
+    assert!(metrics.contains(&format!("agent=\"{id}\"")), "{metrics}");
+    assert_eq!(metrics.matches("# EOF").count(), 1);
+    let types: Vec<&str> = metrics.lines().filter(|l| l.starts_with("# TYPE ")).collect();
+    assert_eq!(types.len(), types.iter().collect::<std::collections::HashSet<_>>().len(), "a family described twice: {metrics}");
+    assert!(!metrics.contains("agent=\"b-"), "another tenant's agents: {metrics}");
 
     // The tenant's log stream on node 1 shows a line of the agent on node 3.
     let mut stream = http.get(api(0, "/api/logs")).bearer_auth(token("a")).send().await?;

@@ -43,18 +43,30 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = Shutdown::watch()?;
     use tether_host::manage::ManageServer;
     use tether_host::manifest::Manifest;
-    let manifest = Manifest::load(manifest_path)?;
-    let host = std::sync::Arc::new(Host::start(tether_host::config::HostConfig { compile_worker: super::compile_worker(), ..manifest.host.clone() }).await?);
-    let cluster = match &args.cluster {
-        // Agents start as this node takes their leases, not here.
+    // In a cluster, the tenants and agents are the cluster's (docs/cluster.md).
+    let connection = match &args.cluster {
         Some(url) => {
             let node = match &args.node {
                 Some(node) => node.clone(),
                 None => host_name().context("no --node given, and cannot read the host name")?,
             };
             let config = ClusterConfig { url: url.clone(), node, lease_ttl: Duration::from_millis(args.lease_ttl_ms), replicas: args.replicas.into(), labels: args.labels.clone() };
-            let cluster = Cluster::join(host.clone(), &manifest, config).await.context("cannot join the cluster")?;
-            tracing::info!("node {} joined the cluster at {url}", cluster.node());
+            let mut connection = Cluster::connect(config).await.context("cannot join the cluster")?;
+            let manifest = connection.manifest(manifest_path).await.context("cannot join the cluster")?;
+            Some((connection, manifest))
+        }
+        None => None,
+    };
+    let manifest = match &connection {
+        Some((_, manifest)) => manifest.clone(),
+        None => Manifest::load(manifest_path)?,
+    };
+    let host = std::sync::Arc::new(Host::start(tether_host::config::HostConfig { compile_worker: super::compile_worker(), ..manifest.host.clone() }).await?);
+    let cluster = match connection {
+        // Agents start as this node takes their leases, not here.
+        Some((connection, _)) => {
+            let cluster = connection.join(host.clone(), &manifest);
+            tracing::info!("node {} joined the cluster", cluster.node());
             Some(std::sync::Arc::new(cluster))
         }
         None => {

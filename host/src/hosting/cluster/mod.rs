@@ -6,15 +6,19 @@
 //!   that lost the agent cannot overwrite the new owner's value ([`store`]);
 //! - a request for it reaches any node and is forwarded to its owner over NATS
 //!   request/reply ([`forward`]);
-//! - a deploy through any node is kept in KV and the object store, and the owner runs it.
+//! - a deploy through any node is kept in KV and the object store, and the owner runs it;
+//! - the tenants and agents themselves (the desired state) are kept in KV, so that a node
+//!   joins with nothing but its own `[host]` and `[manage]` settings ([`desired`]).
 //!
 //! See docs/cluster.md for the topology and what a failure does.
 
+mod desired;
 mod forward;
 mod placement;
 mod queues;
 mod store;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,6 +56,8 @@ pub enum ClusterError {
     NodeName(String),
     #[error("the lease TTL must be at least 1 s")]
     Ttl,
+    #[error("{0}")]
+    Desired(String),
 }
 
 /// The JetStream buckets a cluster keeps.
@@ -69,6 +75,8 @@ pub(crate) struct Buckets {
     /// Every agent's durable queues ([`queues`]).
     queues: jetstream::stream::Stream,
     js: jetstream::Context,
+    /// The cluster's tenants and agents ([`desired`]).
+    desired: kv::Store,
 }
 
 /// A deploy through the management API, kept in the deploys bucket.
@@ -84,12 +92,47 @@ pub struct Cluster {
     client: async_nats::Client,
     buckets: Arc<Buckets>,
     placement: tokio::sync::Mutex<Option<placement::Handle>>,
+    /// The watch on the desired state, for the log.
+    watching: tokio::task::JoinHandle<()>,
+}
+
+/// A node connected to the cluster's NATS, before it joins: where it learns the cluster's
+/// desired state.
+pub struct Connection {
+    config: ClusterConfig,
+    client: async_nats::Client,
+    buckets: Arc<Buckets>,
+    /// The desired state this node runs, once read.
+    running: Option<String>,
+}
+
+impl Connection {
+    /// The manifest this node runs: its own file's `[host]` and `[manage]`, with the
+    /// cluster's tenants and agents. A file that has tenants or agents makes them (and its
+    /// `[host.limits]`) the cluster's, its modules put in the object store; a file without
+    /// them takes the cluster's (docs/cluster.md, "Desired state").
+    pub async fn manifest(&mut self, path: &Path) -> Result<Manifest, ClusterError> {
+        let (manifest, running) = desired::manifest(&self.buckets, path).await?;
+        self.running = Some(running);
+        Ok(manifest)
+    }
+
+    /// Joins with `host`, which serves `manifest`'s agents that this node comes to own; no
+    /// agent runs here before it has its lease.
+    pub fn join(self, host: Arc<Host>, manifest: &Manifest) -> Cluster {
+        let Connection { config, client, buckets, running } = self;
+        let forwarder = forward::Forwarder::new(client.clone(), manifest);
+        host.set_forward(Arc::new(forwarder));
+        host.set_gateways(client.clone());
+        let placement = placement::start(host, manifest, client.clone(), buckets.clone(), &config);
+        let watching = tokio::spawn(desired::notice_changes(buckets.clone(), running.unwrap_or_default()));
+        Cluster { node: config.node, client, buckets, placement: tokio::sync::Mutex::new(Some(placement)), watching }
+    }
 }
 
 impl Cluster {
-    /// Joins the cluster at `config.url` with `host`, which serves `manifest`'s agents that
-    /// this node comes to own; no agent runs here before it has its lease.
-    pub async fn join(host: Arc<Host>, manifest: &Manifest, config: ClusterConfig) -> Result<Cluster, ClusterError> {
+    /// Connects to the cluster's NATS at `config.url` and opens its buckets.
+    pub async fn connect(config: ClusterConfig) -> Result<Connection, ClusterError> {
         crate::hosting::config::check_agent_id(&config.node).map_err(|_| ClusterError::NodeName(config.node.clone()))?;
         if config.lease_ttl < Duration::from_secs(1) {
             return Err(ClusterError::Ttl);
@@ -103,19 +146,17 @@ impl Cluster {
             .map_err(|source| ClusterError::Connect { url: config.url.clone(), source })?;
         let js = jetstream::new(client.clone());
         let buckets = Arc::new(Buckets {
-            nodes: bucket(&js, "tether_nodes", config.replicas).await?,
-            leases: bucket(&js, "tether_leases", config.replicas).await?,
-            stores: bucket(&js, "tether_stores", config.replicas).await?,
-            deploys: bucket(&js, "tether_deploys", config.replicas).await?,
+            // A node gone for an hour drops out of the list that the API asks.
+            nodes: bucket(&js, "tether_nodes", config.replicas, Duration::from_secs(3600)).await?,
+            leases: bucket(&js, "tether_leases", config.replicas, Duration::ZERO).await?,
+            stores: bucket(&js, "tether_stores", config.replicas, Duration::ZERO).await?,
+            deploys: bucket(&js, "tether_deploys", config.replicas, Duration::ZERO).await?,
             modules: objects(&js, "tether_modules", config.replicas).await?,
             queues: queues::stream(&js, config.replicas).await.map_err(|reason| ClusterError::Bucket { what: queues::STREAM, reason })?,
+            desired: bucket(&js, "tether_desired", config.replicas, Duration::ZERO).await?,
             js,
         });
-        let forwarder = forward::Forwarder::new(client.clone(), manifest);
-        host.set_forward(Arc::new(forwarder));
-        host.set_gateways(client.clone());
-        let placement = placement::start(host, manifest, client.clone(), buckets.clone(), &config);
-        Ok(Cluster { node: config.node, client, buckets, placement: tokio::sync::Mutex::new(Some(placement)) })
+        Ok(Connection { config, client, buckets, running: None })
     }
 
     /// This node's name.
@@ -153,6 +194,7 @@ impl Cluster {
     /// Hands this node's agents over and leaves: each is stopped and its lease given up
     /// at once, so other nodes take it without waiting for the heartbeat to expire.
     pub async fn leave(&self) {
+        self.watching.abort();
         if let Some(placement) = self.placement.lock().await.take() {
             placement.leave().await;
         }
@@ -178,7 +220,8 @@ async fn module_bytes(buckets: &Buckets, digest: &str) -> anyhow::Result<Vec<u8>
     Ok(bytes)
 }
 
-async fn bucket(js: &jetstream::Context, name: &'static str, replicas: usize) -> Result<kv::Store, ClusterError> {
+/// `max_age`: how long an entry lives without being written again (zero: for ever).
+async fn bucket(js: &jetstream::Context, name: &'static str, replicas: usize, max_age: Duration) -> Result<kv::Store, ClusterError> {
     // The stream a KV bucket is, made as `create_key_value` makes it: that function first
     // asks for the account's limits, and async-nats 0.51 cannot read nats-server 2.9's
     // answer. Creating a stream that exists with the same settings is a no-op.
@@ -192,6 +235,7 @@ async fn bucket(js: &jetstream::Context, name: &'static str, replicas: usize) ->
         allow_direct: true,
         num_replicas: replicas.max(1),
         discard: jetstream::stream::DiscardPolicy::New,
+        max_age,
         ..Default::default()
     };
     let failed = |e: &dyn std::fmt::Display| ClusterError::Bucket { what: name, reason: e.to_string() };

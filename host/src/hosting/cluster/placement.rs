@@ -339,7 +339,7 @@ impl Node {
         let id = agent.id.clone();
         let module = match deployed {
             Some(digest) => self.deployed_module(digest).await?,
-            None => self.manifest_module(index)?,
+            None => self.manifest_module(index).await?,
         };
         let digest = module.digest.clone();
         let store = KvStore::open(self.buckets.stores.clone(), &id, tokio::runtime::Handle::current()).await?;
@@ -354,21 +354,23 @@ impl Node {
         Ok(())
     }
 
-    fn manifest_module(&mut self, index: usize) -> anyhow::Result<AgentModule> {
+    async fn manifest_module(&mut self, index: usize) -> anyhow::Result<AgentModule> {
         let source = &self.agents[index].module;
         if let Some(module) = self.modules.get(source) {
             return Ok(module.clone());
         }
         let module = match source {
             ModuleSource::Path(path) => self.host.runtime().load_file(path)?,
-            ModuleSource::Digest(digest) => self.host.runtime().load_cached(digest)?,
+            // The cluster's desired state names modules by digest, kept in the object store.
+            ModuleSource::Digest(digest) => self.deployed_module(digest).await?,
         };
-        self.modules.insert(source.clone(), module.clone());
+        let source = source.clone();
+        self.modules.insert(source, module.clone());
         Ok(module)
     }
 
-    /// A version deployed through the API: from this node's cache, else from the object
-    /// store.
+    /// A module by digest (deployed through the API, or named so by the desired state):
+    /// from this node's cache, else from the object store.
     async fn deployed_module(&self, digest: &str) -> anyhow::Result<AgentModule> {
         if let Ok(module) = self.host.runtime().load_cached(digest) {
             return Ok(module);

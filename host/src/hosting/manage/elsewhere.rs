@@ -2,7 +2,8 @@
 //! - A call about an agent that runs on another node is checked here (the caller, the
 //!   tenant's ownership) and then asked of that node over NATS request/reply, on
 //!   `tether.manage.<node>`; the node answers it as its own API would, for that tenant.
-//! - The agent list gathers every node's agents of the tenant, then filters and pages.
+//! - The agent list gathers every node's agents of the tenant, then filters and pages;
+//!   `/metrics` gathers every node's series of the tenant into one exposition.
 //! - Log lines of every node's agents are relayed on `tether.logs.<tenant>`, so a log
 //!   stream on any node shows the tenant's live lines wherever its agents run.
 //!
@@ -52,8 +53,9 @@ pub(super) async fn route(State(api): State<Arc<Api>>, req: Request, next: Next)
         return next.run(req).await;
     }
     let path = req.uri().path().to_owned();
-    if path == "/api/agents" && req.method() == axum::http::Method::GET {
+    if (path == "/api/agents" || path == "/metrics") && req.method() == axum::http::Method::GET {
         return match api.caller(req.headers(), false) {
+            Ok(tenant) if path == "/metrics" => gather_metrics(&cluster, &tenant).await,
             Ok(tenant) => gather(&cluster, &tenant, req.uri().query().unwrap_or("")).await,
             Err(e) => e.into_response(),
         };
@@ -128,6 +130,71 @@ async fn gather(cluster: &Cluster, tenant: &str, query: &str) -> Response {
     let total = agents.len();
     let page: Vec<_> = agents.into_iter().skip(offset).take(limit.unwrap_or(usize::MAX)).collect();
     json_response(StatusCode::OK, &json!({ "agents": page, "total": total }))
+}
+
+/// `GET /metrics` over the cluster: every node's exposition of the tenant's agents, merged
+/// family by family (each agent's series come from the one node that runs it).
+async fn gather_metrics(cluster: &Cluster, tenant: &str) -> Response {
+    let nodes = cluster.nodes().await;
+    let asks = nodes.iter().map(|node| ask(cluster, node, tenant, "GET", "/metrics", bytes::Bytes::new()));
+    let mut texts = Vec::new();
+    let mut kind = None;
+    for answer in futures_util::future::join_all(asks).await {
+        let Ok(answer) = answer else { continue };
+        if answer.status() != StatusCode::OK {
+            continue;
+        }
+        kind = kind.or_else(|| answer.headers().get(header::CONTENT_TYPE).cloned());
+        if let Ok(body) = axum::body::to_bytes(answer.into_body(), usize::MAX).await {
+            texts.push(String::from_utf8_lossy(&body).into_owned());
+        }
+    }
+    let mut response = merge_openmetrics(&texts).into_response();
+    if let Some(kind) = kind {
+        response.headers_mut().insert(header::CONTENT_TYPE, kind);
+    }
+    response
+}
+
+/// One OpenMetrics exposition made of several whose families hold different series: each
+/// family's `# HELP`/`# TYPE`/`# UNIT` lines once (from the first text that has it), then
+/// every text's samples of it, and one `# EOF`.
+fn merge_openmetrics(texts: &[String]) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut families: std::collections::HashMap<String, (Vec<String>, Vec<String>)> = std::collections::HashMap::new();
+    for text in texts {
+        let mut current = String::new();
+        let mut described = std::collections::HashSet::new();
+        for line in text.lines().filter(|l| *l != "# EOF" && !l.is_empty()) {
+            if let Some(rest) = line.strip_prefix("# ") {
+                current = rest.split(' ').nth(1).unwrap_or_default().to_owned();
+                let family = families.entry(current.clone()).or_insert_with(|| {
+                    order.push(current.clone());
+                    (Vec::new(), Vec::new())
+                });
+                // Described by an earlier text: that description stands.
+                if family.1.is_empty() || described.contains(&current) {
+                    described.insert(current.clone());
+                    if !family.0.iter().any(|l| l == line) {
+                        family.0.push(line.to_owned());
+                    }
+                }
+            } else if let Some(family) = families.get_mut(&current) {
+                family.1.push(line.to_owned());
+            }
+        }
+    }
+    let mut merged = String::new();
+    for name in order {
+        if let Some((meta, samples)) = families.remove(&name) {
+            for line in meta.iter().chain(&samples) {
+                merged.push_str(line);
+                merged.push('\n');
+            }
+        }
+    }
+    merged.push_str("# EOF\n");
+    merged
 }
 
 /// Answers the calls other nodes forward to this one, through `router` (the API itself),
@@ -206,5 +273,23 @@ pub(super) async fn relay_logs(api: Arc<Api>, cluster: Arc<Cluster>) {
                 api.host.relay_log(tenant, LogLine { seq: u64::MAX, agent: agent.into(), level, text: text.to_owned(), at });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merge_openmetrics;
+
+    #[test]
+    fn expositions_merge_family_by_family_with_one_eof() {
+        let a = "# HELP up Whether it runs.\n# TYPE up gauge\nup{agent=\"a\"} 1\n# HELP events Events.\n# TYPE events counter\nevents_total{agent=\"a\"} 3\n# EOF\n";
+        let b = "# HELP up Whether it runs.\n# TYPE up gauge\nup{agent=\"b\"} 0\n# HELP events Events.\n# TYPE events counter\nevents_total{agent=\"b\"} 5\n# EOF\n";
+        let merged = merge_openmetrics(&[a.to_owned(), b.to_owned()]);
+        assert_eq!(
+            merged,
+            "# HELP up Whether it runs.\n# TYPE up gauge\nup{agent=\"a\"} 1\nup{agent=\"b\"} 0\n# HELP events Events.\n# TYPE events counter\nevents_total{agent=\"a\"} 3\nevents_total{agent=\"b\"} 5\n# EOF\n"
+        );
+        // A node with no agents of the tenant adds its descriptions only.
+        assert_eq!(merge_openmetrics(&["# EOF\n".to_owned()]), "# EOF\n");
     }
 }
