@@ -22,9 +22,25 @@ use futures_util::StreamExt;
 use serde_json::json;
 use tower::ServiceExt;
 
-use super::{Api, ApiError, json_response};
+use crate::hosting::manage::error::{ApiError, json_response};
 use crate::hosting::cluster::Cluster;
 use crate::kit::log::{Level, LogLine};
+use crate::runtime::host::Host;
+
+/// What the cluster's side of the API needs of the node's own API.
+pub(super) trait Calls: Send + Sync + 'static {
+    /// The cluster, in cluster mode.
+    fn cluster(&self) -> Option<&Arc<Cluster>>;
+    /// The tenant making a call with `headers` (a state change if `changes`).
+    fn tenant(&self, headers: &axum::http::HeaderMap, changes: bool) -> Result<String, ApiError>;
+    /// Refuses agent `id` unless it is `tenant`'s.
+    fn check_owner(&self, tenant: &str, id: &str) -> Result<(), ApiError>;
+    /// The tenant of agent `id`, if the cluster has it.
+    fn tenant_of_agent(&self, id: &str) -> Option<&str>;
+    /// This process's secret marking forwarded calls ([`FORWARDED`]).
+    fn secret(&self) -> &str;
+    fn host(&self) -> &Host;
+}
 
 /// The header a forwarded call carries inside its answering node: `<secret>:<tenant>`.
 /// The secret is that process's own, so the header cannot come from outside.
@@ -47,14 +63,14 @@ fn subject(node: &str) -> String {
 
 /// Middleware: sends calls about agents running elsewhere to their node, and gathers the
 /// agent list from every node; everything else is answered here.
-pub(super) async fn route(State(api): State<Arc<Api>>, req: Request, next: Next) -> Response {
-    let Some(cluster) = api.cluster.get().cloned() else { return next.run(req).await };
+pub(super) async fn route(State(api): State<Arc<dyn Calls>>, req: Request, next: Next) -> Response {
+    let Some(cluster) = api.cluster().cloned() else { return next.run(req).await };
     if req.headers().contains_key(FORWARDED) {
         return next.run(req).await;
     }
     let path = req.uri().path().to_owned();
     if (path == "/api/agents" || path == "/metrics") && req.method() == axum::http::Method::GET {
-        return match api.caller(req.headers(), false) {
+        return match api.tenant(req.headers(), false) {
             Ok(tenant) if path == "/metrics" => gather_metrics(&cluster, &tenant).await,
             Ok(tenant) => gather(&cluster, &tenant, req.uri().query().unwrap_or("")).await,
             Err(e) => e.into_response(),
@@ -63,11 +79,11 @@ pub(super) async fn route(State(api): State<Arc<Api>>, req: Request, next: Next)
     let Some(rest) = path.strip_prefix("/api/agents/") else { return next.run(req).await };
     let id = rest.split('/').next().unwrap_or("");
     // Deploys go through the cluster already; log streams follow the relayed lines.
-    let here = rest.ends_with("/deploy") || rest.ends_with("/logs") || api.host.agent(id).is_some() || !api.access.owners.contains_key(id);
+    let here = rest.ends_with("/deploy") || rest.ends_with("/logs") || api.host().agent(id).is_some() || api.tenant_of_agent(id).is_none();
     if here {
         return next.run(req).await;
     }
-    let tenant = match api.caller(req.headers(), req.method() != axum::http::Method::GET).and_then(|t| api.owned(&t, id).map(|()| t)) {
+    let tenant = match api.tenant(req.headers(), req.method() != axum::http::Method::GET).and_then(|t| api.check_owner(&t, id).map(|()| t)) {
         Ok(tenant) => tenant,
         Err(e) => return e.into_response(),
     };
@@ -199,7 +215,7 @@ fn merge_openmetrics(texts: &[String]) -> String {
 
 /// Answers the calls other nodes forward to this one, through `router` (the API itself),
 /// until the subscription ends.
-pub(super) async fn answer(api: Arc<Api>, router: axum::Router, cluster: Arc<Cluster>) {
+pub(super) async fn answer(api: Arc<dyn Calls>, router: axum::Router, cluster: Arc<Cluster>) {
     let Ok(mut calls) = cluster.client().subscribe(subject(cluster.node())).await else {
         tracing::error!("cannot answer forwarded management calls: NATS refused the subscription");
         return;
@@ -208,7 +224,7 @@ pub(super) async fn answer(api: Arc<Api>, router: axum::Router, cluster: Arc<Clu
         let (api, router, client) = (api.clone(), router.clone(), cluster.client().clone());
         tokio::spawn(async move {
             let Some(reply) = call.reply.clone() else { return };
-            let response = match forwarded(&api, call) {
+            let response = match forwarded(api.secret(), call) {
                 Ok(req) => router.oneshot(req).await.unwrap_or_else(|e| match e {}),
                 Err(why) => ApiError::BadRequest(why).into_response(),
             };
@@ -225,14 +241,14 @@ pub(super) async fn answer(api: Arc<Api>, router: axum::Router, cluster: Arc<Clu
 }
 
 /// A forwarded call as a request to this node's API, marked with this process's secret.
-fn forwarded(api: &Api, call: async_nats::Message) -> Result<Request, String> {
+fn forwarded(secret: &str, call: async_nats::Message) -> Result<Request, String> {
     let headers = call.headers.ok_or("a forwarded call without headers")?;
     let field = |name: &str| headers.get(name).map(|v| v.as_str().to_owned()).ok_or(format!("a forwarded call without {name}"));
     let (method, path, tenant) = (field(METHOD)?, field(PATH)?, field(TENANT)?);
     Request::builder()
         .method(method.as_str())
         .uri(path.as_str())
-        .header(FORWARDED, format!("{}:{tenant}", api.forward_secret))
+        .header(FORWARDED, format!("{secret}:{tenant}"))
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from(call.payload))
         .map_err(|e| format!("a forwarded call that is not HTTP: {e}"))
@@ -240,19 +256,19 @@ fn forwarded(api: &Api, call: async_nats::Message) -> Result<Request, String> {
 
 /// Publishes this node's agents' log lines for the other nodes, and hands theirs to this
 /// host's tenant streams, until the host stops.
-pub(super) async fn relay_logs(api: Arc<Api>, cluster: Arc<Cluster>) {
+pub(super) async fn relay_logs(api: Arc<dyn Calls>, cluster: Arc<Cluster>) {
     let client = cluster.client().clone();
     let Ok(mut theirs) = client.subscribe("tether.logs.>").await else {
         tracing::error!("cannot relay log lines between nodes: NATS refused the subscription");
         return;
     };
-    let mut ours = api.host.logs();
+    let mut ours = api.host().logs();
     let node = cluster.node().to_owned();
     loop {
         tokio::select! {
             line = ours.recv() => match line {
                 Ok(line) => {
-                    let Some(tenant) = api.access.owners.get(&*line.agent) else { continue };
+                    let Some(tenant) = api.tenant_of_agent(&line.agent) else { continue };
                     let at = line.at.duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
                     let body = json!({ "node": node, "agent": &*line.agent, "error": line.level == Level::Error, "text": line.text, "at_ms": at });
                     let _ = client.publish(format!("tether.logs.{tenant}"), body.to_string().into()).await;
@@ -267,10 +283,10 @@ pub(super) async fn relay_logs(api: Arc<Api>, cluster: Arc<Cluster>) {
                     continue;
                 }
                 let (Some(agent), Some(text)) = (line["agent"].as_str(), line["text"].as_str()) else { continue };
-                let Some(tenant) = api.access.owners.get(agent) else { continue };
+                let Some(tenant) = api.tenant_of_agent(agent) else { continue };
                 let at = std::time::UNIX_EPOCH + Duration::from_millis(line["at_ms"].as_u64().unwrap_or(0));
                 let level = if line["error"].as_bool() == Some(true) { Level::Error } else { Level::Info };
-                api.host.relay_log(tenant, LogLine { seq: u64::MAX, agent: agent.into(), level, text: text.to_owned(), at });
+                api.host().relay_log(tenant, LogLine { seq: u64::MAX, agent: agent.into(), level, text: text.to_owned(), at });
             }
         }
     }
@@ -278,7 +294,7 @@ pub(super) async fn relay_logs(api: Arc<Api>, cluster: Arc<Cluster>) {
 
 #[cfg(test)]
 mod tests {
-    use super::merge_openmetrics;
+    use crate::hosting::manage::elsewhere::merge_openmetrics;
 
     #[test]
     fn expositions_merge_family_by_family_with_one_eof() {

@@ -46,6 +46,9 @@ use subtle::ConstantTimeEq;
 use tokio::sync::{broadcast, watch};
 
 mod elsewhere;
+mod error;
+
+use error::{ApiError, json_response};
 
 use super::history::History;
 use super::manifest::{Access, ManageConfig};
@@ -129,7 +132,7 @@ impl ManageServer {
             .route("/api/agents/{id}/{action}", post(act))
             .route("/api/logs", get(all_logs))
             .route("/metrics", get(metrics))
-            .layer(axum::middleware::from_fn_with_state(api.clone(), elsewhere::route))
+            .layer(axum::middleware::from_fn_with_state(api.clone() as Arc<dyn elsewhere::Calls>, elsewhere::route))
             .layer(axum::middleware::map_response(console::security_headers))
             .with_state(api.clone());
         let mut stopped = stop_rx.clone();
@@ -154,8 +157,9 @@ impl ManageServer {
             return;
         }
         let mut tasks = self.cluster_tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.push(tokio::spawn(elsewhere::answer(self.api.clone(), self.router.clone(), cluster.clone())));
-        tasks.push(tokio::spawn(elsewhere::relay_logs(self.api.clone(), cluster)));
+        let api: Arc<dyn elsewhere::Calls> = self.api.clone();
+        tasks.push(tokio::spawn(elsewhere::answer(api.clone(), self.router.clone(), cluster.clone())));
+        tasks.push(tokio::spawn(elsewhere::relay_logs(api, cluster)));
     }
 
     /// Where the API listens.
@@ -197,45 +201,7 @@ async fn sample(api: Arc<Api>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// A refusal, as JSON `{"error": ...}`.
-#[derive(Debug, thiserror::Error)]
-enum ApiError {
-    #[error("missing or unknown bearer token, and no console session")]
-    Unauthorized,
-    /// A console session's changing request without its CSRF token.
-    #[error("missing or wrong X-CSRF-Token: reload the console page")]
-    Forbidden,
-    #[error("no agent {0:?}")]
-    NotFound(String),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    Unavailable(String),
-    /// The tenant is at one of its limits; try again later.
-    #[error("{0}")]
-    Busy(String),
-    #[error("{0}")]
-    Internal(String),
-}
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        let mut response = json_response(status, &json!({ "error": self.to_string() }));
-        if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
-}
 
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> Self {
@@ -247,9 +213,6 @@ impl From<ControlError> for ApiError {
     }
 }
 
-fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
-    (status, [(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
-}
 
 impl From<RollbackError> for ApiError {
     fn from(e: RollbackError) -> Self {
@@ -309,6 +272,32 @@ impl Api {
         let mut reports = self.host.agents();
         reports.retain(|r| self.access.owners.get(&r.id).is_some_and(|o| o == tenant));
         reports
+    }
+}
+
+impl elsewhere::Calls for Api {
+    fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    fn tenant(&self, headers: &HeaderMap, changes: bool) -> Result<String, ApiError> {
+        self.caller(headers, changes)
+    }
+
+    fn check_owner(&self, tenant: &str, id: &str) -> Result<(), ApiError> {
+        self.owned(tenant, id)
+    }
+
+    fn tenant_of_agent(&self, id: &str) -> Option<&str> {
+        self.access.owners.get(id).map(String::as_str)
+    }
+
+    fn secret(&self) -> &str {
+        &self.forward_secret
+    }
+
+    fn host(&self) -> &Host {
+        &self.host
     }
 }
 
