@@ -319,3 +319,25 @@ async fn the_management_api_of_any_node_covers_every_node_s_agents() -> anyhow::
     assert_eq!(get(&http, &format!("{}/pinned/ping", rig.node(0).agents)).await.0, 503);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_s_mqtt_connection_comes_back_on_its_new_node() -> anyhow::Result<()> {
+    let broker = tether_tests::Mosquitto::start(None).await?;
+    let module = build_agent("mqtt-pubsub")?;
+    let entry = format!(
+        "\n[[agent]]\nid = \"relay\"\ntenant = \"a\"\nmodule = \"{}\"\nallowed_hosts = [\"mqtt://127.0.0.1:*\"]\nconfig = {{ broker = \"tcp://127.0.0.1:{}\" }}\n",
+        module.display(),
+        broker.port
+    );
+    let mut rig = Rig::start_full(&tether_tests::build_bin("tether")?, "", &entry, 2, &["a"], 2).await?;
+    let subscribed = "subscribed to tether/in: code 0";
+    let owner = rig.owner("relay", WAIT).await?;
+    rig.node(owner).wait_line(subscribed, WAIT).await?;
+    // The agent restarts on the other node (imp semantics), and its start() connects and
+    // subscribes from there.
+    rig.kill(owner).await?;
+    let next = rig.owner("relay", WAIT).await?;
+    assert_ne!(next, owner);
+    rig.node(next).wait_line(subscribed, WAIT).await?;
+    Ok(())
+}

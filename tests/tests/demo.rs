@@ -38,8 +38,13 @@ fn demo_provisions_forwards_telemetry_and_answers_a_method() -> anyhow::Result<(
             }
         });
     }
-    let mut seen = Vec::new();
+    let mut seen: Vec<String> = Vec::new();
+    // Over every line so far: stdout and stderr come through two threads, so a log line can
+    // arrive before printed lines that were written first.
     let mut wait_for = |what: &dyn Fn(&str) -> bool| -> anyhow::Result<String> {
+        if let Some(line) = seen.iter().find(|l| what(l)) {
+            return Ok(line.clone());
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         while let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             seen.push(line.clone());
