@@ -54,6 +54,8 @@ pub(crate) struct GatewayLine {
 }
 
 impl GatewayLine {
+    /// Agent `agent`'s line through `client` (`None` outside cluster mode: opening fails
+    /// with a reason).
     pub fn new(client: Option<async_nats::Client>, agent: &str) -> GatewayLine {
         GatewayLine { client, agent: agent.to_owned() }
     }

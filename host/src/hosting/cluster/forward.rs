@@ -42,6 +42,7 @@ pub(super) struct Forwarder {
 }
 
 impl Forwarder {
+    /// Forwards over `client`, within the limits `manifest` gives each agent.
     pub fn new(client: async_nats::Client, manifest: &Manifest) -> Forwarder {
         let agents = manifest
             .agents
@@ -118,8 +119,8 @@ fn answer(message: async_nats::Message) -> Response {
     response
 }
 
-/// Answers agent `id`'s forwarded requests on this node until `stop` fires or the
-/// subscription ends; started when the node takes the agent, stopped when it leaves.
+/// Answers agent `id`'s forwarded requests on this node until the subscription ends;
+/// started when the node takes the agent, aborted when the agent leaves.
 pub(super) async fn serve(host: Arc<Host>, client: async_nats::Client, id: String, mut subscription: async_nats::Subscriber) {
     while let Some(message) = subscription.next().await {
         let (host, client, id) = (host.clone(), client.clone(), id.clone());

@@ -73,6 +73,7 @@ pub(super) struct Handle {
 }
 
 impl Handle {
+    /// Stops the loop, which hands this node's agents over, and waits for it.
     pub async fn leave(self) {
         let _ = self.stop.send(());
         let _ = self.task.await;

@@ -69,6 +69,7 @@ async fn timed<T>(f: impl Future<Output = T>) -> Result<T, QueueError> {
 }
 
 impl StreamQueues {
+    /// Agent `agent`'s queues in `stream`, under `quota` bytes; JetStream is reached on `io`.
     pub fn new(stream: stream::Stream, js: jetstream::Context, agent: &str, quota: u64, io: tokio::runtime::Handle) -> StreamQueues {
         StreamQueues { stream, js, agent: agent.to_owned(), quota, index: Mutex::new(None), io }
     }
