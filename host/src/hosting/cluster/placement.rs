@@ -63,6 +63,8 @@ struct Owned {
     revision: u64,
     /// The module it runs.
     module: String,
+    /// Pinned by label: outside the fair share.
+    pinned: bool,
     forwarding: JoinHandle<()>,
 }
 
@@ -272,7 +274,7 @@ impl Node {
 
     /// Agents running here that count against the fair share: those not pinned by label.
     fn shared(&self) -> Vec<String> {
-        self.owned.keys().filter(|id| self.agents.iter().any(|a| a.id == **id && a.label.is_none())).cloned().collect()
+        self.owned.iter().filter(|(_, o)| !o.pinned).map(|(id, _)| id.clone()).collect()
     }
 
     /// Gives back agents over this node's fair share, a few per round.
@@ -351,7 +353,8 @@ impl Node {
         self.host.spawn_kept(&id, agent.settings.clone(), agent.policy.clone(), module, Some(kept))?;
         let forwarding = tokio::spawn(forward::serve(self.host.clone(), self.client.clone(), id.clone(), subscription));
         tracing::info!(agent = id, "cluster: agent {id} runs on node {} (lease revision {revision})", self.name);
-        self.owned.insert(id, Owned { revision, module: digest, forwarding });
+        let pinned = self.agents[index].label.is_some();
+        self.owned.insert(id, Owned { revision, module: digest, pinned, forwarding });
         Ok(())
     }
 
