@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tether_tests::bench::percentile;
-use tether_tests::{build_agent, silent_server};
+use tether_tests::{build_agent, manifest_head, silent_server};
 use tether_tests::tether_run::TetherRun;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -191,21 +191,11 @@ async fn run() -> anyhow::Result<Vec<Row>> {
     let dir = tempfile::tempdir()?;
     let probe = build_agent("probe")?;
     let silent = silent_server().await?;
+    // max_nesting raised so that a compile bomb gets past the shape check to the compile
+    // deadline.
+    let head = manifest_head(dir.path(), &format!("[host.limits]\ninbound_queue_bytes = {}\n[host.modules]\nmax_nesting = 100000", QUEUE_MIB << 20), "");
     let manifest = format!(
-        r#"
-[host]
-http_listen = "127.0.0.1:0"
-store_dir = "{store}"
-cache_dir = "{cache}"
-[host.limits]
-inbound_queue_bytes = {queue}
-[host.modules]
-# Raised so that a compile bomb gets past the shape check to the compile deadline.
-max_nesting = 100000
-
-[manage]
-listen = "127.0.0.1:0"
-
+        r#"{head}
 [[tenant]]
 name = "v"
 token = "victim-token-0123456789"
@@ -226,9 +216,6 @@ module = "{probe}"
 allowed_hosts = ["http://{silent}", "mqtt://{silent}"]
 limits = {{ cpu_ms_per_event = 10000, http_rate = {{ burst = 1000000, per_sec = 1000000.0 }} }}
 "#,
-        store = dir.path().join("store").display(),
-        cache = dir.path().join("cache").display(),
-        queue = QUEUE_MIB << 20,
         probe = probe.display(),
     );
     let path = dir.path().join("manifest.toml");

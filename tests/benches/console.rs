@@ -32,11 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let (agents, seconds) = (arg("--agents", 1000) as usize, arg("--seconds", 30));
     let probe = tether_tests::build_agent("probe")?;
     let dir = tempfile::tempdir()?;
-    let mut text = format!(
-        "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = \"{}\"\ncache_dir = \"{}\"\n\n[manage]\nlisten = \"127.0.0.1:0\"\n\n[[tenant]]\nname = \"t\"\ntoken = \"{TOKEN}\"\n",
-        dir.path().join("store").display(),
-        dir.path().join("cache").display()
-    );
+    let mut text = tether_tests::manifest_head(dir.path(), "", "") + &format!("\n[[tenant]]\nname = \"t\"\ntoken = \"{TOKEN}\"\n");
     for i in 0..agents {
         text += &format!("\n[[agent]]\nid = \"agent-{i:05}\"\ntenant = \"t\"\nmodule = \"{}\"\n", probe.display());
     }

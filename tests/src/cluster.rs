@@ -9,7 +9,7 @@ use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::{build_agent, build_bin};
+use crate::{build_agent, build_bin, manifest_head};
 use crate::nats::Nats;
 use crate::tether_run::TetherRun;
 
@@ -132,12 +132,7 @@ impl Rig {
     fn manifest(&self, name: &str, agents: bool) -> anyhow::Result<PathBuf> {
         let dir = self.dir.path().join(name);
         std::fs::create_dir_all(&dir)?;
-        let mut text = format!(
-            "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = \"{}\"\ncache_dir = \"{}\"\n{}\n\n[manage]\nlisten = \"127.0.0.1:0\"\n",
-            dir.join("store").display(),
-            dir.join("cache").display(),
-            self.host_extra
-        );
+        let mut text = manifest_head(&dir, &self.host_extra, "");
         let mut tenants: Vec<&str> = self.agents.iter().map(|(_, t)| t.as_str()).collect();
         tenants.dedup();
         for tenant in tenants.iter().filter(|_| agents) {

@@ -172,6 +172,17 @@ pub fn python() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// The head of a manifest for a test: the host and the management API on free loopback
+/// ports, stores and cache in `dir`; `host_extra` adds lines (or `[host.*]` tables) to
+/// `[host]`, `manage_extra` to `[manage]`. Tenants and agents follow.
+pub fn manifest_head(dir: &Path, host_extra: &str, manage_extra: &str) -> String {
+    format!(
+        "[host]\nhttp_listen = \"127.0.0.1:0\"\nstore_dir = {:?}\ncache_dir = {:?}\n{host_extra}\n\n[manage]\nlisten = \"127.0.0.1:0\"\n{manage_extra}\n",
+        dir.join("store").display().to_string(),
+        dir.join("cache").display().to_string(),
+    )
+}
+
 /// A port nobody listens on right now. Someone else may take it before the caller binds
 /// it (another test binding port 0, a client's source port): programs started on it must
 /// be checked to have got it (see [`Mosquitto::start`]). For a port that must refuse

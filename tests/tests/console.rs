@@ -8,7 +8,7 @@ use std::ffi::OsStr;
 use std::time::Duration;
 
 use tether_tests::browser::Browser;
-use tether_tests::build_agent;
+use tether_tests::{build_agent, manifest_head};
 use tether_tests::tether_run::TetherRun;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -30,17 +30,9 @@ impl Served {
     /// Serves `entries` (`[[agent]]` tables), sampling the plots' history every 200 ms.
     async fn start(entries: &str) -> anyhow::Result<Served> {
         let dir = tempfile::tempdir()?;
+        let head = manifest_head(dir.path(), "", "history_interval_ms = 200");
         let manifest = format!(
-            r#"
-[host]
-http_listen = "127.0.0.1:0"
-store_dir = "{store}"
-cache_dir = "{cache}"
-
-[manage]
-listen = "127.0.0.1:0"
-history_interval_ms = 200
-
+            r#"{head}
 [[tenant]]
 name = "a"
 token = "{TOKEN_A}"
@@ -48,9 +40,7 @@ token = "{TOKEN_A}"
 [[tenant]]
 name = "b"
 token = "{TOKEN_B}"
-{entries}"#,
-            store = dir.path().join("store").display(),
-            cache = dir.path().join("cache").display(),
+{entries}"#
         );
         let path = dir.path().join("manifest.toml");
         std::fs::write(&path, manifest)?;

@@ -10,7 +10,7 @@ use tether_host::config::HostConfig;
 use tether_host::manage::ManageServer;
 use tether_host::manifest::Manifest;
 use tether_host::{AgentStatus, Host};
-use tether_tests::{LogWatch, build_agent, build_bin, silent_server};
+use tether_tests::{LogWatch, build_agent, build_bin, manifest_head, silent_server};
 
 const WAIT: Duration = Duration::from_secs(30);
 const TOKEN_A: &str = "tenant-a-token-0123456789";
@@ -28,21 +28,9 @@ struct Served {
 /// The manifest's head: host on free ports in `dir`, tenants `a` and `b`; `modules` adds
 /// keys to `[host.modules]`.
 fn head(dir: &Path, modules: &str) -> String {
+    let head = manifest_head(dir, &format!("[host.modules]\nmax_module_bytes = 1048576\n{modules}"), "max_log_streams = 4");
     format!(
-        r#"
-[host]
-http_listen = "127.0.0.1:0"
-store_dir = "{store}"
-cache_dir = "{cache}"
-
-[host.modules]
-max_module_bytes = 1048576
-{modules}
-
-[manage]
-listen = "127.0.0.1:0"
-max_log_streams = 4
-
+        r#"{head}
 [[tenant]]
 name = "a"
 token = "{TOKEN_A}"
@@ -50,9 +38,7 @@ token = "{TOKEN_A}"
 [[tenant]]
 name = "b"
 token = "{TOKEN_B}"
-"#,
-        store = dir.join("store").display(),
-        cache = dir.join("cache").display(),
+"#
     )
 }
 

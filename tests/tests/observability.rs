@@ -8,7 +8,7 @@
 use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
-use tether_tests::build_agent;
+use tether_tests::{build_agent, manifest_head};
 use tether_tests::tether_run::TetherRun;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -28,16 +28,9 @@ impl Drop for Child {
 async fn prometheus_scrapes_host_and_hub_and_every_dashboard_query_returns_data() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let probe = build_agent("probe")?;
+    let head = manifest_head(dir.path(), "", "");
     let manifest = format!(
-        r#"
-[host]
-http_listen = "127.0.0.1:0"
-store_dir = "{store}"
-cache_dir = "{cache}"
-
-[manage]
-listen = "127.0.0.1:0"
-
+        r#"{head}
 [[tenant]]
 name = "a"
 token = "{TOKEN}"
@@ -52,8 +45,6 @@ id = "a2"
 tenant = "a"
 module = "{probe}"
 "#,
-        store = dir.path().join("store").display(),
-        cache = dir.path().join("cache").display(),
         probe = probe.display(),
     );
     let path = dir.path().join("manifest.toml");
