@@ -70,15 +70,19 @@ const Tether = (() => {
   // A time plot of `series` (labels), filled by `set(columns)`: columns[0] is time (Unix
   // seconds), the others one per series.
   function plot(container, title, series, { width = 420, height = 160, format = rate } = {}) {
-    // Narrower on a narrow screen: the plot fits its box.
-    width = Math.max(200, Math.min(width, container.clientWidth - 10 || width));
+    // Narrower on a narrow screen: the plot fits its box, also when the window changes
+    // (a phone turned, a window resized).
+    const fit = () => Math.max(200, Math.min(width, container.clientWidth - 10 || width));
     const opts = {
-      title, width, height,
+      title, width: fit(), height,
       series: [{}, ...series.map((label, i) => ({ label, stroke: colours[i % colours.length], width: 1.5, spanGaps: false, value: (u, v) => v == null ? "-" : format(v) }))],
       axes: [{}, { values: (u, ticks) => ticks.map(format), size: 80 }],
       legend: { live: true },
     };
     const chart = new uPlot(opts, [[], ...series.map(() => [])], container);
+    new ResizeObserver(() => {
+      if (fit() !== chart.width) chart.setSize({ width: fit(), height });
+    }).observe(container);
     return { set: (columns) => chart.setData(columns), chart };
   }
 
