@@ -124,6 +124,10 @@ impl Runtime {
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT);
         wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        #[cfg(feature = "profiling")]
+        if std::env::var_os("TETHER_PERF_MAP").is_some() {
+            wasm.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&wasm)?;
 
         let weak = engine.weak();
