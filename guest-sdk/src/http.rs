@@ -1,7 +1,7 @@
 //! Outgoing HTTP requests and the agent's own URL (imp: `http.*`).
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::bindings::tether::agent::{agent_info, http as host};
@@ -15,7 +15,7 @@ type OnResponse = Box<dyn FnOnce(Response)>;
 type OnRequest = Rc<dyn Fn(IncomingRequest, HttpResponse)>;
 
 thread_local! {
-    static PENDING: RefCell<HashMap<u64, OnResponse>> = RefCell::default();
+    static PENDING: RefCell<BTreeMap<u64, OnResponse>> = RefCell::default();
     static ON_REQUEST: RefCell<Option<OnRequest>> = const { RefCell::new(None) };
 }
 

@@ -1,12 +1,12 @@
 //! Timers (imp: `imp.wakeup`, `imp.cancelwakeup`) and time.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use crate::bindings::tether::agent::timers;
 
 thread_local! {
-    static PENDING: RefCell<HashMap<u64, Box<dyn FnOnce()>>> = RefCell::default();
+    static PENDING: RefCell<BTreeMap<u64, Box<dyn FnOnce()>>> = RefCell::default();
 }
 
 /// A scheduled wakeup, to cancel it.

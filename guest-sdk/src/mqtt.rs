@@ -5,7 +5,7 @@
 //! decides.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::rc::{Rc, Weak};
 
 use crate::bindings::tether::agent::mqtt as host;
@@ -175,9 +175,11 @@ pub struct MessageOptions {
 type Handler<T> = RefCell<Option<Rc<dyn Fn(T)>>>;
 
 /// Callbacks waiting for their operation's outcome, by operation id.
-type Waiting<F> = RefCell<HashMap<u64, F>>;
+type Waiting<F> = RefCell<BTreeMap<u64, F>>;
 /// What a subscribe's caller gets: the result code and the granted QoS per filter.
 type OnSubscribed = Box<dyn FnOnce(i32, Vec<u8>)>;
+/// What a publish's caller gets: the result code.
+pub(crate) type OnPublished = Box<dyn FnOnce(i32)>;
 
 #[derive(Default)]
 struct Inner {
@@ -187,7 +189,7 @@ struct Inner {
     on_connect: Handler<i32>,
     on_connection_lost: Handler<i32>,
     on_message: Handler<ReceivedMessage>,
-    published: Waiting<Box<dyn FnOnce(i32)>>,
+    published: Waiting<OnPublished>,
     subscribed: Waiting<OnSubscribed>,
     unsubscribed: Waiting<Box<dyn FnOnce(i32)>>,
     on_disconnected: RefCell<Option<Box<dyn FnOnce()>>>,
@@ -202,7 +204,7 @@ impl Drop for Inner {
 }
 
 thread_local! {
-    static CLIENTS: RefCell<HashMap<u32, Weak<Inner>>> = RefCell::default();
+    static CLIENTS: RefCell<BTreeMap<u32, Weak<Inner>>> = RefCell::default();
 }
 
 /// An MQTT client. Clones share one connection.
@@ -322,10 +324,22 @@ impl Message {
     /// Publishes; `done` gets 0 once delivered per the QoS (QoS 0: written; QoS 1: PUBACK),
     /// or -3 if the connection closed first.
     pub fn send_async(&self, done: impl FnOnce(i32) + 'static) -> Result<(), MqttError> {
-        let o = self.options;
-        let op = host::publish(self.client.handle()?, &self.topic, &self.payload, o.qos, o.retain)?;
-        self.client.0.published.borrow_mut().insert(op, Box::new(done));
-        Ok(())
+        self.client.publish(&self.topic, &self.payload, self.options, Box::new(done)).map_err(|(e, _)| e)
+    }
+}
+
+impl Client {
+    /// Publishes without a [`Message`] in between (no copy of topic or payload): for the
+    /// SDK's own hot paths. A refusal gives `done` back, so the caller can answer it.
+    pub(crate) fn publish(&self, topic: &str, payload: &[u8], options: MessageOptions, done: OnPublished) -> Result<(), (MqttError, OnPublished)> {
+        let published = self.handle().and_then(|handle| Ok(host::publish(handle, topic, payload, options.qos, options.retain)?));
+        match published {
+            Ok(op) => {
+                self.0.published.borrow_mut().insert(op, done);
+                Ok(())
+            }
+            Err(e) => Err((e, done)),
+        }
     }
 }
 

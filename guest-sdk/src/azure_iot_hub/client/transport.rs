@@ -349,7 +349,7 @@ impl Client {
         let body = message.body().to_vec();
         let id = self.machine().start_send(message, on_sent);
         let weak = Rc::downgrade(&self.0);
-        self.publish(&topic, body, move |code| with(&weak, |c| c.message_sent(id, code)));
+        self.publish(&topic, &body, move |code| with(&weak, |c| c.message_sent(id, code)));
     }
 
     /// Publishes outbox messages, oldest first, while the connection has room for them.
@@ -361,7 +361,7 @@ impl Client {
             self.machine().outbox_publishing();
             let weak = Rc::downgrade(&self.0);
             // QoS 1 whatever the client's QoS: a message leaves the outbox on its PUBACK.
-            self.publish_at(&topics::telemetry_with_bag(&self.0.device_id, &bag), body, 1, move |code| with(&weak, |c| c.outbox_sent(id, code)));
+            self.publish_at(&topics::telemetry_with_bag(&self.0.device_id, &bag), &body, 1, move |code| with(&weak, |c| c.outbox_sent(id, code)));
             if !outbox.borrow().in_flight(id) {
                 // Refused at once (the connection is going): it waits for the next one.
                 return;
@@ -475,7 +475,7 @@ impl Client {
         }
         let rid = self.machine().start_retrieve(done);
         let weak = Rc::downgrade(&self.0);
-        self.publish(&topics::twin_get(&rid), Vec::new(), move |code| {
+        self.publish(&topics::twin_get(&rid), &[], move |code| {
             with(&weak, |c| {
                 let failed = c.machine().retrieve_published(&rid, code, now());
                 c.twin_published(code, failed)
@@ -494,7 +494,7 @@ impl Client {
         let body = Value::Object(props.clone()).to_string().into_bytes();
         let rid = self.machine().start_update(props, done);
         let weak = Rc::downgrade(&self.0);
-        self.publish(&topics::twin_reported(rid), body, move |code| {
+        self.publish(&topics::twin_reported(rid), &body, move |code| {
             with(&weak, |c| {
                 let failed = c.machine().update_published(rid, code, now());
                 c.twin_published(code, failed)
@@ -514,28 +514,14 @@ impl Client {
     }
 
     /// Publishes at the client's QoS; `done` gets the MQTT result.
-    fn publish(&self, topic: &str, body: Vec<u8>, done: impl FnOnce(i32) + 'static) {
+    fn publish(&self, topic: &str, body: &[u8], done: impl FnOnce(i32) + 'static) {
         self.publish_at(topic, body, self.0.options.qos, done)
     }
 
     /// Publishes at `qos`; `done` gets the MQTT result.
-    fn publish_at(&self, topic: &str, body: Vec<u8>, qos: u8, done: impl FnOnce(i32) + 'static) {
-        let done = Rc::new(RefCell::new(Some(done)));
-        let d = done.clone();
-        let sent = self
-            .0
-            .mqtt
-            .create_message(topic, body, MessageOptions { qos, retain: false })
-            .send_async(move |code| {
-                if let Some(done) = d.borrow_mut().take() {
-                    done(code)
-                }
-            });
-        if let Err(e) = sent {
-            let done = done.borrow_mut().take();
-            if let Some(done) = done {
-                done(e.code())
-            }
+    fn publish_at(&self, topic: &str, body: &[u8], qos: u8, done: impl FnOnce(i32) + 'static) {
+        if let Err((e, done)) = self.0.mqtt.publish(topic, body, MessageOptions { qos, retain: false }, Box::new(done)) {
+            done(e.code())
         }
     }
 
@@ -603,7 +589,7 @@ impl Client {
             return self.continue_refreshing();
         }
         let weak = Rc::downgrade(&self.0);
-        self.publish(&topic, body, move |code| {
+        self.publish(&topic, &body, move |code| {
             with(&weak, |c| {
                 let done = c.machine().reply_sent(&rid, code);
                 complete(done);
