@@ -14,7 +14,8 @@ pub struct AgentMetrics {
     /// Time the guest ran (`start` and events, pauses between ticks left out), ns: the
     /// agent's CPU use, since guest code never blocks its thread.
     busy_ns: AtomicU64,
-    /// Cumulative counts per bucket of [`LATENCY_BUCKETS`].
+    /// Events per bucket of [`LATENCY_BUCKETS`], each counted in the first bucket it fits
+    /// (one atomic add per event; [`AgentMetrics::snapshot`] makes them cumulative).
     latency: [AtomicU64; LATENCY_BUCKETS.len()],
     memory_bytes: AtomicU64,
     log_lines: AtomicU64,
@@ -68,10 +69,8 @@ impl AgentMetrics {
         self.events.fetch_add(1, Relaxed);
         self.busy_ns.fetch_add(ran.as_nanos() as u64, Relaxed);
         let secs = took.as_secs_f64();
-        for (bound, count) in LATENCY_BUCKETS.iter().zip(&self.latency) {
-            if secs <= *bound {
-                count.fetch_add(1, Relaxed);
-            }
+        if let Some(bucket) = LATENCY_BUCKETS.iter().position(|bound| secs <= *bound) {
+            self.latency[bucket].fetch_add(1, Relaxed);
         }
     }
 
@@ -97,7 +96,14 @@ impl AgentMetrics {
         MetricsSnapshot {
             events: self.events.load(Relaxed),
             busy_seconds: self.busy_ns.load(Relaxed) as f64 / 1e9,
-            latency_buckets: self.latency.iter().map(|c| c.load(Relaxed)).collect(),
+            latency_buckets: self
+                .latency
+                .iter()
+                .scan(0, |sum, c| {
+                    *sum += c.load(Relaxed);
+                    Some(*sum)
+                })
+                .collect(),
             memory_bytes: self.memory_bytes.load(Relaxed),
             log_lines: self.log_lines.load(Relaxed),
             log_dropped: self.log_dropped.load(Relaxed),

@@ -168,11 +168,11 @@ async fn run_instance(
     let mut store = new_store(&agent.engine, &agent.parts, generation);
     let instance: Agent = module.pre.instantiate_async(&mut store).await?;
     arm(&mut store);
-    let t = Instant::now();
     let started = instance.call_start(&mut store).await;
     store.data().ctx.event_done();
     started?;
-    agent.parts.handles.metrics.event(t.elapsed(), store.data_mut().clock.finish());
+    let times = store.data_mut().clock.finish();
+    agent.parts.handles.metrics.event(times.took, times.ran);
     agent.set_status(AgentStatus::Running);
     loop {
         let envelope = tokio::select! {
@@ -192,11 +192,11 @@ async fn run_instance(
         }
         let Some(event) = store.data_mut().ctx.prepare(envelope.event) else { continue };
         arm(&mut store);
-        let t = Instant::now();
         let handled = instance.call_on_event(&mut store, &event).await;
         store.data().ctx.event_done();
         handled?;
-        agent.parts.handles.metrics.event(t.elapsed(), store.data_mut().clock.finish());
+        let times = store.data_mut().clock.finish();
+        agent.parts.handles.metrics.event(times.took, times.ran);
     }
 }
 

@@ -131,6 +131,14 @@ fn lowest_priority() {
 #[cfg(not(target_os = "linux"))]
 fn lowest_priority() {}
 
+/// A finished call's times, from one reading of the clock.
+pub(crate) struct Finished {
+    /// Wall time from its start.
+    pub took: Duration,
+    /// Its run time (see [`CallClock`]).
+    pub ran: Duration,
+}
+
 /// Why a call ended the instance.
 #[derive(Debug, thiserror::Error)]
 #[error("CPU limit exceeded ({} ms in one event)", .0.as_millis())]
@@ -146,6 +154,8 @@ pub(crate) struct CallClock {
     ticks: u32,
     /// When the current slice began; written by the pause that ends a yield.
     resumed: Arc<Mutex<Resumed>>,
+    /// When the current call began.
+    began: Instant,
     /// Run time of recent calls, decaying with [`HALF_LIFE`], as of `recent_at`.
     recent: f64,
     recent_at: Instant,
@@ -159,7 +169,7 @@ impl CallClock {
     pub fn new(budget: Duration, slow: Arc<AtomicBool>, blocking: Blocking) -> CallClock {
         let now = Instant::now();
         let resumed = Arc::new(Mutex::new(Resumed::at(now, &blocking)));
-        CallClock { budget, ran: Duration::ZERO, ticks: 0, resumed, recent: 0.0, recent_at: now, slow, blocking }
+        CallClock { budget, ran: Duration::ZERO, ticks: 0, resumed, began: now, recent: 0.0, recent_at: now, slow, blocking }
     }
 
     /// A call begins.
@@ -167,6 +177,7 @@ impl CallClock {
         self.ran = Duration::ZERO;
         self.ticks = 0;
         let now = Instant::now();
+        self.began = now;
         *lock(&self.resumed) = Resumed::at(now, &self.blocking);
         self.decay(now);
         self.slow.store(self.heavy(), Relaxed);
@@ -195,13 +206,13 @@ impl CallClock {
     }
 
     /// The call ended: its run time. The agent stays in the slow lane while heavy.
-    pub fn finish(&mut self) -> Duration {
+    pub fn finish(&mut self) -> Finished {
         let now = Instant::now();
         let ran = self.ran + lock(&self.resumed).ran(now, &self.blocking);
         self.decay(now);
         self.recent += ran.as_secs_f64();
         self.slow.store(self.heavy(), Relaxed);
-        ran
+        Finished { took: now.duration_since(self.began), ran }
     }
 
     /// Brings the recent run time to `now`.
