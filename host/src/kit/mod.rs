@@ -7,6 +7,7 @@
 pub(crate) mod blocking;
 pub(crate) mod budget;
 pub(crate) mod events;
+pub(crate) mod lanes;
 pub mod log;
 pub mod metrics;
 pub(crate) mod tasks;
@@ -23,6 +24,8 @@ pub(crate) struct Handles {
     /// The runtime of the host's own tasks (timers, connections, requests): guest calls
     /// may run on the slow lane, whose threads must not own them.
     pub io: tokio::runtime::Handle,
+    /// Where the agent runs: tasks spawned here follow it onto the slow lane and back.
+    pub lane: lanes::AgentLane,
     /// Where capabilities that block on the disk count the time, so that it is not
     /// charged to the agent as CPU.
     pub blocking: blocking::Blocking,

@@ -15,6 +15,13 @@ impl TaskGuard {
     }
 }
 
+impl From<tokio::task::JoinHandle<()>> for TaskGuard {
+    /// Guards a task spawned elsewhere (such as [`AgentLane::spawn`](super::lanes::AgentLane::spawn)).
+    fn from(task: tokio::task::JoinHandle<()>) -> TaskGuard {
+        TaskGuard(task.abort_handle())
+    }
+}
+
 impl Drop for TaskGuard {
     fn drop(&mut self) {
         self.0.abort();

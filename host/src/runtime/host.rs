@@ -27,6 +27,7 @@ use crate::hosting::deployed::{DeployRecord, Deployed};
 use crate::kit::Handles;
 use crate::kit::blocking::Blocking;
 use crate::kit::events::Events;
+use crate::kit::lanes::{AgentLane, Lanes};
 use crate::kit::log::{LogLine, Logger};
 use crate::kit::metrics::{AgentMetrics, MetricsSnapshot};
 use crate::policy::allowed_hosts::AllowedHosts;
@@ -38,7 +39,10 @@ pub(crate) struct HostShared {
     config: HostConfig,
     runtime: Arc<Runtime>,
     deployed: Deployed,
-    slow_lane: SlowLane,
+    /// The slow lane's threads, kept for as long as the host runs.
+    _slow_lane: SlowLane,
+    /// Where agents and the tasks that follow them run.
+    lanes: Lanes,
     /// Where MQTT connections limited to public addresses are checked; kept for as long
     /// as the host runs.
     _connect_guard: ConnectGuard,
@@ -187,7 +191,8 @@ impl Host {
             public_url: public_url.trim_end_matches('/').to_owned(),
             config,
             runtime,
-            slow_lane,
+            lanes: slow_lane.lanes(&io),
+            _slow_lane: slow_lane,
             _connect_guard: connect_guard,
             io,
             http_clients,
@@ -312,7 +317,9 @@ impl Host {
         let mut subscribers = vec![host.logs.clone()];
         subscribers.extend(policy.tenant.as_deref().map(|t| host.tenant_logs(t)));
         let log = Logger::new(id, subscribers, policy.limits.log_rate, metrics.clone());
-        let handles = Handles { log: log.clone(), metrics, io: host.io.clone(), blocking: Blocking::default(), timeline: Arc::default() };
+        let slow = Arc::<std::sync::atomic::AtomicBool>::default();
+        let lane = AgentLane { lanes: host.lanes.clone(), slow: slow.clone() };
+        let handles = Handles { log: log.clone(), metrics, io: host.io.clone(), lane, blocking: Blocking::default(), timeline: Arc::default() };
         let (device, driver) = match settings.device {
             Some(binding) => {
                 let line = match binding.gateway {
@@ -344,7 +351,7 @@ impl Host {
             store: Arc::new(store::Policy::new(store, limits.store_bytes, limits.store_rate)),
             queues,
             limits,
-            slow: Arc::default(),
+            slow,
             backlog: Arc::default(),
         };
         let agent = Arc::new(AgentShared {
@@ -384,7 +391,7 @@ impl Host {
             agents.insert(id.to_owned(), agent.clone());
         }
         let slow = agent.parts.slow.clone();
-        let task = self.shared.slow_lane.spawn(&self.shared.io, agent::run(agent, module, rx, control, self.shared.shutdown.subscribe()), slow);
+        let task = self.shared.lanes.spawn(agent::run(agent, module, rx, control, self.shared.shutdown.subscribe()), slow);
         let mut tasks = vec![task];
         if let Some(driver) = driver {
             tasks.push(tokio::spawn(driver.run(self.shared.shutdown.subscribe())));

@@ -8,16 +8,14 @@
 //! agents' events so go first, whatever a spinning or flooding neighbour does, and the
 //! slow lane gets the rest of the machine, its agents taking turns tick by tick.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use wasmtime::UpdateDeadline;
 
 use crate::kit::blocking::Blocking;
+use crate::kit::lanes::Lanes;
 
 /// One epoch tick: how often running guest code is interrupted.
 pub const TICK: Duration = Duration::from_millis(1);
@@ -42,8 +40,6 @@ pub(crate) struct SlowLane {
     runtime: Option<tokio::runtime::Runtime>,
 }
 
-type AgentTask = Pin<Box<dyn Future<Output = ()> + Send>>;
-
 impl SlowLane {
     pub fn new() -> std::io::Result<SlowLane> {
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).max(1);
@@ -61,42 +57,10 @@ impl SlowLane {
         SlowLane { runtime: None }
     }
 
-    /// Spawns an agent's task on `io` (the host's runtime); whenever it pauses with `slow`
-    /// set, it moves to the slow lane, and back when it pauses with `slow` clear.
-    pub fn spawn(&self, io: &tokio::runtime::Handle, task: impl Future<Output = ()> + Send + 'static, slow: Arc<AtomicBool>) -> tokio::task::JoinHandle<()> {
-        let Some(lane) = self.runtime.as_ref().map(|r| r.handle().clone()) else {
-            return io.spawn(task);
-        };
-        io.spawn(async move {
-            let mut task: AgentTask = Box::pin(task);
-            loop {
-                task = match until(task, &slow, true).await {
-                    Some(task) => task,
-                    None => return,
-                };
-                let slow = slow.clone();
-                // Aborted if this task is dropped (a shutdown), at the agent's next pause.
-                let mut moved = AbortOnDrop(lane.spawn(async move { until(task, &slow, false).await }));
-                task = match (&mut moved.0).await {
-                    Ok(Some(task)) => task,
-                    Ok(None) => return,
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(_) => return,
-                };
-            }
-        })
+    /// Where tasks run with `io` as the host's runtime: with this lane, if it is on.
+    pub fn lanes(&self, io: &tokio::runtime::Handle) -> Lanes {
+        Lanes::new(io.clone(), self.runtime.as_ref().map(|r| r.handle().clone()))
     }
-}
-
-/// Polls `task` until it ends (`None`) or pauses with `slow` equal to `leave_when`.
-async fn until(mut task: AgentTask, slow: &AtomicBool, leave_when: bool) -> Option<AgentTask> {
-    let ended = std::future::poll_fn(|cx| match task.as_mut().poll(cx) {
-        Poll::Ready(()) => Poll::Ready(true),
-        Poll::Pending if slow.load(Relaxed) == leave_when => Poll::Ready(false),
-        Poll::Pending => Poll::Pending,
-    })
-    .await;
-    (!ended).then_some(task)
 }
 
 impl Drop for SlowLane {
@@ -104,14 +68,6 @@ impl Drop for SlowLane {
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
-    }
-}
-
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -229,7 +229,9 @@ impl wit::Host for Clients {
             log: self.handles.log.clone(),
             metrics: self.handles.metrics.clone(),
         };
-        let task = TaskGuard::spawn(&self.handles.io, driver.run(eventloop));
+        // With the agent: on the slow lane a flooding agent and its connection share a
+        // thread rather than handing each message across (BENCHMARKS.md, d2c profile).
+        let task = TaskGuard::from(self.handles.lane.spawn(driver.run(eventloop)));
         self.connections.insert(handle, Connection { client, connected, disconnecting, ops, inbound, _task: task });
         Ok(handle)
     }
