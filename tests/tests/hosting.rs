@@ -165,6 +165,11 @@ async fn a_tenant_sees_and_changes_only_its_own_agents() -> anyhow::Result<()> {
         let (status, body) = s.call(method, path, TOKEN_A, b"x".to_vec()).await;
         assert_eq!((status, body.as_str()), (404, r#"{"error":"no agent \"b1\""}"#), "{method} {path}");
     }
+    // A deploy refused before its body is read closes its connection and says so, or the
+    // client's next request could go out on a connection the server is closing.
+    let refused = s.http.post(s.api("/api/agents/b1/deploy")).bearer_auth(TOKEN_A).body(vec![0u8; 256 << 10]).send().await;
+    let refused = refused.map(|r| (r.status().as_u16(), r.headers().get("connection").and_then(|v| v.to_str().ok()).map(str::to_owned)));
+    assert_eq!(refused.ok(), Some((404, Some("close".to_owned()))));
     for token in ["", "not-a-token"] {
         let (status, _) = s.call("GET", "/api/agents", token, vec![]).await;
         assert_eq!(status, 401);

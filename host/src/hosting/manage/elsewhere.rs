@@ -85,16 +85,16 @@ pub(super) async fn route(State(api): State<Arc<dyn Calls>>, req: Request, next:
     }
     let tenant = match api.tenant(req.headers(), req.method() != axum::http::Method::GET).and_then(|t| api.check_owner(&t, id).map(|()| t)) {
         Ok(tenant) => tenant,
-        Err(e) => return e.into_response(),
+        Err(e) => return e.unread(),
     };
     let Some(node) = cluster.owner_of(id).await else {
-        return ApiError::Unavailable(format!("agent {id:?} is not running on any node just now (it may be moving); try again")).into_response();
+        return ApiError::Unavailable(format!("agent {id:?} is not running on any node just now (it may be moving); try again")).unread();
     };
     let method = req.method().as_str().to_owned();
     let path = req.uri().path_and_query().map(|p| p.as_str().to_owned()).unwrap_or(path);
     let body = match axum::body::to_bytes(req.into_body(), MAX_BODY).await {
         Ok(body) => body,
-        Err(_) => return ApiError::BadRequest(format!("body over {MAX_BODY} bytes")).into_response(),
+        Err(_) => return ApiError::BadRequest(format!("body over {MAX_BODY} bytes")).unread(),
     };
     match ask(&cluster, &node, &tenant, &method, &path, body).await {
         Ok(response) => response,

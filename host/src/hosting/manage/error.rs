@@ -25,6 +25,17 @@ pub(super) enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// The refusal of a request whose body was not read (all of it): the connection closes
+    /// after the answer, and the answer says so, so that a client does not send its next
+    /// request on a connection the server is closing.
+    pub(super) fn unread(self) -> Response {
+        let mut response = self.into_response();
+        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match self {

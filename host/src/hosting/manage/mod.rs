@@ -453,12 +453,15 @@ async fn rollback(State(api): State<Arc<Api>>, headers: HeaderMap, Path(id): Pat
 /// Validates the new version first (size, a component, the agent world); only then is it
 /// swapped in, so a bad upload leaves the old version running.
 async fn deploy(State(api): State<Arc<Api>>, Path(id): Path<String>, request: Request) -> Result<Response, ApiError> {
-    let tenant = api.caller(request.headers(), true)?;
-    api.owned(&tenant, &id)?;
+    let tenant = match api.caller(request.headers(), true).and_then(|tenant| api.owned(&tenant, &id).map(|()| tenant)) {
+        Ok(tenant) => tenant,
+        Err(e) => return Ok(e.unread()),
+    };
     let limit = api.max_module_bytes;
-    let bytes: Bytes = axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|_| ApiError::BadRequest(format!("module too large: over the limit of {limit} bytes")))?;
+    let bytes: Bytes = match axum::body::to_bytes(request.into_body(), limit).await {
+        Ok(bytes) => bytes,
+        Err(_) => return Ok(ApiError::BadRequest(format!("module too large: over the limit of {limit} bytes")).unread()),
+    };
     if bytes.is_empty() {
         return Err(ApiError::BadRequest("empty body: send the component's bytes".into()));
     }
