@@ -2,7 +2,7 @@
 //! reaches the rest of the host without seeing it. A capability posts its events through
 //! [`events::Events`], writes host notes to the agent's [`log::Logger`], counts in
 //! [`metrics::AgentMetrics`], notes its traffic in [`timeline::Timeline`] and runs its background work as [`tasks::TaskGuard`]s on the
-//! host's runtime. Nothing here knows any capability or the runtime that composes them.
+//! host's runtime, or, for work that should go where the agent runs, on its [`lanes::AgentLane`]. Nothing here knows any capability or the runtime that composes them.
 
 pub(crate) mod blocking;
 pub(crate) mod budget;
