@@ -64,21 +64,9 @@ const PY_MEM_CLIENTS: usize = 10;
 /// The default of `ClientOptions::max_pending_send_requests`.
 const DEFAULT_MAX_SEND: usize = 3;
 
-/// The benchmark's message body: 100 bytes of JSON, numbered (same in the Python script
-/// and the agent).
-fn body(i: usize) -> String {
-    // Built by hand rather than with `format!` and a padding loop: the senders' own work per
-    // message should be small beside what is measured (the profile found the loop at 10 % of
-    // a Tether message).
-    const REST: &str = ",\"temperature\":21.5,\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}";
-    let mut s = String::with_capacity(100);
-    s.push_str("{\"seq\":");
-    for place in (0..8).rev() {
-        s.push(char::from(b'0' + (i / 10usize.pow(place) % 10) as u8));
-    }
-    s.push_str(REST);
-    s
-}
+#[path = "../agents/d2c-bench/src/body.rs"]
+mod body;
+use body::body;
 
 fn percentile_us(sorted: &[Duration], p: f64) -> u64 {
     tether_tests::bench::percentile(sorted, p).as_micros() as u64

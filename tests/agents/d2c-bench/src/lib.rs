@@ -20,6 +20,9 @@ use tether_guest::azure_iot_hub::{Client, ClientOptions, DeviceClient, Message};
 use tether_guest::http::{HttpResponse, IncomingRequest};
 use tether_guest::{http, task};
 
+mod body;
+use body::body;
+
 /// The client of `/new`, in the layer it was asked for.
 #[derive(Clone)]
 enum Sender {
@@ -31,21 +34,6 @@ thread_local! {
     static CLIENT: RefCell<Option<Sender>> = const { RefCell::new(None) };
     /// The `/new` request waiting for `on_connected`.
     static WAITING: RefCell<Option<HttpResponse>> = const { RefCell::new(None) };
-}
-
-/// The benchmark's message body: 100 bytes of JSON, numbered.
-fn body(i: usize) -> String {
-    // Built by hand rather than with `format!` and a padding loop: the senders' own work per
-    // message should be small beside what is measured (the profile found the loop at 10 % of
-    // a Tether message).
-    const REST: &str = ",\"temperature\":21.5,\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}";
-    let mut s = String::with_capacity(100);
-    s.push_str("{\"seq\":");
-    for place in (0..8).rev() {
-        s.push(char::from(b'0' + (i / 10usize.pow(place) % 10) as u8));
-    }
-    s.push_str(REST);
-    s
 }
 
 /// A run in progress.
