@@ -1,6 +1,6 @@
 //! Routes each event to the capability module that holds its callbacks.
 
-use crate::bindings::tether::agent::events::Event;
+use crate::bindings::tether::agent::events::{self, Event};
 use crate::{device, http, imp, mqtt, server, task};
 
 /// Runs the agent's start function; a panic's message goes to the agent's error log
@@ -11,8 +11,18 @@ pub fn start(f: fn()) {
     task::run_ready();
 }
 
-/// Delivers one event.
+/// Delivers an event, then every further one already waiting: a burst costs one call
+/// into the agent rather than one each.
 pub fn on_event(event: Event) {
+    let mut next = Some(event);
+    while let Some(event) = next {
+        deliver(event);
+        task::run_ready();
+        next = events::next();
+    }
+}
+
+fn deliver(event: Event) {
     match event {
         Event::Timer(id) => imp::fire(id),
         Event::HttpResponse((id, result)) => http::response_arrived(id, result),
@@ -31,5 +41,4 @@ pub fn on_event(event: Event) {
         Event::DeviceReply((id, payload)) => device::replied(id, payload),
         Event::DeviceFailed((id, failure)) => device::failed(id, failure),
     }
-    task::run_ready();
 }

@@ -148,6 +148,47 @@ async fn infinite_loop_is_stopped_by_the_cpu_limit() -> anyhow::Result<()> {
     crash_and_recover("/spin", "CPU limit exceeded").await
 }
 
+/// Events waiting together are taken in one call into the agent (`events.next`), and each
+/// keeps the CPU budget of an event: five timers of 100 ms each under a 200 ms budget all
+/// run, in fewer calls than events.
+#[tokio::test]
+async fn a_burst_of_events_is_one_call_with_a_budget_per_event() -> anyhow::Result<()> {
+    let t = TestHost::start(|c| c.limits.cpu_ms_per_event = 200).await?;
+    t.spawn("burst", "probe", &[])?;
+    assert_eq!(get(&t.url("burst", "/ping")).await, (200, "pong".into()));
+    // A call's events are counted just after it returns, so after the answer that came
+    // out of it: wait for the count rather than read it at once.
+    let host = &t.host;
+    let settled = |at_least: u64| async move {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let m = host.agent("burst").map(|a| a.metrics).ok_or_else(|| anyhow::anyhow!("no agent"))?;
+            if m.events >= at_least {
+                return anyhow::Ok(m);
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "only {} events counted", m.events);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    // Start and the ping.
+    let before = settled(2).await?;
+    assert_eq!(get(&t.url("burst", "/burst?n=8&ms=100")).await, (200, "burst 8".into()));
+    // The request and its eight timers.
+    let after = settled(before.events + 9).await?;
+    assert_eq!(t.host.status("burst").map(|s| s.1), Some(0), "no crash: {:?}", t.logs.texts("burst"));
+    // The timers fire while the first of them runs, so at least the last seven come in the
+    // same call as another event.
+    let (events, calls) = (after.events - before.events, after.calls - before.calls);
+    assert!(calls + 7 <= events, "{events} events in {calls} calls");
+    // Together they ran past one event's budget (charged by the clock, or by CPU time in
+    // the slow lane, which a loaded machine makes less than the 0.8 s they spun) in one
+    // call, and were not stopped: each had a budget of its own.
+    let charged = after.busy_seconds - before.busy_seconds;
+    assert!(charged > 0.2, "charged {charged} s");
+    t.stop().await;
+    Ok(())
+}
+
 #[tokio::test]
 async fn memory_hog_is_stopped_by_the_memory_cap() -> anyhow::Result<()> {
     crash_and_recover("/hog", "memory limit exceeded (32 MiB)").await

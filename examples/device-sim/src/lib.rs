@@ -317,8 +317,11 @@ pub fn parse_message(text: &str) -> anyhow::Result<(String, Value)> {
     Ok((name.to_owned(), value))
 }
 
+/// A script's messages by name, each with its JSON payload.
+pub type Messages = Vec<(String, Value)>;
+
 /// The `on` and `send` lines of a script file (`#` starts a comment).
-pub fn parse_script(text: &str) -> anyhow::Result<(Vec<(String, Value)>, Vec<(String, Value)>)> {
+pub fn parse_script(text: &str) -> anyhow::Result<(Messages, Messages)> {
     let (mut replies, mut sends) = (Vec::new(), Vec::new());
     for (n, line) in text.lines().enumerate() {
         let line = line.trim();

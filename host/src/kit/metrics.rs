@@ -11,6 +11,8 @@ pub const LATENCY_BUCKETS: [f64; 8] = [0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05,
 #[derive(Default)]
 pub struct AgentMetrics {
     events: AtomicU64,
+    /// Calls into the agent (`start`, and one `on-event` per burst of events).
+    calls: AtomicU64,
     /// Time the guest ran (`start` and events, pauses between ticks left out), ns: the
     /// agent's CPU use, since guest code never blocks its thread.
     busy_ns: AtomicU64,
@@ -32,6 +34,8 @@ pub struct AgentMetrics {
 #[derive(Debug, Clone, Default)]
 pub struct MetricsSnapshot {
     pub events: u64,
+    /// Calls into the agent: `start`, and one per burst of events (see `events.next`).
+    pub calls: u64,
     pub busy_seconds: f64,
     /// Cumulative counts for each bound of [`LATENCY_BUCKETS`].
     pub latency_buckets: Vec<u64>,
@@ -53,6 +57,7 @@ pub struct MetricsSnapshot {
 /// What an agent counts besides events.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Count {
+    Call,
     LogLine,
     LogDropped,
     HttpRequest,
@@ -76,6 +81,7 @@ impl AgentMetrics {
 
     pub(crate) fn add(&self, what: Count) {
         let counter = match what {
+            Count::Call => &self.calls,
             Count::LogLine => &self.log_lines,
             Count::LogDropped => &self.log_dropped,
             Count::HttpRequest => &self.http_requests,
@@ -95,6 +101,7 @@ impl AgentMetrics {
     pub(crate) fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             events: self.events.load(Relaxed),
+            calls: self.calls.load(Relaxed),
             busy_seconds: self.busy_ns.load(Relaxed) as f64 / 1e9,
             latency_buckets: self
                 .latency

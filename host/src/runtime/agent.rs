@@ -8,12 +8,13 @@ use tokio::sync::watch;
 use wasmtime::Engine;
 
 use super::engine::AgentModule;
-use super::instance::{AgentParts, arm, new_store};
+use super::instance::{AgentParts, Inbox, arm, new_store};
 use super::queue::{Envelope, HostEvent};
 use super::sched::CpuLimitExceeded;
 use crate::bindings::Agent;
 use crate::hosting::config::Limits;
 use crate::kit::log::Level;
+use crate::kit::metrics::Count;
 
 /// Where an agent is in its life.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,10 +166,13 @@ async fn run_instance(
     if let Ok(mut digest) = agent.module_digest.lock() {
         digest.clone_from(&module.digest);
     }
-    let mut store = new_store(&agent.engine, &agent.parts, generation);
+    let told = control.clone();
+    let inbox = Inbox::new(rx.clone(), Box::new(move || !told.is_empty()), generation, agent.parts.handles.metrics.clone());
+    let mut store = new_store(&agent.engine, &agent.parts, generation, Some(inbox));
     let instance: Agent = module.pre.instantiate_async(&mut store).await?;
     arm(&mut store);
     let started = instance.call_start(&mut store).await;
+    agent.parts.handles.metrics.add(Count::Call);
     store.data().ctx.event_done();
     started?;
     let times = store.data_mut().clock.finish();
@@ -193,6 +197,7 @@ async fn run_instance(
         let Some(event) = store.data_mut().ctx.prepare(envelope.event) else { continue };
         arm(&mut store);
         let handled = instance.call_on_event(&mut store, &event).await;
+        agent.parts.handles.metrics.add(Count::Call);
         store.data().ctx.event_done();
         handled?;
         let times = store.data_mut().clock.finish();

@@ -22,7 +22,7 @@ impl Host {
     /// running `start`.
     pub async fn bench_instantiate(&self, id: &str, module: &AgentModule) -> anyhow::Result<BenchInstance> {
         let (shared, _rx) = self.new_agent(id, AgentSettings::default());
-        let mut store = new_store(&shared.engine, &shared.parts, 1);
+        let mut store = new_store(&shared.engine, &shared.parts, 1, None);
         let agent = module.pre.instantiate_async(&mut store).await?;
         Ok(BenchInstance { store, agent })
     }

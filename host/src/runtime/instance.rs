@@ -9,7 +9,7 @@ use wasmtime::component::{HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::queue::{HostEvent, Queue};
+use super::queue::{Envelope, HostEvent, Queue};
 use super::sched::CallClock;
 use crate::bindings::{self, events::Event};
 use crate::capabilities::{agent_info, device, http, log, mqtt, queue, store, timers};
@@ -95,9 +95,54 @@ impl AgentCtx {
     }
 }
 
-// The interfaces that only define types have nothing to implement.
+// An interface that only defines types has nothing to implement.
 impl bindings::types::Host for AgentCtx {}
-impl bindings::events::Host for AgentCtx {}
+
+/// Most events `events.next` hands out in one call: the host looks at its control queue
+/// and at the agent's lane only between calls, so a call should not run on without end.
+const EVENTS_PER_CALL: u32 = 64;
+
+/// Where `events.next` finds the agent's further events during a call.
+pub(crate) struct Inbox {
+    events: flume::Receiver<Envelope>,
+    /// Whether the agent has been told something (stop, reload) that goes before its queue.
+    /// A closure, so that this file needs nothing of the agent's task (`agent.rs`).
+    told: Box<dyn Fn() -> bool + Send + Sync>,
+    generation: u64,
+    metrics: Arc<AgentMetrics>,
+    /// Events handed out in the current call, the first included.
+    taken: u32,
+}
+
+impl Inbox {
+    pub(crate) fn new(events: flume::Receiver<Envelope>, told: Box<dyn Fn() -> bool + Send + Sync>, generation: u64, metrics: Arc<AgentMetrics>) -> Inbox {
+        Inbox { events, told, generation, metrics, taken: 0 }
+    }
+}
+
+impl bindings::events::Host for AgentState {
+    fn next(&mut self) -> Option<Event> {
+        let inbox = self.inbox.as_mut()?;
+        if inbox.taken >= EVENTS_PER_CALL || (inbox.told)() {
+            return None;
+        }
+        loop {
+            let envelope = inbox.events.try_recv().ok()?;
+            if envelope.generation.is_some_and(|g| g != inbox.generation) {
+                continue;
+            }
+            let Some(event) = self.ctx.prepare(envelope.event) else { continue };
+            // The event in hand is done: it is accounted as if its call had returned, and
+            // this one starts with a budget of its own.
+            inbox.taken += 1;
+            self.ctx.event_done();
+            let times = self.clock.finish();
+            inbox.metrics.event(times.took, times.ran);
+            self.clock.start();
+            return Some(event);
+        }
+    }
+}
 
 /// The store data: the capabilities' state plus WASI and limits.
 pub struct AgentState {
@@ -106,6 +151,8 @@ pub struct AgentState {
     table: ResourceTable,
     limits: MeteredLimits,
     pub(crate) clock: CallClock,
+    /// The agent's queue, for `events.next`; `None` outside the agent's task (benches).
+    pub(crate) inbox: Option<Inbox>,
 }
 
 impl WasiView for AgentState {
@@ -140,7 +187,7 @@ pub(crate) fn link(linker: &mut Linker<AgentState>) -> wasmtime::Result<()> {
     // directories, no environment, no sockets (see `new_store`).
     wasmtime_wasi::p2::add_to_linker_async(linker)?;
     bindings::types::add_to_linker::<_, HasSelf<AgentCtx>>(linker, |s| &mut s.ctx)?;
-    bindings::events::add_to_linker::<_, HasSelf<AgentCtx>>(linker, |s| &mut s.ctx)?;
+    bindings::events::add_to_linker::<_, HasSelf<AgentState>>(linker, |s| s)?;
     agent_info::add_to_linker(linker, |s| &mut s.ctx.info)?;
     log::add_to_linker(linker, |s| &mut s.ctx.log)?;
     timers::add_to_linker(linker, |s| &mut s.ctx.timers)?;
@@ -151,8 +198,8 @@ pub(crate) fn link(linker: &mut Linker<AgentState>) -> wasmtime::Result<()> {
     device::add_to_linker(linker, |s| &mut s.ctx.device)
 }
 
-/// A fresh store for instance `generation` of `agent`.
-pub(crate) fn new_store(engine: &Engine, agent: &AgentParts, generation: u64) -> Store<AgentState> {
+/// A fresh store for instance `generation` of `agent`, taking further events from `inbox`.
+pub(crate) fn new_store(engine: &Engine, agent: &AgentParts, generation: u64, inbox: Option<Inbox>) -> Store<AgentState> {
     let limits = &agent.limits;
     // Nothing is granted: no preopens, no environment, sockets denied (the default
     // address check refuses every address), stdio into the agent's log.
@@ -174,6 +221,7 @@ pub(crate) fn new_store(engine: &Engine, agent: &AgentParts, generation: u64) ->
             metrics: agent.handles.metrics.clone(),
         },
         clock: CallClock::new(Duration::from_millis(limits.cpu_ms_per_event.into()), agent.slow.clone(), agent.handles.blocking.clone()),
+        inbox,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
@@ -184,6 +232,10 @@ pub(crate) fn new_store(engine: &Engine, agent: &AgentParts, generation: u64) ->
 
 /// Gives the next call a fresh CPU budget.
 pub(crate) fn arm(store: &mut Store<AgentState>) {
-    store.data_mut().clock.start();
+    let state = store.data_mut();
+    state.clock.start();
+    if let Some(inbox) = &mut state.inbox {
+        inbox.taken = 1;
+    }
     store.set_epoch_deadline(1);
 }

@@ -496,6 +496,11 @@ impl Machine {
         self.next_send
     }
 
+    /// The body of send `id`, while it is in flight.
+    pub(super) fn sending_body(&self, id: u64) -> Option<&[u8]> {
+        self.sending.get(&id).map(|(message, _)| message.body())
+    }
+
     /// The publish of send `id` completed with `code`.
     pub(super) fn sent(&mut self, id: u64, code: i32) -> Option<Completion> {
         if code == 0 {

@@ -22,7 +22,7 @@ use super::{Client, ClientOptions, MethodReply};
 use crate::azure_iot_hub::{
     API_VERSION, ConnectionString, DirectMethodResponse, ERROR_GENERAL, ERROR_MESSAGE_TOO_LARGE, MAX_MESSAGE_BYTES, Message, SasError, SharedAccessSignature, encode_uri,
 };
-use crate::mqtt::{self, ClientCertificate, ConnectOptions, MessageOptions};
+use crate::mqtt::{self, ClientCertificate, ConnectOptions, MessageOptions, MqttError, OnPublished};
 use crate::{imp, server};
 
 /// What runs once a chain of (un)subscriptions is over, with 0 or the first failure's code.
@@ -346,10 +346,20 @@ impl Client {
             Verdict::Go => {}
         }
         let topic = topics::telemetry(&self.0.device_id, message.properties());
-        let body = message.body().to_vec();
         let id = self.machine().start_send(message, on_sent);
         let weak = Rc::downgrade(&self.0);
-        self.publish(&topic, &body, move |code| with(&weak, |c| c.message_sent(id, code)));
+        let done = Box::new(move |code| with(&weak, |c| c.message_sent(id, code)));
+        // The body is lent from the machine, which keeps the message for `on_sent`, rather
+        // than copied. Holding the machine across the call is safe: a refused publish hands
+        // `done` back instead of calling it.
+        let refused = {
+            let machine = self.machine();
+            let body = machine.sending_body(id).unwrap_or_default();
+            self.try_publish(&topic, body, self.0.options.qos, done)
+        };
+        if let Some((e, done)) = refused {
+            done(e.code())
+        }
     }
 
     /// Publishes outbox messages, oldest first, while the connection has room for them.
@@ -520,9 +530,14 @@ impl Client {
 
     /// Publishes at `qos`; `done` gets the MQTT result.
     fn publish_at(&self, topic: &str, body: &[u8], qos: u8, done: impl FnOnce(i32) + 'static) {
-        if let Err((e, done)) = self.0.mqtt.publish(topic, body, MessageOptions { qos, retain: false }, Box::new(done)) {
+        if let Some((e, done)) = self.try_publish(topic, body, qos, Box::new(done)) {
             done(e.code())
         }
+    }
+
+    /// Publishes at `qos`, or hands `done` back with the refusal without calling it.
+    fn try_publish(&self, topic: &str, body: &[u8], qos: u8, done: OnPublished) -> Option<(MqttError, OnPublished)> {
+        self.0.mqtt.publish(topic, body, MessageOptions { qos, retain: false }, done).err()
     }
 
     fn mqtt_message(&self, m: mqtt::ReceivedMessage) {

@@ -64,14 +64,13 @@ impl Backend for KvStore {
         let (kv, id, value, last) = (self.kv.clone(), self.id.clone(), bytes::Bytes::copy_from_slice(data), *revision);
         // Acknowledged by JetStream (stored on its replicas) before this returns.
         *revision = self.wait(async move {
-            let written = if last == 0 { timed(kv.create(&id, value)).await?.map_err(other) } else { timed(kv.update(&id, value, last)).await?.map_err(|e| {
+            if last == 0 { timed(kv.create(&id, value)).await?.map_err(other) } else { timed(kv.update(&id, value, last)).await?.map_err(|e| {
                 if e.kind() == kv::UpdateErrorKind::WrongLastRevision {
                     std::io::Error::other("another node has taken this agent over; the value was not saved")
                 } else {
                     other(e)
                 }
-            }) };
-            written
+            }) }
         })?;
         Ok(())
     }

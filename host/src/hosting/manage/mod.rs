@@ -324,6 +324,7 @@ fn agent_json(tenant: &str, r: &AgentReport) -> serde_json::Value {
         "module": r.module_digest,
         "slow_lane": r.slow_lane,
         "events": r.metrics.events,
+        "calls": r.metrics.calls,
         "memory_bytes": r.metrics.memory_bytes,
     })
 }
@@ -692,11 +693,12 @@ struct AgentsCollector {
 type Field = (&'static str, &'static str, Option<Unit>, MetricType, fn(&AgentReport) -> f64);
 
 impl AgentsCollector {
-    const FIELDS: [Field; 13] = [
+    const FIELDS: [Field; 14] = [
         ("tether_agent_up", "1 while the agent runs", None, MetricType::Gauge, |r| f64::from(u8::from(r.status == AgentStatus::Running))),
         ("tether_agent_slow_lane", "1 while the agent runs behind lighter ones (long event, heavy CPU use)", None, MetricType::Gauge, |r| f64::from(u8::from(r.slow_lane))),
         ("tether_agent_restarts", "Crashes that restarted the agent", None, MetricType::Counter, |r| r.restarts.into()),
         ("tether_agent_events", "Events delivered, start included", None, MetricType::Counter, |r| r.metrics.events as f64),
+        ("tether_agent_calls", "Calls into the agent: start, and one per burst of events taken together", None, MetricType::Counter, |r| r.metrics.calls as f64),
         ("tether_agent_cpu", "CPU time spent running the agent's code", Some(Unit::Seconds), MetricType::Counter, |r| r.metrics.busy_seconds),
         ("tether_agent_memory", "Linear memory last granted to the agent", Some(Unit::Bytes), MetricType::Gauge, |r| r.metrics.memory_bytes as f64),
         ("tether_agent_log_lines", "Log lines the agent wrote", None, MetricType::Counter, |r| r.metrics.log_lines as f64),

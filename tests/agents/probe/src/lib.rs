@@ -192,6 +192,28 @@ fn start() {
                 });
                 return;
             }
+            "/burst" => {
+                // `n` timers due at once, each running `ms` of CPU; the last one answers.
+                // They wait together, so the SDK takes them in one call (`events.next`),
+                // and each must still get a CPU budget of its own.
+                let (n, ms) = (number("n"), number("ms"));
+                let res = Rc::new(RefCell::new(Some(res)));
+                for i in 1..=n {
+                    let res = res.clone();
+                    tether_guest::imp::wakeup(0.0, move || {
+                        let began = std::time::Instant::now();
+                        while began.elapsed() < std::time::Duration::from_millis(ms) {
+                            std::hint::spin_loop();
+                        }
+                        if i == n
+                            && let Some(res) = res.borrow_mut().take()
+                        {
+                            let _ = res.send(200, format!("burst {n}"));
+                        }
+                    });
+                }
+                return;
+            }
             "/hold-http" => {
                 // Sends N POSTs of `bytes` each with a timeout of `timeout_s` and answers
                 // with the refusals by kind (they come from zero-delay timers, so before
