@@ -203,6 +203,8 @@ struct Outcome {
     cpu_us_per_msg: f64,
     /// The same for this process: the emulator (and the bench counting its events).
     hub_cpu_us_per_msg: f64,
+    /// Tether: events the agent took per call into it during the run (`events.next`).
+    events_per_call: Option<f64>,
 }
 
 impl Outcome {
@@ -378,7 +380,7 @@ async fn run_one(hub: &Hub, spec: &Spec, n: usize, wasm: &Path, python: Option<&
     child.say("bye").await?;
     child.finish().await;
     let get = |k: &str| summary.get(k).and_then(Value::as_u64).unwrap_or(0);
-    Ok(Outcome { received, hub_time: done - go, errors: get("errors"), p50_us: get("p50_us"), p99_us: get("p99_us"), cpu_us_per_msg: cpu as f64 / 1000.0 / n as f64, hub_cpu_us_per_msg: hub_cpu as f64 / 1000.0 / n as f64, spec: spec.clone() })
+    Ok(Outcome { received, hub_time: done - go, errors: get("errors"), p50_us: get("p50_us"), p99_us: get("p99_us"), cpu_us_per_msg: cpu as f64 / 1000.0 / n as f64, hub_cpu_us_per_msg: hub_cpu as f64 / 1000.0 / n as f64, events_per_call: summary.get("events_per_call").and_then(Value::as_f64), spec: spec.clone() })
 }
 
 /// Memory per connected device of one sender: (value KiB, how it was measured).
@@ -482,7 +484,8 @@ async fn parent(args: Args) -> anyhow::Result<()> {
         for (i, spec) in specs.iter().enumerate() {
             eprintln!("d2c: round {}/{}: {} at QoS {} ...", round + 1, args.rounds, spec.label, spec.qos);
             let o = run_one(&hub, spec, n, &wasm, py, round * specs.len() + i).await?;
-            eprintln!("d2c:   {:.0} msg/s, {} of {n} at the hub, {} errors", o.rate(), o.received, o.errors);
+            let batching = o.events_per_call.map_or(String::new(), |e| format!(", {e:.1} events per agent call"));
+            eprintln!("d2c:   {:.0} msg/s, {} of {n} at the hub, {} errors{batching}", o.rate(), o.received, o.errors);
             runs[i].push(o);
         }
     }
@@ -660,8 +663,13 @@ async fn tether_child(config: &ChildConfig) -> anyhow::Result<()> {
     if config.mode == "run" {
         say("ready");
         wait_for_line().await?;
+        let metrics = || t.host.agent(&ids[0]).map(|a| a.metrics).context("the agent is gone");
+        let before = metrics()?;
         let summary = call(&ids[0], "/run", vec![("n", config.n.to_string()), ("window", config.window.to_string())]).await?;
-        say(&summary);
+        let after = metrics()?;
+        let mut summary: Value = serde_json::from_str(&summary).with_context(|| format!("agent: {summary}"))?;
+        summary["events_per_call"] = json!((after.events - before.events) as f64 / (after.calls - before.calls).max(1) as f64);
+        say(&summary.to_string());
         wait_for_line().await?;
     } else {
         let runs: Vec<_> = ids.iter().map(|id| call(id, "/run", vec![("n", config.n.to_string()), ("window", "1".into())])).collect();

@@ -16,6 +16,12 @@ pub fn encode_uri(s: &str) -> String {
     utf8_percent_encode(s, URI_COMPONENT).to_string()
 }
 
+/// [`encode_uri`] onto the end of `out`, for the topic of every message without a string
+/// per part.
+pub(crate) fn push_uri_encoded(out: &mut String, s: &str) {
+    out.extend(utf8_percent_encode(s, URI_COMPONENT));
+}
+
 /// Why a signature could not be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SasError {

@@ -81,10 +81,10 @@ fn preview(payload: &[u8]) -> String {
 impl Timeline {
     /// Records one message if someone is watching; `payload` is cut to a preview.
     pub(crate) fn record(&self, edge: Edge, inbound: bool, what: &str, payload: &[u8]) {
-        let now = now_ms();
-        if now > self.watched_until.load(Relaxed) {
+        if !self.watching() {
             return;
         }
+        let now = now_ms();
         let preview = preview(payload);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() == CAPACITY {
@@ -96,7 +96,18 @@ impl Timeline {
     /// Whether [`Timeline::record`] would keep an entry now: lets a caller skip the copy
     /// it would need for one.
     pub(crate) fn watching(&self) -> bool {
-        now_ms() <= self.watched_until.load(Relaxed)
+        let until = self.watched_until.load(Relaxed);
+        // 0: nobody has looked lately. Every message asks, so the clock is read only
+        // while someone may be watching.
+        if until == 0 {
+            return false;
+        }
+        if now_ms() <= until {
+            return true;
+        }
+        // Lost to a new `watch` in between, it is read again next time: no harm.
+        let _ = self.watched_until.compare_exchange(until, 0, Relaxed, Relaxed);
+        false
     }
 
     /// The entries, oldest first; and recording goes on for [`WATCH`] from now.
@@ -135,5 +146,18 @@ mod tests {
         let entries = timeline.watch();
         assert_eq!(entries.len(), CAPACITY);
         assert_eq!(entries[CAPACITY - 1].what, (CAPACITY + 4).to_string());
+    }
+
+    #[test]
+    fn a_lapsed_watch_stops_recording_and_reading_the_clock() {
+        let timeline = Timeline::default();
+        assert!(timeline.watch().is_empty());
+        assert!(timeline.watching());
+        // The watch ran out a moment ago.
+        timeline.watched_until.store(now_ms() - 1, Relaxed);
+        timeline.record(Edge::Device, true, "late", b"");
+        assert!(!timeline.watching());
+        assert_eq!(timeline.watched_until.load(Relaxed), 0, "marked as not watched: no clock reading next time");
+        assert!(timeline.watch().is_empty(), "nothing kept after the watch lapsed");
     }
 }

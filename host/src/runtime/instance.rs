@@ -136,9 +136,8 @@ impl bindings::events::Host for AgentState {
             // this one starts with a budget of its own.
             inbox.taken += 1;
             self.ctx.event_done();
-            let times = self.clock.finish();
+            let times = self.clock.next_event();
             inbox.metrics.event(times.took, times.ran);
-            self.clock.start();
             return Some(event);
         }
     }

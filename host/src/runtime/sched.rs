@@ -130,13 +130,17 @@ impl CallClock {
 
     /// A call begins.
     pub fn start(&mut self) {
-        self.ran = Duration::ZERO;
-        self.ticks = 0;
         let now = Instant::now();
-        self.began = now;
-        *lock(&self.resumed) = Resumed::at(now, &self.blocking);
         self.decay(now);
         self.slow.store(self.heavy(), Relaxed);
+        self.begin(now);
+    }
+
+    fn begin(&mut self, now: Instant) {
+        self.ran = Duration::ZERO;
+        self.ticks = 0;
+        self.began = now;
+        *lock(&self.resumed) = Resumed::at(now, &self.blocking);
     }
 
     /// An epoch tick in the call: an error past the budget, else a pause that lets others
@@ -163,7 +167,19 @@ impl CallClock {
 
     /// The call ended: its run time. The agent stays in the slow lane while heavy.
     pub fn finish(&mut self) -> Finished {
+        self.finish_at(Instant::now())
+    }
+
+    /// The call's event ended and the next one begins in the same call (`events.next`):
+    /// the ended one's times, and a fresh budget, from one reading of the clock.
+    pub fn next_event(&mut self) -> Finished {
         let now = Instant::now();
+        let finished = self.finish_at(now);
+        self.begin(now);
+        finished
+    }
+
+    fn finish_at(&mut self, now: Instant) -> Finished {
         let ran = self.ran + lock(&self.resumed).ran(now, &self.blocking);
         self.decay(now);
         self.recent += ran.as_secs_f64();
