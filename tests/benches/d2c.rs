@@ -28,6 +28,9 @@
 //! is measured in separate child processes (K agents or rumqttc connections, or one
 //! Python process), each client having sent 10 messages.
 //!
+//! Tether's progress lines also say how many events the agent took per call into it
+//! (`events.next` hands a waiting burst to the call already running).
+//!
 //! Latency: Tether and rumqttc from the send call to its completion, which is PUBACK at
 //! QoS 1 and, at QoS 0, the MQTT event loop having written the PUBLISH (rumqttc's
 //! `Outgoing::Publish`, which the host turns into the `on_sent` callback). Python: the
