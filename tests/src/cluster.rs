@@ -209,15 +209,26 @@ impl Rig {
     /// Waits until every running node runs `share` agents or one more, and every agent
     /// runs on exactly one node (the extra agents are not counted).
     pub async fn wait_spread(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_shared(|id| self.agents.iter().any(|(a, _)| a == id), self.agents.len(), timeout).await
+    }
+
+    /// [`Rig::wait_spread`] counting the `extra` agents too (none of them pinned): once it
+    /// returns, no node has an agent to give away.
+    pub async fn wait_spread_with(&self, extra: usize, timeout: Duration) -> anyhow::Result<()> {
+        self.wait_shared(|_| true, self.agents.len() + extra, timeout).await
+    }
+
+    /// Waits until the `total` agents that `counted` picks run once each, spread evenly.
+    async fn wait_shared(&self, counted: impl Fn(&str) -> bool, total: usize, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             let live: Vec<&Node> = self.live().collect();
-            let share = self.agents.len() / live.len().max(1);
-            let ours = |n: &Node| n.running().into_iter().filter(|id| self.agents.iter().any(|(a, _)| a == id)).collect::<Vec<_>>();
+            let share = total / live.len().max(1);
+            let ours = |n: &Node| n.running().into_iter().filter(|id| counted(id)).collect::<Vec<_>>();
             let counts: Vec<usize> = live.iter().map(|n| ours(n).len()).collect();
             let mut all: Vec<String> = live.iter().flat_map(|n| ours(n)).collect();
             all.sort();
-            let once = all.len() == self.agents.len() && all.windows(2).all(|w| w[0] != w[1]);
+            let once = all.len() == total && all.windows(2).all(|w| w[0] != w[1]);
             if once && counts.iter().all(|c| *c == share || *c == share + 1) {
                 return Ok(());
             }

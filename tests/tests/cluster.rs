@@ -205,6 +205,9 @@ async fn a_device_on_a_gateway_talks_to_its_agent_wherever_it_runs() -> anyhow::
     let args: Vec<&OsStr> = ["gateway", "--cluster", &url, "--device", link_arg, "--agent", "board"].into_iter().map(OsStr::new).collect();
     let gateway = TetherRun::spawn(&args, "gateway for agent", WAIT).await?;
 
+    // The first node up may take the board before the others join, and give it away as
+    // the agents spread: the owner is the node that has it once they have spread.
+    rig.wait_spread_with(1, WAIT).await?;
     let owner = rig.owner("board", WAIT).await?;
     let other = (owner + 1) % 3;
     rig.node(owner).wait_line("device connected: board-1", WAIT).await?;
