@@ -167,7 +167,7 @@ async fn run_instance(
         digest.clone_from(&module.digest);
     }
     let told = control.clone();
-    let inbox = Inbox::new(rx.clone(), Box::new(move || !told.is_empty()), generation, agent.parts.handles.metrics.clone());
+    let inbox = Inbox::new(rx.clone(), Box::new(move || !told.is_empty()));
     let mut store = new_store(&agent.engine, &agent.parts, generation, Some(inbox));
     let instance: Agent = module.pre.instantiate_async(&mut store).await?;
     arm(&mut store);
@@ -191,10 +191,7 @@ async fn run_instance(
                 Err(_) => return Ok(None),
             },
         };
-        if envelope.generation.is_some_and(|g| g != generation) {
-            continue;
-        }
-        let Some(event) = store.data_mut().ctx.prepare(envelope.event) else { continue };
+        let Some(event) = store.data_mut().ctx.accept(envelope, generation) else { continue };
         arm(&mut store);
         let handled = instance.call_on_event(&mut store, &event).await;
         agent.parts.handles.metrics.add(Count::Call);

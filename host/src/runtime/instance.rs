@@ -82,9 +82,16 @@ impl AgentCtx {
         self.queues.settle();
     }
 
-    /// Turns a queued event into the WIT event to deliver, or `None` when it no longer
-    /// applies (a cancelled timer).
-    pub(crate) fn prepare(&mut self, event: HostEvent) -> Option<Event> {
+    /// The WIT event to deliver for a queued envelope, or `None` when it no longer applies:
+    /// meant for an earlier instance (generation), or a cancelled timer.
+    pub(crate) fn accept(&mut self, envelope: Envelope, generation: u64) -> Option<Event> {
+        if envelope.generation.is_some_and(|g| g != generation) {
+            return None;
+        }
+        self.prepare(envelope.event)
+    }
+
+    fn prepare(&mut self, event: HostEvent) -> Option<Event> {
         match event {
             HostEvent::Timer(e) => self.timers.prepare(e),
             HostEvent::HttpResponse(e) => self.http.outbound.prepare(e),
@@ -108,15 +115,13 @@ pub(crate) struct Inbox {
     /// Whether the agent has been told something (stop, reload) that goes before its queue.
     /// A closure, so that this file needs nothing of the agent's task (`agent.rs`).
     told: Box<dyn Fn() -> bool + Send + Sync>,
-    generation: u64,
-    metrics: Arc<AgentMetrics>,
     /// Events handed out in the current call, the first included.
     taken: u32,
 }
 
 impl Inbox {
-    pub(crate) fn new(events: flume::Receiver<Envelope>, told: Box<dyn Fn() -> bool + Send + Sync>, generation: u64, metrics: Arc<AgentMetrics>) -> Inbox {
-        Inbox { events, told, generation, metrics, taken: 0 }
+    pub(crate) fn new(events: flume::Receiver<Envelope>, told: Box<dyn Fn() -> bool + Send + Sync>) -> Inbox {
+        Inbox { events, told, taken: 0 }
     }
 }
 
@@ -128,16 +133,13 @@ impl bindings::events::Host for AgentState {
         }
         loop {
             let envelope = inbox.events.try_recv().ok()?;
-            if envelope.generation.is_some_and(|g| g != inbox.generation) {
-                continue;
-            }
-            let Some(event) = self.ctx.prepare(envelope.event) else { continue };
+            let Some(event) = self.ctx.accept(envelope, self.generation) else { continue };
             // The event in hand is done: it is accounted as if its call had returned, and
             // this one starts with a budget of its own.
             inbox.taken += 1;
             self.ctx.event_done();
             let times = self.clock.next_event();
-            inbox.metrics.event(times.took, times.ran);
+            self.limits.metrics.event(times.took, times.ran);
             return Some(event);
         }
     }
@@ -152,6 +154,8 @@ pub struct AgentState {
     pub(crate) clock: CallClock,
     /// The agent's queue, for `events.next`; `None` outside the agent's task (benches).
     pub(crate) inbox: Option<Inbox>,
+    /// Which instance of the agent this is: events queued for an earlier one are dropped.
+    generation: u64,
 }
 
 impl WasiView for AgentState {
@@ -221,6 +225,7 @@ pub(crate) fn new_store(engine: &Engine, agent: &AgentParts, generation: u64, in
         },
         clock: CallClock::new(Duration::from_millis(limits.cpu_ms_per_event.into()), agent.slow.clone(), agent.handles.blocking.clone()),
         inbox,
+        generation,
     };
     let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limits);
